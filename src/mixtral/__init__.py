@@ -1,0 +1,13 @@
+"""mixtral: the Mixtral sparse mixture-of-experts model in PyTorch, with Transformers' API."""
+
+from .cache import DynamicCache
+from .config import MixtralConfig
+from .model import (MixtralForCausalLM, MixtralForQuestionAnswering, MixtralForSequenceClassification,
+                    MixtralForTokenClassification, MixtralModel, MixtralPreTrainedModel)
+from .model.losses import load_balancing_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["MixtralConfig", "MixtralModel", "MixtralForCausalLM", "MixtralForSequenceClassification",
+           "MixtralForTokenClassification", "MixtralForQuestionAnswering", "MixtralPreTrainedModel", "DynamicCache",
+           "load_balancing_loss"]

@@ -1,0 +1,159 @@
+"""from_pretrained: find the checkpoint, build the model on the meta device, fill it tensor by tensor.
+
+Strict: every parameter must come from the checkpoint and every checkpoint tensor must be used, except
+what a user of Transformers expects to be skipped or created (a task head on a causal-LM checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import MixtralConfig, parse_dtype
+from .hub import hub_recipes, is_hub_folder, open_hub_folder
+from .mistral import is_mistral_folder, mistral_recipes, open_mistral_folder
+from .source import CheckpointError
+from .transforms import Recipe
+
+# Checkpoint keys that carry nothing we need: old rotary caches, a causal LM's head under a task head.
+_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq")
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """A local folder, or a Hub repo id fetched with huggingface_hub (when installed and reachable)."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    looks_like_repo = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith((".", "/"))
+    if not looks_like_repo:
+        raise FileNotFoundError(f"No such model folder or file: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{path} is not a local folder, and huggingface_hub is not installed to fetch it "
+                                f"from the Hub (pip install huggingface_hub)") from None
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "consolidated*"])
+    except Exception as e:  # offline, unknown repo, gated repo...: all mean "not here"
+        raise FileNotFoundError(f"{path} is not a local folder and could not be fetched from the Hub: "
+                                f"{type(e).__name__}: {e}") from None
+
+
+def _target_dtype(dtype: str | torch.dtype | None, config: MixtralConfig, source: Any, keys: list[str]) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    if config.torch_dtype is not None:
+        return config.torch_dtype
+    for key in keys:
+        found = source.dtype(key)
+        if found is not None and found.is_floating_point:
+            return found
+    return torch.float32
+
+
+def _assemble(recipe: Recipe, shape: torch.Size, source: Any, dtype: torch.dtype, device: torch.device,
+              name: str) -> torch.Tensor:
+    """Build one parameter from its parts, checking each part's shape before reading it."""
+    target = torch.empty(shape, device="meta")
+    for part in recipe.parts:
+        want, got = tuple(target[part.index].shape), source.shape(part.key)
+        if want != got:
+            where = f" (part of {name})" if part.key != name else ""
+            raise CheckpointError(f"shape mismatch for {part.key}{where}: checkpoint has {got}, model expects {want}")
+    if len(recipe.parts) == 1 and recipe.parts[0].index == ():
+        part = recipe.parts[0]
+        t = source.load(part.key)
+        t = part.transform(t) if part.transform else t
+        return t.to(device=device, dtype=dtype).contiguous()
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for part in recipe.parts:
+        t = source.load(part.key)
+        out[part.index].copy_(part.transform(t) if part.transform else t)
+    return out
+
+
+def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, progress, config_overrides):
+    """See MixtralPreTrainedModel.from_pretrained."""
+    from ..model.attention import check_attn_implementation
+    from ..model.mixtral import MixtralForCausalLM, MixtralModel
+
+    folder = resolve_path(path)
+    if os.path.isfile(folder):
+        raise CheckpointError(f"{folder} is a file: pass the folder that holds config.json and the weights")
+    if config is None:
+        config = MixtralConfig.from_pretrained(folder, **config_overrides)
+    if is_hub_folder(folder):
+        source, plan = open_hub_folder(folder), hub_recipes
+    elif is_mistral_folder(folder):
+        source, plan = open_mistral_folder(folder), mistral_recipes
+    else:
+        raise CheckpointError(f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json, "
+                              "or Mistral's params.json + consolidated.safetensors")
+    config._attn_implementation = check_attn_implementation(attn_implementation or config._attn_implementation)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    with torch.device("meta"):
+        model = cls(config)
+    # Our names, spelled as in MixtralForCausalLM ("model." + backbone key), which the format plans expect.
+    own = {k: p for k, p in model.state_dict(keep_vars=True).items()}
+    if cls is MixtralModel:
+        own = {f"model.{k}": p for k, p in own.items()}
+    tied = config.tie_word_embeddings and "lm_head.weight" in own
+    if tied:
+        del own["lm_head.weight"]
+    source_keys = set(source.keys())
+    recipes = plan(list(own), source_keys, config)
+    dtype = _target_dtype(dtype, config, source, sorted(source_keys))
+
+    head_only = [k for k in own if not k.startswith("model.") and cls is not MixtralForCausalLM]
+    fresh = [k for k in head_only if any(p.key not in source_keys for p in recipes[k].parts)]
+    missing = [p.key for k, r in recipes.items() if k not in fresh for p in r.parts if p.key not in source_keys]
+    used = {p.key for k, r in recipes.items() if k not in fresh for p in r.parts}
+    unexpected = [k for k in sorted(source_keys - used) if not _IGNORABLE.fullmatch(k)
+                  and not (k == "lm_head.weight" and (tied or cls is not MixtralForCausalLM))]
+    if missing or unexpected:
+        lines = [f"{folder} does not match {cls.__name__} with this config:"]
+        if missing:
+            lines.append(f"  missing from the checkpoint ({len(missing)}): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {', '.join(unexpected[:8])}"
+                         + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError("\n".join(lines))
+
+    state: dict[str, torch.Tensor] = {}
+    todo = [k for k in own if k not in fresh]
+    bar = tqdm(todo, desc=f"Loading {len(source.files)} shards", disable=not progress or len(source.files) <= 1)
+    for key in bar:
+        param = own[key]
+        t = _assemble(recipes[key], param.shape, source, dtype if param.is_floating_point() else param.dtype,
+                      device, key)
+        state[key.removeprefix("model.") if cls is MixtralModel else key] = t
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+
+    if fresh:
+        warnings.warn(f"{', '.join(fresh)} not in the checkpoint: newly initialised (train the head before use)",
+                      stacklevel=3)
+    _materialize_rest(model, dtype, device)
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def _materialize_rest(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Give real storage to what the checkpoint did not fill: fresh head weights and derived buffers."""
+    for module in model.modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            module.to(dtype)
+            model.init_weights([module])
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)

@@ -1,0 +1,6 @@
+from .mixtral import (MixtralForCausalLM, MixtralForQuestionAnswering, MixtralForSequenceClassification,
+                      MixtralForTokenClassification, MixtralModel)
+from .base import MixtralPreTrainedModel
+
+__all__ = ["MixtralModel", "MixtralForCausalLM", "MixtralForSequenceClassification", "MixtralForTokenClassification",
+           "MixtralForQuestionAnswering", "MixtralPreTrainedModel"]

@@ -1,0 +1,117 @@
+"""What every Mixtral class shares: the config, weight init, loading/saving, gradient checkpointing."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import MixtralConfig
+from .attention import check_attn_implementation
+from .moe import Experts, Router
+from .norm import RMSNorm
+
+
+class MixtralPreTrainedModel(nn.Module):
+    config_class = MixtralConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MixtralConfig):
+            raise TypeError(f"expected a MixtralConfig, got {type(config).__name__}")
+        check_attn_implementation(config._attn_implementation)
+        self.config = config
+        self.gradient_checkpointing = False
+
+    # ---- initialisation --------------------------------------------------------------------------------
+    def post_init(self) -> None:
+        """Initialise fresh weights (skipped on the meta device, where loading fills them) and tie."""
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+        self.tie_weights()
+
+    @torch.no_grad()
+    def init_weights(self, modules: list[nn.Module] | None = None) -> None:
+        """Transformers' init: normal(0, initializer_range) weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for m in modules if modules is not None else self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, Router):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, Experts):
+                m.gate_up_proj.normal_(0.0, std)
+                m.down_proj.normal_(0.0, std)
+
+    def tie_weights(self) -> None:
+        """Share lm_head and the embedding when the config asks for it (only the causal LM has a head to tie)."""
+
+    # ---- conveniences Transformers users reach for ------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
+        return sum(p.numel() for p in params.values())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations (training only)."""
+        for m in self.modules():
+            if isinstance(m, MixtralPreTrainedModel):
+                m.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self.modules():
+            if isinstance(m, MixtralPreTrainedModel):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        attn_implementation: str | None = None,
+        config: MixtralConfig | None = None,
+        progress: bool = True,
+        torch_dtype: str | torch.dtype | None = None,
+        **config_overrides: Any,
+    ):
+        """Load a Hub folder (single or sharded safetensors), Mistral's consolidated format, or a repo id.
+
+        Built on the meta device and filled from memory-mapped files: no random init, no second copy.
+        """
+        from ..checkpoint.loading import load_pretrained
+
+        return load_pretrained(cls, path, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
+                               attn_implementation=attn_implementation, config=config, progress=progress,
+                               config_overrides=config_overrides)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        progress: bool = True) -> None:
+        """Write config.json and Hub-layout safetensors (per-expert w1/w2/w3), sharded with an index if large."""
+        from ..checkpoint.hub import save_hub_checkpoint
+
+        save_hub_checkpoint(self, path, max_shard_size=max_shard_size, progress=progress)

@@ -1,0 +1,84 @@
+"""The sparse MoE block: a top-k router, a token dispatcher, and experts stored stacked.
+
+Shape legend: T tokens (batch * sequence), H hidden, I expert intermediate, E experts, K experts per token.
+Parameter names are Transformers 5's (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MixtralConfig
+
+ACTIVATIONS = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class Router(nn.Module):
+    """Linear gate -> softmax in fp32 -> top-k -> weights renormalised to sum to 1."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))  # (E, H)
+
+    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_TE = F.linear(x_TH, self.weight)
+        probs_TE = F.softmax(logits_TE.float(), dim=-1)
+        weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, weights_TK, experts_TK
+
+
+class Experts(nn.Module):
+    """E SiLU-gated MLPs, w1 and w3 fused: gate_up_proj (E, 2I, H) = [w1; w3], down_proj (E, H, I) = w2."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
+        gate_TI, up_TI = F.linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(self.act(gate_TI) * up_TI, self.down_proj[e])
+
+    def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        """Sort the T*K (token, expert) pairs by expert once; run each routed expert over its contiguous slice."""
+        t, k = experts_TK.shape
+        flat_N = experts_TK.reshape(-1)  # N = T*K assignments
+        order_N = torch.argsort(flat_N, stable=True)
+        counts = torch.bincount(flat_N, minlength=self.num_experts).tolist()  # one host sync per layer
+        x_NH = x_TH[order_N // k]  # each token repeated once per expert it was routed to, grouped by expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.expert_mlp(e, x_NH[start:start + n]))
+                start += n
+        y_NH = torch.cat(outs) * weights_TK.reshape(-1)[order_N, None]  # fp32 product, as Transformers
+        y_NH = y_NH.to(x_TH.dtype)
+        y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
+        return y_TKH.sum(dim=1)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.jitter_noise = config.router_jitter_noise
+        self.gate = Router(config)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, H) -> (output (B, S, H), router logits (B*S, E))."""
+        b, s, h = x.shape
+        if self.training and self.jitter_noise > 0:  # the jittered input feeds both router and experts
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        x_TH = x.reshape(-1, h)
+        logits_TE, weights_TK, experts_TK = self.gate(x_TH)
+        return self.experts(x_TH, weights_TK, experts_TK).view(b, s, h), logits_TE
