@@ -2,12 +2,16 @@
 
 from .cache import DynamicCache
 from .config import MixtralConfig
+from .generation import GenerationConfig, TextIteratorStreamer, TextStreamer
 from .model import (MixtralForCausalLM, MixtralForQuestionAnswering, MixtralForSequenceClassification,
                     MixtralForTokenClassification, MixtralModel, MixtralPreTrainedModel)
 from .model.losses import load_balancing_loss
+from .pipeline import TextGenerationPipeline, pipeline
+from .tokenizer import AutoTokenizer, MixtralTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["MixtralConfig", "MixtralModel", "MixtralForCausalLM", "MixtralForSequenceClassification",
            "MixtralForTokenClassification", "MixtralForQuestionAnswering", "MixtralPreTrainedModel", "DynamicCache",
-           "load_balancing_loss"]
+           "load_balancing_loss", "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "pipeline",
+           "TextGenerationPipeline", "MixtralTokenizer", "AutoTokenizer"]

@@ -85,11 +85,18 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     from ..model.mixtral import MixtralForCausalLM, MixtralModel
 
     folder = resolve_path(path)
-    if os.path.isfile(folder):
-        raise CheckpointError(f"{folder} is a file: pass the folder that holds config.json and the weights")
-    if config is None:
+    is_gguf = os.path.isfile(folder) and folder.lower().endswith(".gguf")
+    if os.path.isfile(folder) and not is_gguf:
+        raise CheckpointError(f"{folder} is a file: pass the folder that holds config.json and the weights, "
+                              "or a .gguf file")
+    if config is None and not is_gguf:
         config = MixtralConfig.from_pretrained(folder, **config_overrides)
-    if is_hub_folder(folder):
+    if is_gguf:
+        from .gguf import open_gguf  # the gguf package is imported only for GGUF files
+
+        gguf_config, source, plan = open_gguf(folder, progress=progress, **config_overrides)
+        config = gguf_config if config is None else config
+    elif is_hub_folder(folder):
         source, plan = open_hub_folder(folder), hub_recipes
     elif is_mistral_folder(folder):
         source, plan = open_mistral_folder(folder), mistral_recipes
@@ -144,6 +151,10 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
                       stacklevel=3)
     _materialize_rest(model, dtype, device)
     model.tie_weights()
+    if hasattr(model, "generation_config"):
+        from ..generation.config import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
 
 

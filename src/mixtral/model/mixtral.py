@@ -129,11 +129,19 @@ class MixtralForCausalLM(_WithBackbone):
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = None  # generate()'s defaults; from_pretrained reads generation_config.json
         self.post_init()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """Transformers' generate(): greedy or sampled continuation, prompt included (see mixtral.generation)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def forward(
         self,

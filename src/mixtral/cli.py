@@ -1,0 +1,226 @@
+"""The `mixtral` command: generate | chat | info | convert. Text goes to stdout, everything else to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+SAMPLING_DEFAULT_NOTE = "greedy unless --do-sample (as in Transformers)"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="checkpoint folder or .gguf file (default: the built-in demo model, built on first use)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, ...")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true", help=f"sample instead of greedy; {SAMPLING_DEFAULT_NOTE}")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Only what the user set: the rest comes from the checkpoint's generation_config.json."""
+    given = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                 seed=args.seed)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _load(args: argparse.Namespace):
+    from .pipeline import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+
+
+def _reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, stream: bool) -> str:
+    import torch
+
+    from .generation import TextStreamer
+
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    input_ids = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids, streamer=streamer, pad_token_id=tok.pad_token_id, **_generation_kwargs(args))
+    return tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tok = _load(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        ids = tok.encode(args.prompt)
+    text = _reply(model, tok, ids, args, stream=not args.no_stream)
+    if args.no_stream:
+        print(text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model, tok = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model. Empty line or /exit to quit, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        messages.append({"role": "assistant", "content": _reply(model, tok, ids, args, stream=True).strip()})
+    return 0
+
+
+def _folder_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import MixtralConfig
+
+    if args.path.endswith(".gguf"):
+        from .checkpoint.gguf import open_gguf
+
+        config = open_gguf(args.path)[0]
+    else:
+        config = MixtralConfig.from_pretrained(args.path)
+    c = config
+    hd = c.head_size
+    attn = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    expert = 3 * c.hidden_size * c.intermediate_size
+    per_layer_fixed = attn + c.num_local_experts * c.hidden_size + 2 * c.hidden_size
+    embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    total = c.num_hidden_layers * (per_layer_fixed + c.num_local_experts * expert) + embed + c.hidden_size
+    active = c.num_hidden_layers * (per_layer_fixed + c.num_experts_per_tok * expert) + embed + c.hidden_size
+    info = {
+        "path": args.path, "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+        "head_dim": hd, "experts": c.num_local_experts, "experts_per_token": c.num_experts_per_tok,
+        "vocab_size": c.vocab_size, "context": c.max_position_embeddings, "sliding_window": c.sliding_window,
+        "rope_theta": c.rope_theta, "dtype": c.dtype, "parameters_total": total, "parameters_active": active,
+        "size_on_disk_bytes": _folder_size(args.path),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            if k.startswith("parameters"):
+                v = f"{v:,} ({v / 1e9:.3f} B)"
+            elif k == "size_on_disk_bytes":
+                k, v = "size_on_disk", f"{v / 2**20:,.1f} MiB"
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .model import MixtralForCausalLM
+
+    to = args.to or ("gguf" if args.dst.endswith(".gguf") else "hub")
+    gguf_types = ("f32", "f16", "bf16", "q8_0")
+    if to == "gguf":
+        gtype = (args.dtype or "f32").lower().replace("float32", "f32").replace("float16", "f16").replace(
+            "bfloat16", "bf16")
+        if gtype not in gguf_types:
+            raise ValueError(f"--dtype for GGUF must be one of {gguf_types}, got {args.dtype!r}")
+        dtype: Any = "float32"
+    else:
+        dtype = args.dtype or "auto"
+    model = MixtralForCausalLM.from_pretrained(args.src, dtype=dtype)
+    print(f"loaded {args.src} ({model.num_parameters():,} parameters, {model.dtype})", file=sys.stderr)
+    if to == "hub":
+        model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+        _copy_tokenizer(args.src, args.dst)
+    elif to == "mistral":
+        from .checkpoint.mistral import save_mistral_checkpoint
+
+        save_mistral_checkpoint(model, args.dst)
+        _copy_tokenizer(args.src, args.dst)
+    else:
+        from .checkpoint.gguf import save_gguf, tokenizer_data_for
+
+        save_gguf(model, args.dst, dtype=gtype, tokenizer_data=tokenizer_data_for(args.src))
+    print(f"wrote {args.dst} ({to})", file=sys.stderr)
+    return 0
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    import shutil
+
+    if os.path.isdir(src):
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json"):
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixtral", description="Run, inspect and convert Mixtral models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt (streams to stdout)")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--no-stream", action="store_true", help="print the continuation at the end")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the chat template; keeps the conversation")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="config summary, parameter counts (total/active), dtype, size on disk")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert between Hub safetensors, Mistral's format and GGUF")
+    p.add_argument("src", help="checkpoint folder or .gguf file")
+    p.add_argument("dst", help="output folder (hub, mistral) or .gguf file")
+    p.add_argument("--to", choices=("hub", "mistral", "gguf"), default=None,
+                   help="output format (default: gguf for a .gguf destination, else hub)")
+    p.add_argument("--dtype", default=None,
+                   help="hub/mistral: float32, bfloat16, float16 (default: keep); gguf: f32, f16, bf16, q8_0")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError, OSError) as e:
+        if os.environ.get("MIXTRAL_DEBUG"):
+            raise
+        print(f"mixtral: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
