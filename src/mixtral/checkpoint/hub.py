@@ -37,6 +37,9 @@ def open_hub_folder(path: str) -> SafetensorsSource:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path} is not a valid safetensors index: {e!r}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path} is not a valid safetensors index: weight_map must map tensor "
+                                  "names to shard file names")
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
         if missing:
             raise CheckpointError(f"{path}: the index names shard(s) that are missing: {', '.join(missing)}")

@@ -67,11 +67,8 @@ def _assemble(recipe: Recipe, shape: torch.Size, source: Any, dtype: torch.dtype
         if want != got:
             where = f" (part of {name})" if part.key != name else ""
             raise CheckpointError(f"shape mismatch for {part.key}{where}: checkpoint has {got}, model expects {want}")
-    if len(recipe.parts) == 1 and recipe.parts[0].index == ():
-        part = recipe.parts[0]
-        t = source.load(part.key)
-        t = part.transform(t) if part.transform else t
-        return t.to(device=device, dtype=dtype).contiguous()
+    # Always a copy: a tensor read from a safetensors (or mmap'd .pth) file aliases the file's memory map, and one
+    # such alias would keep the whole shard mapped, its page cache counted in RSS, for the model's lifetime.
     out = torch.empty(shape, dtype=dtype, device=device)
     for part in recipe.parts:
         t = source.load(part.key)
@@ -137,12 +134,17 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
 
     state: dict[str, torch.Tensor] = {}
     todo = [k for k in own if k not in fresh]
+    # Unmap each safetensors shard once its last tensor is copied, so that about one shard stays resident at a time.
+    shard_of = getattr(source, "weight_map", {})
+    last_use = {shard_of[p.key]: key for key in todo for p in recipes[key].parts if p.key in shard_of}
     bar = tqdm(todo, desc=f"Loading {len(source.files)} shards", disable=not progress or len(source.files) <= 1)
     for key in bar:
         param = own[key]
         t = _assemble(recipes[key], param.shape, source, dtype if param.is_floating_point() else param.dtype,
                       device, key)
         state[key.removeprefix("model.") if cls is MixtralModel else key] = t
+        for shard in [f for f, k in last_use.items() if k == key]:
+            source.release(shard)
     model.load_state_dict(state, strict=False, assign=True)
     del state
 

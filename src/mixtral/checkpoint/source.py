@@ -45,11 +45,22 @@ class SafetensorsSource:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
+    def release(self, path: str) -> None:
+        """Close one file's memory map (reopened if read again); its pages leave RSS once no tensor aliases them."""
+        self._handles.pop(path, None)
+
+    def _slice(self, key: str):
+        path = self.weight_map[key]
+        try:
+            return self._open(path).get_slice(key)
+        except SafetensorError as e:  # e.g. an index that names a tensor its shard does not hold
+            raise CheckpointError(f"cannot read {key!r} from {path}: {e}") from None
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[key]).get_slice(key).get_shape())
+        return tuple(self._slice(key).get_shape())
 
     def dtype(self, key: str) -> torch.dtype | None:
-        return _SAFETENSORS_DTYPES.get(self._open(self.weight_map[key]).get_slice(key).get_dtype())
+        return _SAFETENSORS_DTYPES.get(self._slice(key).get_dtype())
 
     def load(self, key: str) -> torch.Tensor:
         path = self.weight_map[key]

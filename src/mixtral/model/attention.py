@@ -71,6 +71,9 @@ def eager_attention(q, k, v, mask, scale: float, dropout: float, training: bool)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, nh, S, T)
+    if mask is None and q.shape[2] > 1:  # causal_mask's None means plain causal (sdpa's is_causal=True)
+        s, t = q.shape[2], k.shape[2]
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)  # (S, T)
     if mask is not None:  # the dtype's minimum, not -inf: a fully padded row stays finite, as in Transformers
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
