@@ -7,6 +7,7 @@ from .model import (MixtralForCausalLM, MixtralForQuestionAnswering, MixtralForS
                     MixtralForTokenClassification, MixtralModel, MixtralPreTrainedModel)
 from .model.losses import load_balancing_loss
 from .pipeline import TextGenerationPipeline, pipeline
+from .quantize import quantize
 from .tokenizer import AutoTokenizer, MixtralTokenizer
 
 __version__ = "0.1.0"
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 __all__ = ["MixtralConfig", "MixtralModel", "MixtralForCausalLM", "MixtralForSequenceClassification",
            "MixtralForTokenClassification", "MixtralForQuestionAnswering", "MixtralPreTrainedModel", "DynamicCache",
            "load_balancing_loss", "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "pipeline",
-           "TextGenerationPipeline", "MixtralTokenizer", "AutoTokenizer"]
+           "TextGenerationPipeline", "MixtralTokenizer", "AutoTokenizer", "quantize"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Union
 
 import torch
 
@@ -29,7 +30,8 @@ class DynamicCache:
     def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple((k, v) for k, v in zip(self.keys, self.values) if k is not None and v is not None)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+               cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's (B, nkv, S, D) keys/values and return the whole (B, nkv, T, D) history."""
         while len(self.keys) <= layer_idx:
             self.keys.append(None)
@@ -61,3 +63,40 @@ class DynamicCache:
 
     def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.to_legacy_cache()[layer_idx]
+
+
+class StaticCache:
+    """Preallocated (B, nkv, max_len, D) keys/values per layer, written in place at `cache_position`.
+
+    Shapes never change and nothing is read back to the host, so one compiled decode step serves every
+    position. Attention runs over all max_len slots; the mask hides the ones not written yet.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "StaticCache":
+        c = model.config
+        p = next(model.parameters())
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        return cls(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_size, dtype, p.device)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+               cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, nkv, S, D) at positions cache_position (S,); return the full (B, nkv, max_len, D) buffers."""
+        if cache_position is None:
+            raise ValueError("StaticCache.update needs cache_position, the slots to write")
+        self.keys[layer_idx].index_copy_(2, cache_position, key)
+        self.values[layer_idx].index_copy_(2, cache_position, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+KVCache = Union[DynamicCache, StaticCache]

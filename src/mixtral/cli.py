@@ -16,6 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder or .gguf file (default: the built-in demo model, built on first use)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, ...")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization after loading (attention and expert weights)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +42,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     from .pipeline import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def _reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, stream: bool) -> str:
@@ -149,15 +151,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if to == "hub":
         model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
         _copy_tokenizer(args.src, args.dst)
+        if args.src.endswith(".gguf"):
+            from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
+
+            write_tokenizer_files(read_gguf_tokenizer(args.src), args.dst)
     elif to == "mistral":
         from .checkpoint.mistral import save_mistral_checkpoint
 
         save_mistral_checkpoint(model, args.dst)
         _copy_tokenizer(args.src, args.dst)
     else:
-        from .checkpoint.gguf import save_gguf, tokenizer_data_for
+        from .checkpoint.gguf import read_gguf_tokenizer, save_gguf
+        from .checkpoint.gguf_tokenizer import tokenizer_data_from_folder
 
-        save_gguf(model, args.dst, dtype=gtype, tokenizer_data=tokenizer_data_for(args.src))
+        data = read_gguf_tokenizer(args.src) if args.src.endswith(".gguf") else tokenizer_data_from_folder(args.src)
+        save_gguf(model, args.dst, dtype=gtype, tokenizer_data=data)
     print(f"wrote {args.dst} ({to})", file=sys.stderr)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ def _is_chat(x: Any) -> bool:
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
-                             device: str | None = None, progress: bool = True):
-    """(model, tokenizer) from a checkpoint folder or .gguf file; None means the built-in demo model."""
+                             device: str | None = None, progress: bool = True, quantize: str | None = None):
+    """(model, tokenizer) from a checkpoint folder or .gguf file; None means the built-in demo model.
+    quantize="int8" | "int4" quantizes the weights after loading."""
     from .model import MixtralForCausalLM
     from .tokenizer import MixtralTokenizer
 
@@ -26,10 +28,16 @@ def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch
         model = demo_model_path()
     path = os.fspath(model)
     lm = MixtralForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress)
-    if path.endswith(".gguf"):
-        from .checkpoint.gguf import tokenizer_from_gguf
+    if quantize:
+        from .quantize import quantize as quantize_model
 
-        return lm, tokenizer_from_gguf(path)
+        quantize_model(lm, quantize, progress=progress)
+    if path.endswith(".gguf"):  # the tokenizer rides in the GGUF's metadata: rebuild its files, then load them
+        from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
+
+        with tempfile.TemporaryDirectory() as folder:
+            write_tokenizer_files(read_gguf_tokenizer(path), folder)
+            return lm, MixtralTokenizer.from_pretrained(folder)
     return lm, MixtralTokenizer.from_pretrained(path)
 
 
@@ -85,12 +93,13 @@ class TextGenerationPipeline:
 
 
 def pipeline(task: str = "text-generation", model: Any = None, tokenizer: Any = None,
-             dtype: str | torch.dtype = "auto", device: str | None = None) -> TextGenerationPipeline:
+             dtype: str | torch.dtype = "auto", device: str | None = None,
+             quantize: str | None = None) -> TextGenerationPipeline:
     """Transformers' pipeline() for text generation; model=None uses the built-in demo model."""
     if task != "text-generation":
         raise ValueError(f"unsupported task {task!r}: mixtral's pipeline does 'text-generation'")
     if model is None or isinstance(model, (str, os.PathLike)):
-        lm, tok = load_model_and_tokenizer(model, dtype=dtype, device=device)
+        lm, tok = load_model_and_tokenizer(model, dtype=dtype, device=device, quantize=quantize)
         return TextGenerationPipeline(lm, tokenizer or tok)
     if tokenizer is None:
         raise ValueError("pass tokenizer= along with a model object (or pass the model's path)")

@@ -122,9 +122,12 @@ def save_hub_checkpoint(model: torch.nn.Module, path: str | os.PathLike, max_sha
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
+    metadata = {"format": "pt"}
+    if model.config.extra.get("quantization_config"):  # readers of the file alone can tell it is quantized
+        metadata["quantization"] = json.dumps(model.config.extra["quantization_config"])
     for name, shard in tqdm(list(zip(names, shards)), desc="Writing shards", disable=not progress or n == 1):
         tensors = {k: t.detach().contiguous().cpu() for k, t in shard}
-        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(path, name), metadata=metadata)
         for k, t in tensors.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()

@@ -22,6 +22,7 @@ from .transforms import Recipe
 
 # Checkpoint keys that carry nothing we need: old rotary caches, a causal LM's head under a task head.
 _IGNORABLE = re.compile(r".*rotary_emb\.inv_freq")
+_QUANT_SCALES = re.compile(r".*[._](scale|scales|zeros)")
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -105,6 +106,11 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
 
     with torch.device("meta"):
         model = cls(config)
+        quantization = config.extra.pop("quantization_config", None)
+        if quantization:  # swap in empty quantized modules, which the checkpoint's tensors then fill
+            from ..quantize import quantize
+
+            quantize(model, quantization["scheme"], quantization.get("group_size", 32), progress=False)
     # Our names, spelled as in MixtralForCausalLM ("model." + backbone key), which the format plans expect.
     own = {k: p for k, p in model.state_dict(keep_vars=True).items()}
     if cls is MixtralModel:
@@ -140,7 +146,8 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     bar = tqdm(todo, desc=f"Loading {len(source.files)} shards", disable=not progress or len(source.files) <= 1)
     for key in bar:
         param = own[key]
-        t = _assemble(recipes[key], param.shape, source, dtype if param.is_floating_point() else param.dtype,
+        keep = not param.is_floating_point() or _QUANT_SCALES.fullmatch(key)  # int codes, fp32 scales stay as saved
+        t = _assemble(recipes[key], param.shape, source, param.dtype if keep else dtype,
                       device, key)
         state[key.removeprefix("model.") if cls is MixtralModel else key] = t
         for shard in [f for f, k in last_use.items() if k == key]:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from .config import GenerationConfig
+from ..cache import StaticCache
+from .decode import compiled_forward_last, forward_last
 from .sampling import process_logits, select_next
 
 
@@ -83,33 +85,43 @@ def generate_tokens(
     cfg: GenerationConfig,
     generator: torch.Generator | None = None,
     stop: Any = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yields the (B,) next tokens step by step; rows that finished get pad tokens."""
-    eos = torch.tensor(_eos_list(cfg.eos_token_id), dtype=torch.long, device=input_ids.device)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0].item() if eos.numel() else 0)
+    """Yields the (B,) next tokens step by step; rows that finished get pad tokens.
+
+    The prompt is prefilled into a StaticCache of P + max_new_tokens slots, then each step decodes one
+    token at cache slot P + step: fixed shapes, nothing read back but the finished flags.
+    """
+    b, p = input_ids.shape
+    device = input_ids.device
+    eos = torch.tensor(_eos_list(cfg.eos_token_id), dtype=torch.long, device=device)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    cache = StaticCache.for_model(model, b, p + max_new_tokens)
+    kv_mask = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
+    kv_mask[:, :p] = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)  # (B, P)
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    seen = input_ids
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    step_fn = compiled_forward_last(model) if compile else forward_last
+    logits = forward_last(model, input_ids, positions, torch.arange(p, device=device), kv_mask, cache)
+    positions = positions[:, -1:]
+    seen = torch.empty(b, p + max_new_tokens, dtype=torch.long, device=device)
+    seen[:, :p] = input_ids
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits = process_logits(logits, seen, do_sample=cfg.do_sample, temperature_=cfg.temperature,
+        logits = process_logits(logits, seen[:, :p + step], do_sample=cfg.do_sample, temperature_=cfg.temperature,
                                 top_k_=cfg.top_k, top_p_=cfg.top_p, min_p_=cfg.min_p,
                                 repetition_penalty_=cfg.repetition_penalty)
-        token = select_next(logits, cfg.do_sample, generator)
-        token = torch.where(unfinished, token, pad)
-        seen = torch.cat([seen, token[:, None]], dim=1)
+        token = torch.where(unfinished, select_next(logits, cfg.do_sample, generator), pad)
+        seen[:, p + step] = token
         yield token
-        unfinished &= ~torch.isin(token, eos)
+        if eos.numel():
+            unfinished &= ~torch.isin(token, eos)
         if stop is not None:
-            unfinished &= ~stop(seen)
-        if step == max_new_tokens - 1 or not bool(unfinished.any()):
+            unfinished &= ~stop(seen[:, :p + step + 1])
+        if step == max_new_tokens - 1 or ((eos.numel() or stop is not None) and not bool(unfinished.any())):
             return
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(token[:, None], attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        positions = positions + 1
+        cache_position = torch.full((1,), p + step, dtype=torch.long, device=device)
+        logits = step_fn(model, token[:, None], positions, cache_position, kv_mask, cache)
 
 
 def _stop_string_checker(stop_strings: str | list[str], tokenizer: Any, prompt_len: int):
@@ -135,9 +147,13 @@ def generate(
     tokenizer: Any = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    compile: bool = False,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """Transformers-style generate: returns (B * num_return_sequences, P + new) ids, prompt included."""
+    """Transformers-style generate: returns (B * num_return_sequences, P + new) ids, prompt included.
+
+    compile=True compiles the one-token decode step with torch.compile (inductor) on first use.
+    """
     cfg = resolve_generation_config(model, generation_config, kwargs)
     input_ids, attention_mask, max_new = _prepare_inputs(model, input_ids, attention_mask, cfg)
     if generator is None and seed is not None:
@@ -146,7 +162,7 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     tokens = []
-    for token in generate_tokens(model, input_ids, attention_mask, max_new, cfg, generator, stop):
+    for token in generate_tokens(model, input_ids, attention_mask, max_new, cfg, generator, stop, compile):
         tokens.append(token)
         if streamer is not None:
             streamer.put(token.cpu())

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import DynamicCache
+from ..cache import KVCache
 from ..config import MixtralConfig
+from .linear import Linear
 from .rope import apply_rotary
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -114,10 +115,10 @@ class Attention(nn.Module):
         self.dropout = config.attention_dropout
         self.config = config  # read for _attn_implementation, which from_pretrained may set after init
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(
         self,
@@ -125,8 +126,9 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: DynamicCache | None = None,
+        cache: KVCache | None = None,
         output_attentions: bool = False,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, D)
@@ -134,7 +136,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, T, D)
+            k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, nkv, T, D)
 
         impl = self.config._attn_implementation
         if output_attentions and impl != "eager":

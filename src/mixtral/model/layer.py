@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import DynamicCache
+from ..cache import KVCache
 from ..config import MixtralConfig
 from .attention import Attention
 from .moe import SparseMoeBlock
@@ -26,11 +26,13 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: DynamicCache | None = None,
+        cache: KVCache | None = None,
         output_attentions: bool = False,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Returns (hidden (B, S, H), attention probs or None, router logits (B*S, E))."""
-        attn_out, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_attentions)
+        attn_out, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_attentions,
+                                         cache_position)
         h = x + attn_out
         moe_out, router_logits = self.mlp(self.post_attention_layernorm(h))
         return h + moe_out, probs, router_logits

@@ -13,6 +13,7 @@ from ..config import MixtralConfig
 from .attention import causal_mask
 from .base import MixtralPreTrainedModel
 from .layer import DecoderLayer
+from .linear import Linear
 from .losses import (causal_lm_loss, infer_problem_type, load_balancing_loss, question_answering_loss,
                      sequence_classification_loss, token_classification_loss)
 from .norm import RMSNorm
@@ -128,7 +129,7 @@ class MixtralForCausalLM(_WithBackbone):
 
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None  # generate()'s defaults; from_pretrained reads generation_config.json
         self.post_init()
 

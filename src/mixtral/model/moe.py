@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MixtralConfig
+from ..kernels import expert_linear
+
+# Up to this many tokens (decode, small batches) the experts run as matrix-vector products on the routed
+# experts' weights; above it, tokens are sorted by expert and each expert runs one matrix-matrix product.
+FEW_TOKENS = 16
 
 ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -45,11 +50,34 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.act = ACTIVATIONS[config.hidden_act]
 
+    # The two ways to apply expert weights; a quantized subclass overrides just these.
+    def routed_linear(self, name: str, x_TK: torch.Tensor, experts_TJ: torch.Tensor) -> torch.Tensor:
+        """(T, K) x routed experts (T, J) of weight `name` -> (T, J, N), reading only the routed experts."""
+        return expert_linear(x_TK, getattr(self, name), experts_TJ)
+
+    def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's (N, K) weight `name`."""
+        return getattr(self, name)[e]
+
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
-        gate_TI, up_TI = F.linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(self.act(gate_TI) * up_TI, self.down_proj[e])
+        gate_TI, up_TI = F.linear(x_TH, self.expert_weight("gate_up_proj", e, x_TH.dtype)).chunk(2, dim=-1)
+        return F.linear(self.act(gate_TI) * up_TI, self.expert_weight("down_proj", e, x_TH.dtype))
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if not trainable and x_TH.shape[0] <= FEW_TOKENS:
+            return self.forward_few(x_TH, weights_TK, experts_TK)
+        return self.forward_sorted(x_TH, weights_TK, experts_TK)
+
+    def forward_few(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        """Decode: matrix-vector products with the routed experts' weights only; no host sync, compiles whole."""
+        t, k = experts_TK.shape
+        gate_TKI, up_TKI = self.routed_linear("gate_up_proj", x_TH, experts_TK).chunk(2, dim=-1)
+        h_NI = (self.act(gate_TKI) * up_TKI).reshape(t * k, -1)  # N = T*K, one expert each
+        y_TKH = self.routed_linear("down_proj", h_NI, experts_TK.reshape(-1, 1)).view(t, k, -1)
+        return (y_TKH * weights_TK[..., None]).to(x_TH.dtype).sum(dim=1)  # fp32 product, as in forward_sorted
+
+    def forward_sorted(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         """Sort the T*K (token, expert) pairs by expert once; run each routed expert over its contiguous slice."""
         t, k = experts_TK.shape
         flat_N = experts_TK.reshape(-1)  # N = T*K assignments

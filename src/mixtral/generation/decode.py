@@ -1,0 +1,45 @@
+"""The hot path of generation: prefill and one-token decode over a StaticCache, with no host syncs.
+
+Shapes: B rows, S new tokens (P at prefill, 1 when decoding), L cache slots, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..cache import StaticCache
+
+
+def static_mask(kv_mask: torch.Tensor, cache_position: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """(B, 1, S, L) bool: query at slot cache_position[s] sees slot l <= it (within the window) that holds a
+    real token. kv_mask (B, L) is False at padding; slots not yet written are excluded by causality."""
+    slots = torch.arange(kv_mask.shape[1], device=kv_mask.device)[None, :]  # (1, L)
+    q = cache_position[:, None]  # (S, 1)
+    allowed = slots <= q
+    if sliding_window is not None:
+        allowed = allowed & (slots > q - sliding_window)
+    return allowed[None, None] & kv_mask[:, None, None, :]
+
+
+def forward_last(model: Any, ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
+                 kv_mask: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+    """Run ids (B, S) through the model, writing the cache; return fp32 logits (B, V) of the last position."""
+    backbone = model.model
+    x = backbone.embed_tokens(ids)  # (B, S, H)
+    cos, sin = backbone.rotary_emb(position_ids, x.dtype)
+    mask = static_mask(kv_mask, cache_position, model.config.sliding_window)
+    for layer in backbone.layers:
+        x, _, _ = layer(x, cos, sin, mask, cache, False, cache_position)
+    x = backbone.norm(x[:, -1:])  # only the last position feeds the next token
+    return model.lm_head(x)[:, -1].float()
+
+
+def compiled_forward_last(model: Any):
+    """forward_last compiled with inductor (once per model); falls back to eager if compilation fails."""
+    fn = getattr(model, "_compiled_forward_last", None)
+    if fn is None:
+        fn = torch.compile(forward_last, dynamic=False)
+        model._compiled_forward_last = fn
+    return fn

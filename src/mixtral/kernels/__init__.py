@@ -1,0 +1,165 @@
+"""Matrix-vector kernels for decoding on CPU: x @ w.T for a few rows of x, with fp32, bf16, int8 or int4 weights.
+
+Decoding a token multiplies one row per token by every weight it uses, once: the speed limit is memory bandwidth,
+which torch's own paths for a single row reach only partly (bf16 and int8 far from it). The compiled kernels
+(matvec.cpp, built on first use by cpu.py) stream each weight row once for all rows of x, widen it to fp32 in
+registers and accumulate in fp32. Every function here falls back to torch ops, with the same results within dtype
+rounding, when the kernels are unavailable (no compiler or no AVX512: see `available()`) or the inputs are not
+theirs: not on CPU, needing grad, or more than MAX_ROWS rows of x (prefill, where F.linear is the faster path).
+
+Shape suffixes: M rows of x, K inputs, N outputs, E experts, T tokens, Kt experts per token, G groups per row.
+
+Quantized layouts (weight-only; x stays fp32 or bf16):
+- int8, symmetric per output row: w[n, k] ~ qweight[n, k] * scale[n], qweight in [-127, 127].
+- int4, asymmetric per group of `group_size` consecutive columns: w[n, k] ~ q[n, k] * scales[n, g] + zeros[n, g]
+  with g = k // group_size and q in [0, 15]; `zeros` is the value of code 0 (the group's minimum), so the error is
+  at most scales / 2. Two codes a byte, in column order: packed[n, i] = q[n, 2i] | q[n, 2i + 1] << 4.
+  The kernels take group sizes that are multiples of 128; others run the torch fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu
+
+MAX_ROWS = 16  # rows of x up to which the kernels beat F.linear; above, the work is matrix-matrix
+FLOATS = (torch.float32, torch.bfloat16)
+
+__all__ = ["available", "linear", "expert_linear", "quantize_int8", "dequantize_int8", "linear_int8",
+           "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4"]
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use here (builds them on first call); else every function runs torch."""
+    return cpu.extension() is not None
+
+
+def _kernels(x: torch.Tensor, *weights: torch.Tensor) -> Any | None:
+    """The compiled ops if they take these inputs (CPU, no grad, few rows, contiguous weights), else None."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < rows <= MAX_ROWS or x.dtype not in FLOATS:
+        return None
+    tensors = (x, *weights)
+    if any(t.device.type != "cpu" for t in tensors) or not all(t.is_contiguous() for t in weights):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return cpu.extension()
+
+
+def _per_expert(x_TK: torch.Tensor, experts_TJ: torch.Tensor, n: int,
+                linear_e: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Torch path of the expert_* functions: one linear_e(x rows, e) per routed expert, over its tokens."""
+    out_TJN = x_TK.new_empty(*experts_TJ.shape, n)
+    for e in experts_TJ.unique().tolist():  # a host sync; the kernels have none
+        t, j = (experts_TJ == e).nonzero(as_tuple=True)
+        out_TJN[t, j] = linear_e(x_TK[t], e)
+    return out_TJN
+
+
+def _float_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T in fp32 math, returned in x's dtype: the torch reference for the quantized kernels."""
+    return F.linear(x.float(), w.float()).to(x.dtype)
+
+
+# ---- fp32 / bf16 weights ---------------------------------------------------------------------------------------
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T, (..., K) x (N, K) -> (..., N): the kernel for up to MAX_ROWS rows with w fp32 or bf16 (x alike)."""
+    ops = _kernels(x, w)
+    if ops is None or w.dim() != 2 or x.dtype != w.dtype:
+        return F.linear(x, w)
+    return ops.linear(x.reshape(-1, x.shape[-1]), w, None, True).view(*x.shape[:-1], w.shape[0])
+
+
+def expert_linear(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """(T, K) x (E, N, K) routed by experts (T, Kt) -> (T, Kt, N): out[t, j] = w[experts[t, j]] @ x[t]."""
+    ops = _kernels(x, w, experts)
+    if ops is None or x.dtype != w.dtype or experts.dtype != torch.long:
+        return _per_expert(x, experts, w.shape[1], lambda x_MK, e: F.linear(x_MK, w[e]))
+    return ops.linear(x, w, experts, True)
+
+
+# ---- int8 weights ----------------------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., N, K) float -> (qweight int8 (..., N, K), scale float32 (..., N)), symmetric per output row."""
+    w = w.float()
+    scale = w.abs().amax(dim=-1) / 127  # (..., N)
+    qweight = (w / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).round().clamp(-127, 127)
+    return qweight.to(torch.int8), scale
+
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """qweight * scale: (..., N, K) weights in `dtype`."""
+    return (qweight.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ dequantize_int8(qweight, scale).T, (..., K) -> (..., N) in x's dtype, fp32 math."""
+    ops = _kernels(x, qweight, scale)
+    if ops is None or qweight.dim() != 2:
+        return _float_linear(x, dequantize_int8(qweight, scale))
+    return ops.linear_int8(x.reshape(-1, x.shape[-1]), qweight, scale, None).view(*x.shape[:-1], qweight.shape[0])
+
+
+def expert_linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       experts: torch.Tensor) -> torch.Tensor:
+    """expert_linear with int8 experts: qweight (E, N, K), scale (E, N) -> (T, Kt, N) in x's dtype."""
+    ops = _kernels(x, qweight, scale, experts)
+    if ops is None or experts.dtype != torch.long:
+        return _per_expert(x, experts, qweight.shape[1],
+                           lambda x_MK, e: _float_linear(x_MK, dequantize_int8(qweight[e], scale[e])))
+    return ops.linear_int8(x, qweight, scale, experts)
+
+
+# ---- int4 weights ----------------------------------------------------------------------------------------------
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., N, K) float -> (packed uint8 (..., N, K/2), scales, zeros float32 (..., N, K/group_size)): asymmetric."""
+    k = w.shape[-1]
+    if k % 2 or group_size <= 0 or k % group_size:
+        raise ValueError(f"int4 needs an even K divisible by group_size; got K={k}, group_size={group_size}")
+    w_NGS = w.float().unflatten(-1, (k // group_size, group_size))  # S = group_size
+    zeros = w_NGS.amin(dim=-1)  # (..., N, G)
+    scales = (w_NGS.amax(dim=-1) - zeros) / 15
+    safe = scales.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    q = ((w_NGS - zeros.unsqueeze(-1)) / safe).round().clamp(0, 15).to(torch.uint8).flatten(-2)  # (..., N, K)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)  # (..., N, K/2)
+    return packed, scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q * scales + zeros per group: (..., N, K) weights in `dtype`."""
+    q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # (..., N, K), column order
+    q_NGS = q.unflatten(-1, (scales.shape[-1], -1)).float()
+    return (q_NGS * scales.unsqueeze(-1) + zeros.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def _int4_group_size(packed: torch.Tensor, scales: torch.Tensor) -> int | None:
+    """The group size if the kernels take it (a multiple of 128), else None."""
+    k, g = packed.shape[-1] * 2, scales.shape[-1]
+    return k // g if g and k % g == 0 and (k // g) % 128 == 0 else None
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x @ dequantize_int4(packed, scales, zeros).T, (..., K) -> (..., N) in x's dtype, fp32 math."""
+    ops = _kernels(x, packed, scales, zeros)
+    group_size = _int4_group_size(packed, scales)
+    if ops is None or group_size is None or packed.dim() != 2:
+        return _float_linear(x, dequantize_int4(packed, scales, zeros))
+    out = ops.linear_int4(x.reshape(-1, x.shape[-1]), packed, scales, zeros, group_size, None)
+    return out.view(*x.shape[:-1], packed.shape[0])
+
+
+def expert_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       experts: torch.Tensor) -> torch.Tensor:
+    """expert_linear with int4 experts: packed (E, N, K/2), scales and zeros (E, N, G) -> (T, Kt, N) in x's dtype."""
+    ops = _kernels(x, packed, scales, zeros, experts)
+    group_size = _int4_group_size(packed, scales)
+    if ops is None or group_size is None or experts.dtype != torch.long:
+        return _per_expert(x, experts, packed.shape[1],
+                           lambda x_MK, e: _float_linear(x_MK, dequantize_int4(packed[e], scales[e], zeros[e])))
+    return ops.linear_int4(x, packed, scales, zeros, group_size, experts)

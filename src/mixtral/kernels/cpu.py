@@ -1,0 +1,85 @@
+"""Builds and loads the C++ kernels of matvec.cpp for the running CPU, once per machine, source and torch version.
+
+The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the instruction
+sets it was compiled for and a hash of the source, flags and torch version: a cache shared between machines or
+environments never loads a library built for another. torch's cpp_extension holds a file lock while building, so
+concurrent first uses (threads or processes) build once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("matvec.cpp")
+# /proc/cpuinfo flag -> compiler flag. The kernels need all of REQUIRED and use OPTIONAL where the CPU has it; the
+# build enables exactly the ones present, never -march=native.
+REQUIRED = {"avx2": "-mavx2", "fma": "-mfma", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw",
+            "avx512vl": "-mavx512vl", "avx512dq": "-mavx512dq"}
+OPTIONAL = {"avx512_bf16": "-mavx512bf16"}
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of /proc/cpuinfo; empty where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_flags(flags: set[str]) -> list[str] | None:
+    """Compiler flags for the instruction sets in `flags` that the kernels use, or None if one they need is missing."""
+    if not set(REQUIRED) <= flags:
+        return None
+    return list(REQUIRED.values()) + [opt for name, opt in OPTIONAL.items() if name in flags]
+
+
+def cache_dir() -> Path:
+    """$MIXTRAL_CACHE/kernels, else $XDG_CACHE_HOME/mixtral/kernels, else ~/.cache/mixtral/kernels."""
+    root = os.environ.get("MIXTRAL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mixtral")
+    return Path(root) / "kernels"
+
+
+@functools.cache
+def extension() -> Any | None:
+    """torch.ops.mixtral_kernels, built for this CPU on first use; None (with a warning) where it cannot be built."""
+    if os.environ.get("MIXTRAL_KERNELS") == "0":
+        return None
+    isa = isa_flags(cpu_flags())
+    if isa is None:
+        return None  # no AVX512: the torch fallbacks are what this CPU runs, nothing to warn about
+    try:
+        return _build(isa)
+    except Exception as e:  # no compiler, failed build, unloadable library: every function falls back to torch
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"mixtral CPU kernels unavailable, using torch ops: {first_line}", stacklevel=2)
+        return None
+
+
+def _build(isa: list[str]) -> Any:
+    from torch.utils import cpp_extension
+
+    cflags = ["-O3", "-fopenmp", *isa]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *cflags, torch.__version__]).encode()).hexdigest()[:12]
+    tag = "avx512bf16" if "-mavx512bf16" in isa else "avx512"
+    name = f"mixtral_matvec_{tag}_{key}"
+    folder = cache_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / f"{name}.so").exists():
+        print("compiling CPU kernels (once)...", file=sys.stderr, flush=True)
+    # -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded: one OpenMP thread pool, torch's.
+    cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                       build_directory=str(folder), is_python_module=False, verbose=False)
+    return torch.ops.mixtral_kernels

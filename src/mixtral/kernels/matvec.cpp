@@ -1,0 +1,335 @@
+// Matrix-vector kernels for CPU decoding: y[m] = W x[m] for a few rows x[m], each weight read once from memory.
+//
+// Built at first use by mixtral/kernels/cpu.py with the AVX512 flags of the running CPU (AVX512F/BW/VL/DQ, plus
+// AVX512_BF16 where present); the Python API, its fallbacks and the weight layouts are in kernels/__init__.py.
+// Shapes: M rows of x, K inputs, N outputs, E experts, T tokens, Kt experts per token, G = K / group_size.
+//
+// Every format reads a weight row as 64-byte chunks (16 fp32, 32 bf16, 64 int8 or 128 int4 columns) and widens
+// each chunk to V vectors of 16 fp32 weights in registers, to multiply with V vectors of x. A tile computes R
+// output rows for up to 4 rows of x with 4 x R fp32 accumulators, streaming its R weight rows once; more rows of x
+// re-run the tile on the same weight rows, which then come from L1/L2 rather than memory. Output rows are split
+// between threads with at::parallel_for (torch's OpenMP pool), each streaming a contiguous range.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxMB = 4;             // rows of x per tile: MB * R accumulators stay within the 32 zmm registers
+constexpr int kRows = 4;              // output rows per tile (R)
+constexpr int64_t kPrefetch = 1024;   // bytes ahead of each weight stream to prefetch
+
+inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull : (1ull << n) - 1; }
+
+// ---- weight formats ------------------------------------------------------------------------------------------
+// kCols columns per 64-byte chunk of a row; V vectors of x (64 V bytes) per chunk. `chunk` makes what `weights`
+// widens from a chunk's address (the address itself, or with the int4 group's table); `finish` ends a row's dot
+// product. `group(s)` is per-chunk state shared by the R rows of a tile.
+
+struct Rows {
+  const uint8_t* base;
+  int64_t row_bytes;
+  const uint8_t* row(int64_t n) const { return base + n * row_bytes; }
+  Rows expert(int64_t e, int64_t N) const { return {base + e * N * row_bytes, row_bytes}; }
+  int64_t group(int64_t) const { return 0; }
+  static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+  float finish(int64_t, float acc) const { return acc; }
+};
+
+struct Fp32 : Rows {
+  static constexpr int kCols = 16, V = 1;
+  using Chunk = const uint8_t*;
+  Fp32 expert(int64_t e, int64_t N) const { return {Rows::expert(e, N)}; }
+  Chunk chunk(const uint8_t* p, int64_t, int64_t) const { return p; }
+  static __m512 weights(Chunk w, int) { return _mm512_loadu_ps(w); }
+};
+
+// A bf16 is the top half of an fp32: zero-extend and shift. For CPUs without AVX512_BF16.
+struct Bf16 : Fp32 {
+  static constexpr int kCols = 32, V = 2;
+  Bf16 expert(int64_t e, int64_t N) const { return {Fp32::expert(e, N)}; }
+  static __m512 weights(Chunk w, int v) {
+    const __m256i h = _mm256_loadu_si256((const __m256i*)(w + 32 * v));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+};
+
+#ifdef __AVX512BF16__
+// bf16 weights times bf16 x in pairs by VDPBF16PS into fp32 accumulators (bf16 products are exact in fp32): 32
+// columns per instruction, x kept in bf16.
+struct Bf16Dot : Fp32 {
+  static constexpr int kCols = 32, V = 1;
+  Bf16Dot expert(int64_t e, int64_t N) const { return {Fp32::expert(e, N)}; }
+  static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
+};
+#endif
+
+// int8 codes sign-extended and converted, times one fp32 scale per row applied to the finished dot product.
+struct Int8 : Fp32 {
+  static constexpr int kCols = 64, V = 4;
+  const float* scale;
+  Int8 expert(int64_t e, int64_t N) const { return {Fp32::expert(e, N), scale + e * N}; }
+  static __m512 weights(Chunk w, int v) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 16 * v))));
+  }
+  float finish(int64_t n, float acc) const { return acc * scale[n]; }
+};
+
+// int4 codes, two a byte (column 2i in the low nibble of byte i): dword j of a chunk holds columns 8j..8j+7, column
+// 8j+v in bits 4v..4v+3. VPERMPS looks the code up in a 16-entry table per row and group, q * scale + zero, using
+// only the low 4 bits of each dword, so vector v is a shift and a lookup; x is permuted to match (permute_x). The
+// group size is a multiple of 128 columns, so a chunk never straddles two groups and rows have no partial chunk.
+struct Int4 : Rows {
+  static constexpr int kCols = 128, V = 8;
+  struct Chunk {
+    const uint8_t* codes;
+    __m512 table;
+  };
+  const float* scales;
+  const float* zeros;
+  int64_t G;
+  uint32_t chunks_per_group;
+  Int4 expert(int64_t e, int64_t N) const {
+    return {Rows::expert(e, N), scales + e * N * G, zeros + e * N * G, G, chunks_per_group};
+  }
+  int64_t group(int64_t s) const { return uint32_t(s) / chunks_per_group; }
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t g) const {
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return {p, _mm512_fmadd_ps(codes, _mm512_set1_ps(scales[n * G + g]), _mm512_set1_ps(zeros[n * G + g]))};
+  }
+  static __m512 weights(const Chunk& w, int v) {
+    const __m512i codes = _mm512_loadu_si512(w.codes);
+    return _mm512_permutexvar_ps(v == 0 ? codes : _mm512_srli_epi32(codes, 4 * v), w.table);
+  }
+};
+
+// ---- the tile: R output rows x MB rows of x --------------------------------------------------------------------
+template <class F, int MB, int R>
+inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, float* const* y) {
+  __m512 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = f.row(n0 + r);
+
+  // One chunk: weights w[r] (64 bytes of row r) times x chunks xs[m] (64 V bytes of x row m).
+  auto step = [&](int64_t s, const uint8_t* const* w, const uint8_t* const* xs) __attribute__((always_inline)) {
+    const int64_t g = f.group(s);
+    typename F::Chunk chunks[R];
+    for (int r = 0; r < R; ++r) chunks[r] = f.chunk(w[r], n0 + r, g);
+    for (int v = 0; v < F::V; ++v) {
+      __m512 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xs[m] + 64 * v);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = F::weights(chunks[r], v);
+        for (int m = 0; m < MB; ++m) acc[m][r] = F::madd(acc[m][r], wv, xv[m]);
+      }
+    }
+  };
+  const int64_t steps = K / F::kCols, rest = K % F::kCols;
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* w[R];
+    const uint8_t* xs[MB];
+    for (int r = 0; r < R; ++r) {
+      w[r] = rows[r] + 64 * s;
+      _mm_prefetch((const char*)w[r] + kPrefetch, _MM_HINT_T0);
+    }
+    for (int m = 0; m < MB; ++m) xs[m] = x[m] + 64 * F::V * s;
+    step(s, w, xs);
+  }
+  if (rest) {  // the partial last chunk, copied zero-padded: zero weights times zero x
+    alignas(64) uint8_t wbuf[R][64], xbuf[MB][64 * F::V];
+    const uint8_t* w[R];
+    const uint8_t* xs[MB];
+    for (int r = 0; r < R; ++r) {
+      _mm512_store_si512(wbuf[r], _mm512_maskz_loadu_epi8(first_bytes(rest * 64 / F::kCols), rows[r] + 64 * steps));
+      w[r] = wbuf[r];
+    }
+    const int64_t x_bytes = rest * 64 * F::V / F::kCols;
+    for (int m = 0; m < MB; ++m) {
+      for (int v = 0; v < F::V; ++v)
+        _mm512_store_si512(xbuf[m] + 64 * v,
+                           _mm512_maskz_loadu_epi8(first_bytes(x_bytes - 64 * v), x[m] + 64 * F::V * steps + 64 * v));
+      xs[m] = xbuf[m];
+    }
+    step(steps, w, xs);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) y[m][n0 + r] = f.finish(n0 + r, _mm512_reduce_add_ps(acc[m][r]));
+}
+
+// R rows starting at n0 for all M rows of x, in chunks of up to kMaxMB rows.
+template <class F, int R>
+void rows(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, float* const* y, int64_t M) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
+    switch (std::min<int64_t>(kMaxMB, M - m0)) {
+      case 1: tile<F, 1, R>(f, n0, K, x + m0, y + m0); break;
+      case 2: tile<F, 2, R>(f, n0, K, x + m0, y + m0); break;
+      case 3: tile<F, 3, R>(f, n0, K, x + m0, y + m0); break;
+      default: tile<F, 4, R>(f, n0, K, x + m0, y + m0); break;
+    }
+  }
+}
+
+// The rows of x that go through one weight matrix (one expert), and where their outputs go.
+struct Group {
+  int64_t expert;
+  std::vector<const uint8_t*> x;
+  std::vector<float*> y;
+};
+
+// Groups the (token, slot) pairs by expert, in order of first use, so that each routed expert is read once.
+std::vector<Group> plan(const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& experts,
+                        int64_t E) {
+  const auto* base = static_cast<const uint8_t*>(x.data_ptr());
+  const int64_t x_stride = x.stride(0) * x.element_size(), N = out.size(-1), rows = x.size(0);
+  float* y = out.data_ptr<float>();
+  std::vector<Group> groups;
+  if (!experts) {
+    groups.push_back({0, {}, {}});
+    for (int64_t m = 0; m < rows; ++m) {
+      groups[0].x.push_back(base + m * x_stride);
+      groups[0].y.push_back(y + m * N);
+    }
+    return groups;
+  }
+  const int64_t Kt = experts->size(1);
+  const int64_t* ids = experts->data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows * Kt; ++i) {
+    const int64_t e = ids[i];
+    TORCH_CHECK(0 <= e && e < E, "expert index ", e, " out of range [0, ", E, ")");
+    auto g = std::find_if(groups.begin(), groups.end(), [e](const Group& gr) { return gr.expert == e; });
+    if (g == groups.end()) {
+      groups.push_back({e, {}, {}});
+      g = groups.end() - 1;
+    }
+    g->x.push_back(base + (i / Kt) * x_stride);
+    g->y.push_back(y + i * N);
+  }
+  return groups;
+}
+
+// Runs format f over every group: the parallel range is (group, block of R rows), contiguous per thread.
+template <class F>
+void run(const F& f, const std::vector<Group>& groups, int64_t N, int64_t K) {
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (f.row_bytes * kRows));  // >= 64 KiB of weights a thread
+  at::parallel_for(0, int64_t(groups.size()) * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Group& g = groups[i / blocks];
+      const F fe = f.expert(g.expert, N);
+      const int64_t n0 = (i % blocks) * kRows, M = int64_t(g.x.size());
+      if (n0 + kRows <= N) {
+        rows<F, kRows>(fe, n0, K, g.x.data(), g.y.data(), M);
+      } else {
+        for (int64_t n = n0; n < N; ++n) rows<F, 1>(fe, n, K, g.x.data(), g.y.data(), M);
+      }
+    }
+  });
+}
+
+// ---- ops -----------------------------------------------------------------------------------------------------
+// Each takes x (M, K) and weights (N, ...) or, with experts (T, Kt), weights (E, N, ...); returns (M[, Kt], N) in
+// x's dtype.
+
+void check(const at::Tensor& x, const at::Tensor& w, int64_t K, const std::optional<at::Tensor>& experts) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, K) with K = ", K);
+  TORCH_CHECK(w.dim() == (experts ? 3 : 2) && w.is_contiguous(), "weights must be contiguous (", experts ? "E, " : "",
+              "N, K)");
+  if (experts)
+    TORCH_CHECK(experts->dim() == 2 && experts->size(0) == x.size(0) && experts->scalar_type() == at::kLong &&
+                    experts->is_contiguous(),
+                "experts must be contiguous int64 (T, Kt)");
+}
+
+// x as the format reads it: `xk` (M, K) in the format's x dtype, contiguous.
+template <class F>
+at::Tensor apply(const F& f, const at::Tensor& x, const at::Tensor& xk, int64_t N,
+                 const std::optional<at::Tensor>& experts, int64_t E) {
+  const auto opts = x.options().dtype(at::kFloat);
+  at::Tensor out = experts ? at::empty({x.size(0), experts->size(1), N}, opts) : at::empty({x.size(0), N}, opts);
+  run(f, plan(xk, out, experts, E), N, xk.size(1));
+  return out.to(x.scalar_type());
+}
+
+Rows rows_of(const at::Tensor& w, int64_t row_bytes) { return {static_cast<const uint8_t*>(w.data_ptr()), row_bytes}; }
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& experts, bool dot) {
+  const int64_t K = w.size(-1), N = w.size(-2), E = experts ? w.size(0) : 1;
+  check(x, w, K, experts);
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "x and w must have the same dtype");
+  if (w.scalar_type() == at::kFloat) return apply(Fp32{rows_of(w, 4 * K)}, x, x.contiguous(), N, experts, E);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "w must be float32 or bfloat16");
+#ifdef __AVX512BF16__
+  if (dot) return apply(Bf16Dot{rows_of(w, 2 * K)}, x, x.contiguous(), N, experts, E);
+#endif
+  return apply(Bf16{rows_of(w, 2 * K)}, x, x.to(at::kFloat).contiguous(), N, experts, E);
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& experts) {
+  const int64_t K = q.size(-1), N = q.size(-2), E = experts ? q.size(0) : 1;
+  check(x, q, K, experts);
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == E * N,
+              "int8 weights need int8 qweight and contiguous float32 scale (", experts ? "E, " : "", "N)");
+  const Int8 f{{rows_of(q, K)}, scale.data_ptr<float>()};
+  return apply(f, x, x.to(at::kFloat).contiguous(), N, experts, E);
+}
+
+// x (M, K) in fp32, each 128 columns reordered as the int4 kernel reads them: xp[128c + 16v + j] = x[128c + 8j + v].
+at::Tensor permute_for_int4(const at::Tensor& x) {
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  at::Tensor xp = at::empty_like(x32);
+  const float* src = x32.data_ptr<float>();
+  float* dst = xp.data_ptr<float>();
+  const __m512i stride8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+  for (int64_t c = 0; c < x32.numel() / 128; ++c)
+    for (int v = 0; v < 8; ++v)
+      _mm512_storeu_ps(dst + 128 * c + 16 * v, _mm512_i32gather_ps(stride8, src + 128 * c + v, 4));
+  return xp;
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& experts) {
+  const int64_t K = packed.size(-1) * 2, N = packed.size(-2), E = experts ? packed.size(0) : 1;
+  check(x, packed, K, experts);
+  TORCH_CHECK(group_size > 0 && group_size % Int4::kCols == 0 && K % group_size == 0,
+              "group_size must be a multiple of 128 that divides K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+                  zeros.scalar_type() == at::kFloat && scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.numel() == E * N * G && zeros.numel() == E * N * G,
+              "int4 weights need uint8 packed and contiguous float32 scales and zeros (", experts ? "E, " : "",
+              "N, K / group_size)");
+  const Int4 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
+               uint32_t(group_size / Int4::kCols)};
+  return apply(f, x, permute_for_int4(x), N, experts, E);
+}
+
+bool has_bf16_dot() {
+#ifdef __AVX512BF16__
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixtral_kernels, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? experts, bool dot) -> Tensor", &linear);
+  m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? experts) -> Tensor", &linear_int8);
+  m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor",
+        &linear_int4);
+  m.def("has_bf16_dot() -> bool", &has_bf16_dot);
+}

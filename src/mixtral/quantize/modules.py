@@ -1,0 +1,103 @@
+"""Weight-only quantized replacements for Linear and Experts: int8 per output row, int4 per column group.
+
+The weights live as buffers (qweight/scale, or packed/scales/zeros); activations stay in the model's dtype.
+Few rows (decoding) run the kernels straight on the quantized weights; more rows dequantize then multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..model.moe import Experts
+
+SCHEMES = ("int8", "int4")
+
+
+def _quantize(w: torch.Tensor, scheme: str, group_size: int) -> dict[str, torch.Tensor]:
+    if scheme == "int8":
+        qweight, scale = kernels.quantize_int8(w)
+        return {"qweight": qweight, "scale": scale}
+    packed, scales, zeros = kernels.quantize_int4(w, group_size)
+    return {"packed": packed, "scales": scales, "zeros": zeros}
+
+
+def _empty(shape: tuple[int, ...], scheme: str, group_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Buffers of the right shapes, unfilled (for loading a quantized checkpoint)."""
+    *lead, n, k = shape
+    if scheme == "int8":
+        return {"qweight": torch.empty(*lead, n, k, dtype=torch.int8, device=device),
+                "scale": torch.empty(*lead, n, device=device)}
+    g = k // group_size
+    return {"packed": torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device),
+            "scales": torch.empty(*lead, n, g, device=device), "zeros": torch.empty(*lead, n, g, device=device)}
+
+
+def _linear(scheme: str, x: torch.Tensor, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    if scheme == "int8":
+        return kernels.linear_int8(x, q["qweight"], q["scale"])
+    return kernels.linear_int4(x, q["packed"], q["scales"], q["zeros"])
+
+
+def _routed(scheme: str, x: torch.Tensor, q: dict[str, torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
+    if scheme == "int8":
+        return kernels.expert_linear_int8(x, q["qweight"], q["scale"], experts)
+    return kernels.expert_linear_int4(x, q["packed"], q["scales"], q["zeros"], experts)
+
+
+def _dequantize(scheme: str, q: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if scheme == "int8":
+        return kernels.dequantize_int8(q["qweight"], q["scale"], dtype)
+    return kernels.dequantize_int4(q["packed"], q["scales"], q["zeros"], dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequantize(W).T (+ bias), W stored quantized."""
+
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int) -> None:
+        super().__init__()
+        self.scheme, self.group_size = scheme, group_size
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight
+        q = _empty(tuple(w.shape), scheme, group_size, w.device) if w.is_meta else _quantize(w.detach(), scheme,
+                                                                                             group_size)
+        for name, t in q.items():
+            self.register_buffer(name, t)
+        self.bias = linear.bias
+
+    def quantized(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in ("qweight", "scale", "packed", "scales", "zeros")
+                if hasattr(self, name)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _linear(self.scheme, x, self.quantized())
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, scheme={self.scheme}, group_size={self.group_size}"
+
+
+class QuantizedExperts(Experts):
+    """Experts with gate_up_proj and down_proj quantized; routing and dispatch are Experts' own."""
+
+    def __init__(self, experts: Experts, scheme: str, group_size: int) -> None:
+        nn.Module.__init__(self)
+        self.num_experts, self.act = experts.num_experts, experts.act
+        self.scheme, self.group_size = scheme, group_size
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(experts, name)
+            q = _empty(tuple(w.shape), scheme, group_size, w.device) if w.is_meta else _quantize(w.detach(), scheme,
+                                                                                                 group_size)
+            for part, t in q.items():
+                self.register_buffer(f"{name}_{part}", t)  # e.g. gate_up_proj_qweight (E, 2I, H)
+
+    def _parts(self, name: str) -> dict[str, torch.Tensor]:
+        prefix = f"{name}_"
+        return {k[len(prefix):]: b for k, b in self.named_buffers() if k.startswith(prefix)}
+
+    def routed_linear(self, name: str, x_TK: torch.Tensor, experts_TJ: torch.Tensor) -> torch.Tensor:
+        return _routed(self.scheme, x_TK, self._parts(name), experts_TJ)
+
+    def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        return _dequantize(self.scheme, {k: v[e] for k, v in self._parts(name).items()}, dtype)

@@ -1,0 +1,119 @@
+"""Weight-only int8/int4: equal to the dequantized model, close to the float one, saved and reloaded intact."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mixtral import MixtralConfig, MixtralForCausalLM, quantize
+from mixtral.kernels import dequantize_int4, dequantize_int8
+from mixtral.quantize import QuantizedExperts, QuantizedLinear
+
+TEXT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "data", "english.txt")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    return MixtralForCausalLM(config).eval()
+
+
+def _dequantized_copy(q):
+    """A float model holding exactly the quantized weights: the oracle for the quantized kernels and plumbing."""
+    ref = MixtralForCausalLM(q.config.__class__.from_dict(
+        {k: v for k, v in q.config.to_dict().items() if k != "quantization_config"})).eval()
+    state = {k: v for k, v in q.state_dict().items()}
+    for name, module in q.named_modules():
+        if isinstance(module, QuantizedLinear):
+            parts = module.quantized()
+            w = dequantize_int8(parts["qweight"], parts["scale"]) if module.scheme == "int8" else dequantize_int4(
+                parts["packed"], parts["scales"], parts["zeros"])
+            state[f"{name}.weight"] = w
+        elif isinstance(module, QuantizedExperts):
+            for proj in ("gate_up_proj", "down_proj"):
+                parts = module._parts(proj)
+                w = dequantize_int8(parts["qweight"], parts["scale"]) if module.scheme == "int8" else dequantize_int4(
+                    parts["packed"], parts["scales"], parts["zeros"])
+                state[f"{name}.{proj}"] = w
+    ref.load_state_dict({k: v for k, v in state.items() if k in ref.state_dict()}, strict=True)
+    return ref
+
+
+@pytest.mark.parametrize("scheme,rel_tol", [("int8", 0.02), ("int4", 0.2)])
+def test_quantized_equals_dequantized_and_close_to_float(model, scheme, rel_tol):
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    q = quantize(copy.deepcopy(model), scheme, group_size=32, progress=False)
+    ref = _dequantized_copy(q)
+    with torch.no_grad():
+        float_logits, q_logits, ref_logits = model(ids).logits, q(ids).logits, ref(ids).logits
+        # decoding path (few rows: the matrix-vector kernels) against the same dequantized weights
+        q_step, ref_step = q(ids[:, :1]).logits, ref(ids[:, :1]).logits
+    assert (q_logits - ref_logits).abs().max() < 1e-4
+    assert (q_step - ref_step).abs().max() < 1e-4
+    rel = (q_logits - float_logits).abs().max() / float_logits.abs().max()
+    assert 0 < rel < rel_tol  # quantization changes the logits, but only a little
+    assert torch.equal(q.generate(ids, max_new_tokens=6, eos_token_id=None),
+                       ref.generate(ids, max_new_tokens=6, eos_token_id=None))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_save_and_reload(model, scheme, tmp_path):
+    q = quantize(copy.deepcopy(model).to(torch.bfloat16), scheme, group_size=32, progress=False)
+    q.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["quantization_config"]["scheme"] == scheme
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["quantization"])["scheme"] == scheme
+        keys = set(f.keys())
+    assert any(k.endswith("gate_up_proj_qweight") or k.endswith("gate_up_proj_packed") for k in keys)
+    back = MixtralForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert back.dtype == torch.bfloat16
+    assert isinstance(back.model.layers[0].mlp.experts, QuantizedExperts)
+    scale = back.model.layers[0].self_attn.q_proj.scale if scheme == "int8" else \
+        back.model.layers[0].self_attn.q_proj.scales
+    assert scale.dtype == torch.float32  # scales are not rounded to the activation dtype
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, back(ids).logits)
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        quantize(copy.deepcopy(model), "int3")
+    with pytest.raises(ValueError, match="group_size=48 must divide"):
+        quantize(copy.deepcopy(model), "int4", group_size=48)
+    q = quantize(copy.deepcopy(model), "int8", progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(q, "int8")
+
+
+def _perplexity(model, ids):
+    with torch.no_grad():
+        return math.exp(model(ids, labels=ids).loss.item())
+
+
+def test_demo_model_perplexity_within_targets():
+    """The issue's quality bar on real English: int8 within +2% of bf16's perplexity, int4 within +10%.
+
+    int4 uses the default groups of 32 columns, llama.cpp's Q4_0/Q4_1 block size. (The demo's weights come from
+    a Q4_1 file, so 32-groups fit its grid; 64-groups measured +32% here, a poor fit for such a small model.)"""
+    from mixtral import MixtralTokenizer
+    from mixtral.demo import demo_model_path
+
+    folder = demo_model_path()
+    tok = MixtralTokenizer.from_pretrained(folder)
+    ids = torch.tensor([tok.encode(open(TEXT, encoding="utf-8").read())[:320]])
+    bf16 = MixtralForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
+    ppl = {"bf16": _perplexity(bf16, ids)}
+    for scheme in ("int8", "int4"):
+        ppl[scheme] = _perplexity(quantize(copy.deepcopy(bf16), scheme, progress=False), ids)
+    print(f"\ndemo perplexity on {ids.shape[1]} tokens: {ppl}")
+    assert ppl["bf16"] < 30  # real English for a real model
+    assert ppl["int8"] <= 1.02 * ppl["bf16"]
+    assert ppl["int4"] <= 1.10 * ppl["bf16"]
