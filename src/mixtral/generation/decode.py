@@ -5,6 +5,7 @@ Shapes: B rows, S new tokens (P at prefill, 1 when decoding), L cache slots, H h
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -37,9 +38,19 @@ def forward_last(model: Any, ids: torch.Tensor, position_ids: torch.Tensor, cach
 
 
 def compiled_forward_last(model: Any):
-    """forward_last compiled with inductor (once per model); falls back to eager if compilation fails."""
+    """forward_last compiled with inductor (once per model); if compiling fails, a warning and eager forward_last."""
     fn = getattr(model, "_compiled_forward_last", None)
     if fn is None:
-        fn = torch.compile(forward_last, dynamic=False)
+        compiled = torch.compile(forward_last, dynamic=False)
+
+        def fn(*args: Any) -> torch.Tensor:
+            try:
+                return compiled(*args)
+            except Exception as e:  # inductor needs a C++ toolchain and may not support every op
+                warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {e}",
+                              stacklevel=2)
+                model._compiled_forward_last = forward_last
+                return forward_last(*args)
+
         model._compiled_forward_last = fn
     return fn

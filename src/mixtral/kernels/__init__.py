@@ -33,6 +33,7 @@ __all__ = ["available", "linear", "expert_linear", "quantize_int8", "dequantize_
            "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4"]
 
 
+@torch.compiler.assume_constant_result  # torch.compile bakes the answer in rather than tracing the build
 def available() -> bool:
     """Whether the compiled kernels are in use here (builds them on first call); else every function runs torch."""
     return cpu.extension() is not None
@@ -40,15 +41,14 @@ def available() -> bool:
 
 def _kernels(x: torch.Tensor, *weights: torch.Tensor) -> Any | None:
     """The compiled ops if they take these inputs (CPU, no grad, few rows, contiguous weights), else None."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= MAX_ROWS or x.dtype not in FLOATS:
+    # Attribute checks only: this runs on every call, where a torch op costs microseconds.
+    if x.dtype not in FLOATS or not x.is_cpu or not 0 < x.numel() <= MAX_ROWS * x.shape[-1]:
         return None
-    tensors = (x, *weights)
-    if any(t.device.type != "cpu" for t in tensors) or not all(t.is_contiguous() for t in weights):
+    if not all(w.is_cpu and w.is_contiguous() for w in weights):
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return None
-    return cpu.extension()
+    return torch.ops.mixtral_kernels if available() else None
 
 
 def _per_expert(x_TK: torch.Tensor, experts_TJ: torch.Tensor, n: int,
@@ -72,7 +72,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     ops = _kernels(x, w)
     if ops is None or w.dim() != 2 or x.dtype != w.dtype:
         return F.linear(x, w)
-    return ops.linear(x.reshape(-1, x.shape[-1]), w, None, True).view(*x.shape[:-1], w.shape[0])
+    return ops.linear(x, w, None, True)
 
 
 def expert_linear(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     ops = _kernels(x, qweight, scale)
     if ops is None or qweight.dim() != 2:
         return _float_linear(x, dequantize_int8(qweight, scale))
-    return ops.linear_int8(x.reshape(-1, x.shape[-1]), qweight, scale, None).view(*x.shape[:-1], qweight.shape[0])
+    return ops.linear_int8(x, qweight, scale, None)
 
 
 def expert_linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -150,8 +150,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     group_size = _int4_group_size(packed, scales)
     if ops is None or group_size is None or packed.dim() != 2:
         return _float_linear(x, dequantize_int4(packed, scales, zeros))
-    out = ops.linear_int4(x.reshape(-1, x.shape[-1]), packed, scales, zeros, group_size, None)
-    return out.view(*x.shape[:-1], packed.shape[0])
+    return ops.linear_int4(x, packed, scales, zeros, group_size, None)
 
 
 def expert_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

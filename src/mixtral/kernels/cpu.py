@@ -3,7 +3,8 @@
 The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the instruction
 sets it was compiled for and a hash of the source, flags and torch version: a cache shared between machines or
 environments never loads a library built for another. torch's cpp_extension holds a file lock while building, so
-concurrent first uses (threads or processes) build once.
+concurrent first uses in several processes build once; within a process, a lock makes threads load it once.
+MIXTRAL_KERNELS=0 turns the kernels off (every function then runs its torch fallback).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import hashlib
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,17 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-@functools.cache
 def extension() -> Any | None:
     """torch.ops.mixtral_kernels, built for this CPU on first use; None (with a warning) where it cannot be built."""
+    with _LOADING:  # threads wait for the first one's build and load rather than loading the library twice
+        return _extension()
+
+
+_LOADING = threading.Lock()
+
+
+@functools.cache
+def _extension() -> Any | None:
     if os.environ.get("MIXTRAL_KERNELS") == "0":
         return None
     isa = isa_flags(cpu_flags())
@@ -82,4 +92,18 @@ def _build(isa: list[str]) -> Any:
     # -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded: one OpenMP thread pool, torch's.
     cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                        build_directory=str(folder), is_python_module=False, verbose=False)
+    _register_fakes()
     return torch.ops.mixtral_kernels
+
+
+def _register_fakes() -> None:
+    """Output shapes of the ops without running them, so that torch.compile can trace through them."""
+
+    def out(x: torch.Tensor, n: int, experts: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], n) if experts is None else (x.shape[0], experts.shape[1], n))
+
+    torch.library.register_fake("mixtral_kernels::linear", lambda x, w, experts, dot: out(x, w.shape[-2], experts))
+    torch.library.register_fake("mixtral_kernels::linear_int8",
+                                lambda x, q, scale, experts: out(x, q.shape[-2], experts))
+    torch.library.register_fake("mixtral_kernels::linear_int4",
+                                lambda x, packed, scales, zeros, group_size, experts: out(x, packed.shape[-2], experts))

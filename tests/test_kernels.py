@@ -1,0 +1,201 @@
+"""The matvec kernels (mixtral.kernels) against torch references on random data, and their torch fallbacks.
+
+Where the compiled kernels are unavailable (no compiler, no AVX512) every test runs the fallback path instead, and a
+warning in the summary says so. Tolerances: fp32 results within 1e-5 of the output's magnitude (the kernels sum in
+another order); bf16 results within one bf16 rounding of the output (2^-8 relative, bf16 keeping 8 significant bits)
+plus that fp32 allowance; quantized kernels against x @ dequantize(...).T in fp32 math, equally tight.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixtral import kernels
+from mixtral.kernels import cpu
+
+EXPERTS = torch.tensor([[1, 1], [2, 3], [1, 7], [0, 2], [5, 5]])  # (T=5, Kt=2): repeats within and across tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backend() -> bool:
+    available = kernels.available()  # the first call builds (once per machine)
+    if not available:
+        warnings.warn("mixtral CPU kernels unavailable here: these tests check the torch fallbacks only")
+    print(f"\nmixtral.kernels: {'compiled kernels' if available else 'torch fallbacks'}")
+    return available
+
+
+def assert_matches(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """ours (any float dtype) against an fp32 reference, with the tolerance of ours' dtype (see the module doc)."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err = (ours.float() - ref).abs()
+    allowed = 1e-5 * ref.abs().max() + (2**-8 * ref.abs() if ours.dtype == torch.bfloat16 else 0)
+    assert (err <= allowed).all(), f"max error {err.max():.3g}, worst excess {(err - allowed).max():.3g}"
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---- fp32 / bf16 ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 17])  # 17: above MAX_ROWS, F.linear's path
+@pytest.mark.parametrize("n, k", [(37, 1024), (37, 77), (5, 32), (3, 1)])  # K % 32 == 0 and tails; N < 4 rows
+def test_linear(dtype, m, n, k):
+    x, w = randn(m, k, dtype=dtype, seed=1), randn(n, k, dtype=dtype, seed=2)
+    y = kernels.linear(x, w)
+    assert y.dtype == dtype
+    assert_matches(y, F.linear(x.float(), w.float()))
+
+
+def test_linear_keeps_leading_dims():
+    x, w = randn(2, 3, 64), randn(9, 64)
+    assert_matches(kernels.linear(x, w), F.linear(x, w))
+
+
+def test_bf16_paths_agree():
+    """The two bf16 kernels: VDPBF16PS (the default here) and widening weights to fp32 (CPUs without AVX512_BF16)."""
+    if not kernels.available() or not cpu.extension().has_bf16_dot():
+        pytest.skip("needs the compiled kernels on a CPU with AVX512_BF16")
+    x, w = randn(3, 100, dtype=torch.bfloat16), randn(21, 100, dtype=torch.bfloat16, seed=1)
+    ref = F.linear(x.float(), w.float())
+    assert_matches(cpu.extension().linear(x, w, None, True), ref)
+    assert_matches(cpu.extension().linear(x, w, None, False), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 5])
+def test_expert_linear(dtype, t):
+    x, w, experts = randn(t, 96, dtype=dtype), randn(8, 33, 96, dtype=dtype, seed=1), EXPERTS[:t]
+    y = kernels.expert_linear(x, w, experts)  # (T, Kt, N)
+    assert_matches(y, torch.einsum("tk,tjnk->tjn", x.float(), w.float()[experts]))
+
+
+def test_two_threads():
+    """Output rows split between threads (the tests otherwise run on one), with rows left over from the tiles."""
+    x, w = randn(2, 256), randn(1001, 256, seed=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = kernels.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert_matches(y, F.linear(x, w))
+
+
+# ---- int8 ----------------------------------------------------------------------------------------------------
+def test_quantize_int8_error():
+    w = randn(3, 16, 100)
+    w[0, 0] = 0  # an all-zero row: scale 0, codes 0
+    qweight, scale = kernels.quantize_int8(w)
+    assert qweight.dtype == torch.int8 and qweight.shape == w.shape and scale.shape == (3, 16)
+    assert qweight.abs().max() <= 127
+    err = (kernels.dequantize_int8(qweight, scale) - w).abs().amax(dim=-1)
+    assert (err <= scale / 2 * (1 + 1e-5)).all()
+    assert (kernels.dequantize_int8(qweight, scale)[0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
+@pytest.mark.parametrize("k", [256, 77])
+def test_linear_int8(dtype, m, k):
+    x, (qweight, scale) = randn(m, k, dtype=dtype), kernels.quantize_int8(randn(37, k, seed=1))
+    y = kernels.linear_int8(x, qweight, scale)
+    assert y.dtype == dtype
+    assert_matches(y, F.linear(x.float(), kernels.dequantize_int8(qweight, scale)))
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_expert_linear_int8(t):
+    x, (qweight, scale), experts = randn(t, 100), kernels.quantize_int8(randn(8, 33, 100, seed=1)), EXPERTS[:t]
+    y = kernels.expert_linear_int8(x, qweight, scale, experts)
+    assert_matches(y, torch.einsum("tk,tjnk->tjn", x, kernels.dequantize_int8(qweight, scale)[experts]))
+
+
+# ---- int4 ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [128, 32, 6])
+def test_quantize_int4_error(group_size):
+    w = randn(2, 16, 384)
+    w[0, 0, :group_size] = 0.5  # a constant group: scale 0, every code 0, zero = the value
+    packed, scales, zeros = kernels.quantize_int4(w, group_size)
+    g = 384 // group_size
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 16, 192)
+    assert scales.shape == zeros.shape == (2, 16, g)
+    w_hat = kernels.dequantize_int4(packed, scales, zeros)
+    err = (w_hat - w).abs().unflatten(-1, (g, group_size)).amax(dim=-1)  # (..., N, G)
+    assert (err <= scales / 2 * (1 + 1e-5) + 1e-6 * zeros.abs()).all()
+    assert (w_hat[0, 0, :group_size] == 0.5).all()
+    # the packing: column 2i in the low nibble of byte i, 2i + 1 in the high one
+    q = ((w - zeros.repeat_interleave(group_size, -1)) / scales.repeat_interleave(group_size, -1)).round()
+    assert torch.equal(packed[1] & 15, q[1, :, 0::2].to(torch.uint8))
+    assert torch.equal(packed[1] >> 4, q[1, :, 1::2].to(torch.uint8))
+
+
+def test_quantize_int4_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        kernels.quantize_int4(randn(4, 100), 128)
+    with pytest.raises(ValueError):
+        kernels.quantize_int4(randn(4, 63), 63)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
+@pytest.mark.parametrize("k, group_size", [(512, 128), (512, 256), (192, 64)])  # 64: not the kernels', fallback
+def test_linear_int4(dtype, m, k, group_size):
+    x, (packed, scales, zeros) = randn(m, k, dtype=dtype), kernels.quantize_int4(randn(37, k, seed=1), group_size)
+    y = kernels.linear_int4(x, packed, scales, zeros)
+    assert y.dtype == dtype
+    assert_matches(y, F.linear(x.float(), kernels.dequantize_int4(packed, scales, zeros)))
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_expert_linear_int4(t):
+    x, experts = randn(t, 256), EXPERTS[:t]
+    packed, scales, zeros = kernels.quantize_int4(randn(8, 33, 256, seed=1))
+    y = kernels.expert_linear_int4(x, packed, scales, zeros, experts)
+    ref = torch.einsum("tk,tjnk->tjn", x, kernels.dequantize_int4(packed, scales, zeros)[experts])
+    assert_matches(y, ref)
+
+
+# ---- fallbacks -----------------------------------------------------------------------------------------------
+def run_all(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every function on the same random inputs; x (T, 256)."""
+    w = randn(8, 33, 256, dtype=x.dtype, seed=1)
+    q8, q4 = kernels.quantize_int8(w), kernels.quantize_int4(w)
+    experts = EXPERTS[: x.shape[0]]
+    return dict(linear=kernels.linear(x, w[3]), expert_linear=kernels.expert_linear(x, w, experts),
+                linear_int8=kernels.linear_int8(x, q8[0][3], q8[1][3]),
+                expert_linear_int8=kernels.expert_linear_int8(x, *q8, experts),
+                linear_int4=kernels.linear_int4(x, *(t[3] for t in q4)),
+                expert_linear_int4=kernels.expert_linear_int4(x, *q4, experts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fallback_matches_kernels(dtype, monkeypatch):
+    x = randn(5, 256, dtype=dtype)
+    ours = run_all(x)
+    monkeypatch.setattr(cpu, "extension", lambda: None)
+    assert not kernels.available()
+    torch_ = run_all(x)
+    for name in ours:
+        assert ours[name].dtype == torch_[name].dtype == dtype, name
+        assert_matches(ours[name], torch_[name].float())
+
+
+def test_grad_takes_torch_path():
+    x, w = randn(1, 64).requires_grad_(), randn(9, 64).requires_grad_()
+    kernels.linear(x, w).sum().backward()
+    assert torch.allclose(w.grad, x.detach().expand(9, 64))
+    experts = torch.tensor([[1, 0]])
+    we = randn(2, 9, 64).requires_grad_()
+    kernels.expert_linear(x.detach(), we, experts).sum().backward()
+    assert torch.allclose(we.grad, x.detach().expand(2, 9, 64))
+
+
+def test_non_contiguous_weights():
+    x, w = randn(2, 64), randn(64, 9).t()  # (9, 64), not contiguous: F.linear's path
+    assert_matches(kernels.linear(x, w), F.linear(x, w))
