@@ -38,6 +38,7 @@ ENGINES = ("ours", "tf", "llama.cpp")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 LLAMA_CTX = 1024
+SLOW_TPS = 3.0  # an engine decoding slower than this at batch 1 skips the batched measurements
 
 
 @dataclasses.dataclass
@@ -128,8 +129,12 @@ def _measure(model_generate, s: Settings, vocab: int, phase_peak) -> dict[str, A
 
     attempt("decode_b1", decode)
     attempt("prefill", prefill)
+    slow = res.get("decode_b1_tps") is not None and res["decode_b1_tps"] < SLOW_TPS
     for b in s.batches if model_generate.batched else ():
-        attempt(f"decode_b{b}", batched(b))
+        if slow:  # batched runs would take minutes: keep the full run within its time
+            res[f"decode_b{b}_error"] = f"skipped: decode at batch 1 is under {SLOW_TPS} tok/s"
+        else:
+            attempt(f"decode_b{b}", batched(b))
     return res
 
 
@@ -383,13 +388,14 @@ def run_rounds(variants: list[Variant], spec: dict[str, Any], s: Settings) -> di
     runs: dict[Variant, list[dict]] = {v: [] for v in variants}
     for r in range(s.repeats):
         for v in variants:
-            t0, load = time.perf_counter(), C.load_average()[0]
-            res = C.run_worker(SCRIPT, {**spec, "role": "measure", "variant": dataclasses.asdict(v),
-                                        "gguf": spec["ggufs"].get(v.dtype)})
-            res["worker_s"], res["load_average"] = time.perf_counter() - t0, load
+            t0 = time.perf_counter()
+            with C.OtherLoad() as other:
+                res = C.run_worker(SCRIPT, {**spec, "role": "measure", "variant": dataclasses.asdict(v),
+                                            "gguf": spec["ggufs"].get(v.dtype)})
+            res["worker_s"], res["other_cores"] = time.perf_counter() - t0, other.cores
             status = res.get("error") or f"decode {C.fmt(res.get('decode_b1_tps'))} tok/s"
-            print(f"  round {r + 1}/{s.repeats}  {v.label:<12}{v.dtype:<6}{res['worker_s']:6.1f}s  load {load:.2f}  "
-                  f"{status}", flush=True)
+            print(f"  round {r + 1}/{s.repeats}  {v.label:<12}{v.dtype:<6}{res['worker_s']:6.1f}s  others used "
+                  f"{other.cores:.2f} cores  {status}", flush=True)
             runs[v].append(res)
     return runs
 
@@ -402,8 +408,9 @@ def summarize(v: Variant, runs: list[dict], cfg: dict, bandwidth: float, s: Sett
     row: dict[str, Any] = {"engine": v.engine, "label": v.label, "dtype": v.dtype, "impl": v.impl, "runs": runs}
     for k in keys:
         row[k] = C.median([r.get(k) for r in ok])
-    errors = sorted({r["error"] for r in runs if "error" in r}
-                    | {f"{k.removesuffix('_error')}: {r[k]}" for r in ok for k in r if k.endswith("_error")})
+    errors = sorted({f"failed: {r['error']}" for r in runs if "error" in r}
+                    | {f"{k.removesuffix('_error')} {'' if r[k].startswith('skipped') else 'failed: '}{r[k]}"
+                       for r in ok for k in r if k.endswith("_error")})
     row["errors"] = errors
     if ok:
         row["experts_implementation"] = ok[0].get("experts_implementation")
@@ -473,7 +480,8 @@ def main() -> None:
     check = C.run_worker(SCRIPT, {"role": "check", "model_dir": args.model_dir, "ggufs": ggufs,
                                   "have_quantize": have_quantize, "quant_base": s.quant_base})
     print(f"{len(variants)} engine x dtype workers x {s.repeats} rounds ...", flush=True)
-    runs = run_rounds(variants, spec, s)
+    with C.OtherLoad() as other:
+        runs = run_rounds(variants, spec, s)
     bw_end = C.run_worker(SCRIPT, {"role": "bandwidth"})
     bandwidth = max(b.get("bandwidth_GBps", 0) for b in (bw, bw_end)) * C.GB or float("nan")
     cfg = C.BENCH_CONFIG
@@ -482,12 +490,15 @@ def main() -> None:
 
     import bench_report as report
 
+    wall = time.perf_counter() - start
+    busy = "  (others were busy: timings are not meaningful)" if other.cores > 0.25 or load_start[0] > 1 else ""
+    notes.append(f"wall time {wall / 60:.1f} min; load average before starting {load_start[0]:.2f}; other "
+                 f"processes used {other.cores:.2f} of {os.cpu_count()} cores on average during the rounds{busy}")
     text = report.render(rows, check, bw, bw_end, bandwidth, cfg, s, notes)
     print("\n" + text)
-    wall = time.perf_counter() - start
-    print(f"\nwall time {wall / 60:.1f} min; load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f}")
     data = {"settings": dataclasses.asdict(s), "config": cfg, "model": info, "threads": C.THREADS,
             "cpu_count": os.cpu_count(), "load_average_start": load_start, "load_average_end": load_end,
+            "other_cores_during_rounds": other.cores,
             "bandwidth": {"start": bw, "end": bw_end, "used_GBps": bandwidth / C.GB},
             "active_bytes_per_token": {d: C.active_bytes_per_token(cfg, d) for d in C.DTYPES},
             "weight_bytes_nominal": {d: C.weight_bytes(cfg, d) for d in C.DTYPES},

@@ -123,7 +123,7 @@ def render(rows: list[dict], check: dict, bw: dict, bw_end: dict, bandwidth: flo
          "b8 tok/s", "b32 tok/s", "peak RSS GB", "weights GB", "RSS/(W+KV)", "greedy ="], table))
     for r in rows:
         for e in r["errors"]:
-            parts.append(f"  {r['label']} {r['dtype']}: failed: {e}")
+            parts.append(f"  {r['label']} {r['dtype']}: {e}")
 
     rat = ratios(rows, s)
     rtable = []

@@ -151,6 +151,33 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+class OtherLoad:
+    """CPU time that processes other than this one and its children used meanwhile, in cores: how busy the
+    machine was with someone else's work while we measured (the load average counts our own threads too)."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.start = (time.perf_counter(), _busy_cpu_s(), _own_cpu_s())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        wall, busy, own = (b - a for a, b in zip(self.start, (time.perf_counter(), _busy_cpu_s(), _own_cpu_s())))
+        self.cores = max(0.0, (busy - own) / wall) if wall > 0 else 0.0
+
+
+def _busy_cpu_s() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 # ---- process memory ------------------------------------------------------------------------------------------
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:

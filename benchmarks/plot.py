@@ -47,11 +47,13 @@ def plot(data: dict[str, Any], path: str) -> None:
             bw = data["bandwidth"]["used_GBps"] * 1e9
             for i, dtype in enumerate(dtypes):
                 roof = bw / data["active_bytes_per_token"][dtype]
-                ax.hlines(roof, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
-                          label="roofline" if i == 0 else None)
-                ax.text(i - 0.45, roof, f"roofline {roof:.0f}", ha="left", va="bottom", fontsize=8)
+                ax.hlines(roof, i - 0.45, i + 0.45, colors="black", linestyles="dashed")
+        names = ["int8 / Q8_0" if d == "int8" else "int4 / Q4_0" if d == "int4" else d for d in dtypes]
+        if key == "decode_b1_tps":
+            names = [f"{n}\nroofline {data['bandwidth']['used_GBps'] * 1e9 / data['active_bytes_per_token'][d]:.0f}"
+                     for n, d in zip(names, dtypes)]
         ax.set_xticks(range(len(dtypes)))
-        ax.set_xticklabels(["int8 / Q8_0" if d == "int8" else "int4 / Q4_0" if d == "int4" else d for d in dtypes])
+        ax.set_xticklabels(names)
         ax.set_ylabel("tokens / s")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)

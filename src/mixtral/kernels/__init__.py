@@ -7,7 +7,7 @@ registers and accumulate in fp32. Every function here falls back to torch ops, w
 rounding, when the kernels are unavailable (no compiler or no AVX512: see `available()`) or the inputs are not
 theirs: not on CPU, needing grad, or more than MAX_ROWS rows of x (prefill, where F.linear is the faster path).
 
-Shape suffixes: M rows of x, K inputs, N outputs, E experts, T tokens, Kt experts per token, G groups per row.
+Shape suffixes: M rows of x, K inputs, N outputs, E experts, T tokens, J (Kt) experts per token, G groups per row.
 
 Quantized layouts (weight-only; x stays fp32 or bf16):
 - int8, symmetric per output row: w[n, k] ~ qweight[n, k] * scale[n], qweight in [-127, 127].
