@@ -110,7 +110,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         if quantization:  # swap in empty quantized modules, which the checkpoint's tensors then fill
             from ..quantize import quantize
 
-            quantize(model, quantization["scheme"], quantization.get("group_size", 32), progress=False)
+            quantize(model, quantization["scheme"], quantization.get("group_size"), progress=False)
     # Our names, spelled as in MixtralForCausalLM ("model." + backbone key), which the format plans expect.
     own = {k: p for k, p in model.state_dict(keep_vars=True).items()}
     if cls is MixtralModel:

@@ -19,18 +19,24 @@ __all__ = ["quantize", "QuantizedLinear", "QuantizedExperts", "SCHEMES"]
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 32, progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = None,
+             progress: bool = True) -> nn.Module:
     """Replace attention and expert weights with int8 (per output channel) or int4 (per group) versions, in place.
 
-    On a meta-device model this only swaps in empty quantized modules, which loading then fills.
+    int4's group_size=None picks 128 columns where every input width allows it (the AVX-512 int4 kernel's
+    unit), else 32 (llama.cpp's block; other sizes run a slower torch path). On a meta-device model this only
+    swaps in empty quantized modules, which loading then fills.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}: expected one of {SCHEMES}")
     config = model.config
     if config.extra.get("quantization_config"):
         raise ValueError(f"the model is already quantized ({config.extra['quantization_config']})")
+    widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size)
+    if group_size is None:
+        group_size = 128 if all(k % 128 == 0 for k in widths) else 32
     if scheme == "int4":
-        for k in (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size):
+        for k in widths:
             if k % group_size:
                 raise ValueError(f"int4 group_size={group_size} must divide every input width; {k} is not a multiple")
     modules = [m for m in model.modules() if isinstance(m, (Attention, Experts))]
