@@ -82,16 +82,31 @@ def _build(isa: list[str]) -> Any:
     from torch.utils import cpp_extension
 
     cflags = ["-O3", "-fopenmp", *isa]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *cflags, torch.__version__]).encode()).hexdigest()[:12]
+    text = SOURCE.read_text()
+    key = hashlib.sha256("\n".join([text, *cflags, torch.__version__]).encode()).hexdigest()[:12]
     tag = "avx512bf16" if "-mavx512bf16" in isa else "avx512"
     name = f"mixtral_matvec_{tag}_{key}"
     folder = cache_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
+    failed = folder / "FAILED"  # not retried at every start: delete the folder to retry (after fixing the compiler)
+    if failed.exists():
+        raise RuntimeError(f"an earlier build failed (see {failed})")
     if not (folder / f"{name}.so").exists():
         print("compiling CPU kernels (once)...", file=sys.stderr, flush=True)
+    # The build compiles a copy in its folder: the same command from every checkout, so that ninja, which rebuilds
+    # when the command changes, does not rebuild for each checkout sharing the cache.
+    source = folder / SOURCE.name
+    if not source.exists():
+        partial = folder / f".{SOURCE.name}.{os.getpid()}.{threading.get_ident()}"
+        partial.write_text(text)
+        os.replace(partial, source)
     # -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded: one OpenMP thread pool, torch's.
-    cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                       build_directory=str(folder), is_python_module=False, verbose=False)
+    try:
+        cpp_extension.load(name, [str(source)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                           build_directory=str(folder), is_python_module=False, verbose=False)
+    except RuntimeError as e:  # the build failed (an unloadable library is an OSError: not recorded)
+        failed.write_text(str(e))
+        raise
     _register_fakes()
     return torch.ops.mixtral_kernels
 
