@@ -1,5 +1,7 @@
 """generate(): greedy equal to Transformers token for token; sampling filters on hand-made logits; errors."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -50,6 +52,43 @@ def test_greedy_equals_transformers_batched_and_alone(tmp_path, sliding_window):
                                    pad_token_id=0)
         assert torch.equal(theirs_alone, alone)
 
+
+
+def _compile_failures(record) -> list[str]:
+    return [str(w.message) for w in record if "torch.compile of the decode step failed" in str(w.message)]
+
+
+def test_compiled_decoding_equals_transformers(tmp_path):
+    """generate(compile=True): the decode step through inductor (and our kernels' fake shapes) gives Transformers'
+    tokens; a second length in the same cache bucket reuses the compiled step rather than recompiling."""
+    tm, ours = _pair(tmp_path)
+    ids, mask = _batch()
+    theirs = tm.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        mine = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, compile=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile would fall back, with a warning
+            shorter = ours.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, compile=True)
+    assert not _compile_failures(record)
+    assert torch.equal(theirs, mine)
+    assert torch.equal(shorter, mine[:, :ids.shape[1] + 5])
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    _, ours = _pair(tmp_path)
+    ids, mask = _batch()
+    eager = ours.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        mine = ours.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None, compile=True)
+    assert _compile_failures(record) and "no C++ compiler" in _compile_failures(record)[0]
+    assert torch.equal(eager, mine)
 
 def test_eos_stops_and_pads_like_transformers(tmp_path):
     tm, ours = _pair(tmp_path)

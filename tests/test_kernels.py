@@ -20,6 +20,11 @@ from mixtral.kernels import cpu
 EXPERTS = torch.tensor([[1, 1], [2, 3], [1, 7], [0, 2], [5, 5]])  # (T=5, Kt=2): repeats within and across tokens
 
 
+def routing(t: int) -> torch.Tensor:
+    """(T, 2) expert ids: the hand-made table, or for a batch (T > 5) random ids, many tokens per expert."""
+    return EXPERTS[:t] if t <= len(EXPERTS) else torch.randint(0, 8, (t, 2), generator=torch.Generator().manual_seed(t))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def backend() -> bool:
     available = kernels.available()  # the first call builds (once per machine)
@@ -43,7 +48,7 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
 
 # ---- fp32 / bf16 ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16, 17])  # 17: above MAX_ROWS, F.linear's path
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 65])  # 65: above MAX_ROWS, F.linear's path
 @pytest.mark.parametrize("n, k", [(37, 1024), (37, 77), (5, 32), (3, 1)])  # K % 32 == 0 and tails; N < 4 rows
 def test_linear(dtype, m, n, k):
     x, w = randn(m, k, dtype=dtype, seed=1), randn(n, k, dtype=dtype, seed=2)
@@ -68,9 +73,9 @@ def test_bf16_paths_agree():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("t", [1, 5, 64])
 def test_expert_linear(dtype, t):
-    x, w, experts = randn(t, 96, dtype=dtype), randn(8, 33, 96, dtype=dtype, seed=1), EXPERTS[:t]
+    x, w, experts = randn(t, 96, dtype=dtype), randn(8, 33, 96, dtype=dtype, seed=1), routing(t)
     y = kernels.expert_linear(x, w, experts)  # (T, Kt, N)
     assert_matches(y, torch.einsum("tk,tjnk->tjn", x.float(), w.float()[experts]))
 
@@ -100,7 +105,7 @@ def test_quantize_int8_error():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16, 17])
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 65])
 @pytest.mark.parametrize("k", [256, 77])
 def test_linear_int8(dtype, m, k):
     x, (qweight, scale) = randn(m, k, dtype=dtype), kernels.quantize_int8(randn(37, k, seed=1))
@@ -109,9 +114,9 @@ def test_linear_int8(dtype, m, k):
     assert_matches(y, F.linear(x.float(), kernels.dequantize_int8(qweight, scale)))
 
 
-@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("t", [1, 5, 64])
 def test_expert_linear_int8(t):
-    x, (qweight, scale), experts = randn(t, 100), kernels.quantize_int8(randn(8, 33, 100, seed=1)), EXPERTS[:t]
+    x, (qweight, scale), experts = randn(t, 100), kernels.quantize_int8(randn(8, 33, 100, seed=1)), routing(t)
     y = kernels.expert_linear_int8(x, qweight, scale, experts)
     assert_matches(y, torch.einsum("tk,tjnk->tjn", x, kernels.dequantize_int8(qweight, scale)[experts]))
 
@@ -143,8 +148,8 @@ def test_quantize_int4_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16, 17])
-@pytest.mark.parametrize("k, group_size", [(512, 128), (512, 256), (192, 64)])  # 64: not the kernels', fallback
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 65])
+@pytest.mark.parametrize("k, group_size", [(512, 128), (512, 256), (192, 64), (576, 32), (160, 32), (96, 48)])
 def test_linear_int4(dtype, m, k, group_size):
     x, (packed, scales, zeros) = randn(m, k, dtype=dtype), kernels.quantize_int4(randn(37, k, seed=1), group_size)
     y = kernels.linear_int4(x, packed, scales, zeros)
@@ -152,10 +157,11 @@ def test_linear_int4(dtype, m, k, group_size):
     assert_matches(y, F.linear(x.float(), kernels.dequantize_int4(packed, scales, zeros)))
 
 
-@pytest.mark.parametrize("t", [1, 5])
-def test_expert_linear_int4(t):
-    x, experts = randn(t, 256), EXPERTS[:t]
-    packed, scales, zeros = kernels.quantize_int4(randn(8, 33, 256, seed=1))
+@pytest.mark.parametrize("t", [1, 5, 64])
+@pytest.mark.parametrize("k, group_size", [(256, 128), (320, 32), (192, 64)])
+def test_expert_linear_int4(t, k, group_size):
+    x, experts = randn(t, k), routing(t)
+    packed, scales, zeros = kernels.quantize_int4(randn(8, 33, k, seed=1), group_size)
     y = kernels.expert_linear_int4(x, packed, scales, zeros, experts)
     ref = torch.einsum("tk,tjnk->tjn", x, kernels.dequantize_int4(packed, scales, zeros)[experts])
     assert_matches(y, ref)
@@ -199,3 +205,36 @@ def test_grad_takes_torch_path():
 def test_non_contiguous_weights():
     x, w = randn(2, 64), randn(64, 9).t()  # (9, 64), not contiguous: F.linear's path
     assert_matches(kernels.linear(x, w), F.linear(x, w))
+
+
+# ---- attention over a KV cache -------------------------------------------------------------------------------
+def _attention_reference(q, k, v, allowed, scale):
+    """fp64 softmax(q k^T * scale) v with explicit GQA; rows that see nothing give zeros."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scores = (q.double() @ k.transpose(2, 3) * scale).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (probs @ v).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, nh, nkv, s, t, d", [(1, 16, 4, 1, 96, 64), (2, 8, 2, 3, 40, 48), (3, 4, 4, 5, 5, 64),
+                                                 (1, 6, 1, 1, 300, 128), (2, 4, 2, 16, 20, 70)])
+@pytest.mark.parametrize("masking", ["mask", "broadcast mask", "causal"])
+def test_attention(dtype, b, nh, nkv, s, t, d, masking):
+    q = randn(b, s, nh, d, dtype=dtype, seed=1).transpose(1, 2)  # (B, nh, S, D) with the layout attention makes
+    k, v = randn(b, nkv, t, d, dtype=dtype, seed=2), randn(b, nkv, t, d, dtype=dtype, seed=3)
+    mask = torch.rand(b, 1, s, t, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask[0, 0, 0] = False  # a query that sees nothing (a padding position): zeros
+    if masking == "broadcast mask":
+        mask = mask[:1]
+    causal = torch.ones(s, t, dtype=torch.bool).tril(t - s)  # query i at slot i + t - s
+    out = kernels.attention(q, k, v, None if masking == "causal" else mask, d**-0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_matches(out, _attention_reference(q, k, v, causal if masking == "causal" else mask, d**-0.5))
+
+
+def test_attention_many_queries_runs_sdpa():
+    q, k, v = randn(1, 2, 20, 16), randn(1, 1, 20, 16, seed=1), randn(1, 1, 20, 16, seed=2)
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    assert_matches(kernels.attention(q, k, v, None, 0.25), _attention_reference(q, k, v, causal, 0.25))

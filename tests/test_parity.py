@@ -236,3 +236,16 @@ def test_loads_transformers5_fused_layout(case, impl, build_pair, make_batch, di
 def test_import_does_not_import_transformers():
     code = "import sys, mixtral; assert 'transformers' not in sys.modules, 'mixtral imported transformers'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_dtype_conversion_keeps_rope_frequencies_fp32():
+    """model.to(bf16) must not round the rotary frequencies: it would shift every position's angle, and a converted
+    model would then differ from one loaded in bf16 (and from Transformers, whose frequencies stay fp32)."""
+    from mixtral.model.rope import rope_inv_freq
+
+    config = mixtral.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)
+    model = mixtral.MixtralForCausalLM(config).to(torch.bfloat16)
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32
+    assert torch.equal(inv_freq, rope_inv_freq(config.head_size, config.rope_theta))

@@ -1,9 +1,11 @@
 """Weight-only int8/int4: equal to the dequantized model, close to the float one, saved and reloaded intact."""
 
 import copy
+import importlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -99,6 +101,93 @@ def test_errors(model):
     q = quantize(copy.deepcopy(model), "int8", progress=False)
     with pytest.raises(ValueError, match="already quantized"):
         quantize(q, "int8")
+
+
+@pytest.fixture(scope="module")
+def folder(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("float")
+    model.save_pretrained(path, progress=False)
+    return path
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", {"scheme": "int4", "group_size": 16}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_while_loading_equals_quantize_after(folder, spec, dtype, monkeypatch):
+    module = importlib.import_module("mixtral.quantize")  # (mixtral.quantize is also the function's name)
+    monkeypatch.setattr(module, "_BLOCK_ELEMENTS", 200)  # blocks of 2 or 3 rows, an uneven last one
+    scheme, group_size = (spec, None) if isinstance(spec, str) else (spec["scheme"], spec["group_size"])
+    loaded = MixtralForCausalLM.from_pretrained(folder, torch_dtype=dtype, progress=False, quantization=spec)
+    after = quantize(MixtralForCausalLM.from_pretrained(folder, torch_dtype=dtype, progress=False), scheme,
+                     group_size, progress=False)
+    _assert_same_state(loaded, after)
+    assert loaded.config.extra["quantization_config"] == after.config.extra["quantization_config"]
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert isinstance(loaded.model.layers[1].mlp.experts, QuantizedExperts)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_while_loading_gguf(model, scheme, tmp_path):
+    """A GGUF's experts come stacked (E, N, K), not per expert: quantized whole, equal all the same."""
+    pytest.importorskip("gguf")
+    from mixtral.checkpoint.gguf import save_gguf
+
+    save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    loaded = MixtralForCausalLM.from_pretrained(tmp_path / "m.gguf", progress=False, quantization=scheme)
+    _assert_same_state(loaded, quantize(MixtralForCausalLM.from_pretrained(tmp_path / "m.gguf", progress=False),
+                                        scheme, progress=False))
+
+
+def test_quantize_while_loading_errors(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown quantization scheme 'int3': expected one of \('int8', 'int4'\)"):
+        MixtralForCausalLM.from_pretrained(folder, progress=False, quantization="int3")
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        MixtralForCausalLM.from_pretrained(folder, progress=False, quantization={"scheme": "fp8"})
+    with pytest.raises(ValueError, match="expected"):
+        MixtralForCausalLM.from_pretrained(folder, progress=False, quantization={"scheme": "int4", "bits": 4})
+    with pytest.raises(ValueError, match="group_size=48 must divide"):
+        MixtralForCausalLM.from_pretrained(folder, progress=False, quantization={"scheme": "int4", "group_size": 48})
+    MixtralForCausalLM.from_pretrained(folder, progress=False, quantization="int8").save_pretrained(tmp_path,
+                                                                                                 progress=False)
+    for other in ("int4", {"scheme": "int4", "group_size": 32}):
+        with pytest.raises(ValueError, match=r"already quantized .*'scheme': 'int8'"):
+            MixtralForCausalLM.from_pretrained(tmp_path, progress=False, quantization=other)
+    for same in ("int8", {"scheme": "int8", "group_size": 32}):  # the checkpoint's own scheme: nothing to do
+        _assert_same_state(MixtralForCausalLM.from_pretrained(tmp_path, progress=False, quantization=same),
+                           MixtralForCausalLM.from_pretrained(tmp_path, progress=False))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_while_loading_saves_and_reloads(folder, scheme, tmp_path):
+    q = MixtralForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16, progress=False, quantization=scheme)
+    q.save_pretrained(tmp_path, progress=False)
+    back = MixtralForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert back.config.extra["quantization_config"] == q.config.extra["quantization_config"]
+    assert back.dtype == torch.bfloat16
+    _assert_same_state(back, q)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, back(ids).logits)
+
+
+def test_pipeline_quantizes_while_loading(folder, tmp_path):
+    from mixtral.pipeline import load_model_and_tokenizer
+
+    mistral_common = pytest.importorskip("mistral_common")
+    sp_model = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, tmp_path / name)
+    shutil.copy(sp_model, tmp_path / "tokenizer.model")
+    lm, _ = load_model_and_tokenizer(tmp_path, dtype="bfloat16", progress=False, quantize="int4")
+    _assert_same_state(lm, MixtralForCausalLM.from_pretrained(folder, dtype="bfloat16", progress=False,
+                                                              quantization="int4"))
 
 
 def _perplexity(model, ids):

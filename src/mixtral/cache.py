@@ -98,5 +98,22 @@ class StaticCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def prefix(self, length: int) -> "StaticCachePrefix":
+        """This cache seen through its first `length` slots: for a prefill from slot 0, whose queries need no
+        later slot, so that attention runs over the prompt rather than the whole buffer."""
+        return StaticCachePrefix(self, length)
 
-KVCache = Union[DynamicCache, StaticCache]
+
+class StaticCachePrefix:
+    """Writes go to the StaticCache; update() returns only the first `length` slots, (B, nkv, length, D)."""
+
+    def __init__(self, cache: StaticCache, length: int) -> None:
+        self.cache, self.length = cache, length
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+               cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.cache.update(key, value, layer_idx, cache_position)
+        return k[:, :, :self.length], v[:, :, :self.length]
+
+
+KVCache = Union[DynamicCache, StaticCache, StaticCachePrefix]

@@ -18,7 +18,7 @@ def _is_chat(x: Any) -> bool:
 def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
                              device: str | None = None, progress: bool = True, quantize: str | None = None):
     """(model, tokenizer) from a checkpoint folder or .gguf file; None means the built-in demo model.
-    quantize="int8" | "int4" quantizes the weights after loading."""
+    quantize="int8" | "int4" quantizes each weight as it is loaded (from_pretrained's quantization=)."""
     from .model import MixtralForCausalLM
     from .tokenizer import MixtralTokenizer
 
@@ -27,11 +27,8 @@ def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch
 
         model = demo_model_path()
     path = os.fspath(model)
-    lm = MixtralForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress)
-    if quantize:
-        from .quantize import quantize as quantize_model
-
-        quantize_model(lm, quantize, progress=progress)
+    lm = MixtralForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress,
+                                            quantization=quantize or None)
     if path.endswith(".gguf"):  # the tokenizer rides in the GGUF's metadata: rebuild its files, then load them
         from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
 

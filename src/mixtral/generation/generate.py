@@ -12,7 +12,7 @@ import torch
 
 from .config import GenerationConfig
 from ..cache import StaticCache
-from .decode import compiled_forward_last, forward_last
+from .decode import COMPILED_CACHE_BUCKET, compiled_forward_last, forward_last
 from .sampling import process_logits, select_next
 
 
@@ -89,19 +89,27 @@ def generate_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yields the (B,) next tokens step by step; rows that finished get pad tokens.
 
-    The prompt is prefilled into a StaticCache of P + max_new_tokens slots, then each step decodes one
-    token at cache slot P + step: fixed shapes, nothing read back but the finished flags.
+    The prompt is prefilled into a StaticCache of P + max_new_tokens slots (rounded up when compiled), then each
+    step decodes one token at cache slot P + step: fixed shapes, nothing read back but the finished flags.
     """
     b, p = input_ids.shape
     device = input_ids.device
     eos = torch.tensor(_eos_list(cfg.eos_token_id), dtype=torch.long, device=device)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
-    cache = StaticCache.for_model(model, b, p + max_new_tokens)
+    slots = p + max_new_tokens
+    if compile:  # one compiled step for every length in the bucket, not one per (prompt + output) length
+        slots = min(-(-slots // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET,
+                    max(slots, model.config.max_position_embeddings))
+    cache = StaticCache.for_model(model, b, slots)
     kv_mask = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
     kv_mask[:, :p] = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)  # (B, P)
     step_fn = compiled_forward_last(model) if compile else forward_last
-    logits = forward_last(model, input_ids, positions, torch.arange(p, device=device), kv_mask, cache)
+    # Prefill: the prompt's queries attend to the prompt's slots only, without a mask where nothing is masked.
+    window = model.config.sliding_window
+    plain = bool(attention_mask.bool().all()) and (window is None or p <= window)
+    logits = forward_last(model, input_ids, positions, torch.arange(p, device=device), kv_mask[:, :p],
+                          cache.prefix(p), plain)
     positions = positions[:, -1:]
     seen = torch.empty(b, p + max_new_tokens, dtype=torch.long, device=device)
     seen[:, :p] = input_ids

@@ -5,7 +5,7 @@ which torch's own paths for a single row reach only partly (bf16 and int8 far fr
 (matvec.cpp, built on first use by cpu.py) stream each weight row once for all rows of x, widen it to fp32 in
 registers and accumulate in fp32. Every function here falls back to torch ops, with the same results within dtype
 rounding, when the kernels are unavailable (no compiler or no AVX512: see `available()`) or the inputs are not
-theirs: not on CPU, needing grad, or more than MAX_ROWS rows of x (prefill, where F.linear is the faster path).
+theirs: not on CPU, needing grad, or more than MAX_ROWS rows of x (long prompts, where F.linear is the faster path).
 
 Shape suffixes: M rows of x, K inputs, N outputs, E experts, T tokens, J (Kt) experts per token, G groups per row.
 
@@ -14,7 +14,7 @@ Quantized layouts (weight-only; x stays fp32 or bf16):
 - int4, asymmetric per group of `group_size` consecutive columns: w[n, k] ~ q[n, k] * scales[n, g] + zeros[n, g]
   with g = k // group_size and q in [0, 15]; `zeros` is the value of code 0 (the group's minimum), so the error is
   at most scales / 2. Two codes a byte, in column order: packed[n, i] = q[n, 2i] | q[n, 2i + 1] << 4.
-  The kernels take group sizes that are multiples of 128; others run the torch fallback.
+  The kernels take group sizes of 32, 64 and multiples of 128; others run the torch fallback.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from . import cpu
 
-MAX_ROWS = 16  # rows of x up to which the kernels beat F.linear; above, the work is matrix-matrix
+MAX_ROWS = 64  # rows of x up to which the kernels beat F.linear here (benchmarks/matvec.py); above, oneDNN's GEMMs
 FLOATS = (torch.float32, torch.bfloat16)
 
 __all__ = ["available", "linear", "expert_linear", "quantize_int8", "dequantize_int8", "linear_int8",
-           "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4"]
+           "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4", "attention"]
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes the answer in rather than tracing the build
@@ -39,11 +39,17 @@ def available() -> bool:
     return cpu.extension() is not None
 
 
-def _kernels(x: torch.Tensor, *weights: torch.Tensor) -> Any | None:
-    """The compiled ops if they take these inputs (CPU, no grad, few rows, contiguous weights), else None."""
+def _kernels(x: torch.Tensor, *weights: torch.Tensor, experts: torch.Tensor | None = None) -> Any | None:
+    """The compiled ops if they take these inputs (CPU, no grad, few rows, contiguous weights), else None.
+
+    Few rows: at most MAX_ROWS rows of x, or with routed experts (E, N, K) at most MAX_ROWS rows per expert on
+    average (x rows * experts per row <= MAX_ROWS * E): each routed expert's weights are read once for its rows."""
     # Attribute checks only: this runs on every call, where a torch op costs microseconds.
-    if x.dtype not in FLOATS or not x.is_cpu or not 0 < x.numel() <= MAX_ROWS * x.shape[-1]:
+    rows = MAX_ROWS if experts is None else MAX_ROWS * weights[0].shape[0] // max(1, experts.shape[-1])
+    if x.dtype not in FLOATS or not x.is_cpu or not 0 < x.numel() <= rows * x.shape[-1]:
         return None
+    if experts is not None:
+        weights = (*weights, experts)
     if not all(w.is_cpu and w.is_contiguous() for w in weights):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
@@ -77,7 +83,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def expert_linear(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """(T, K) x (E, N, K) routed by experts (T, Kt) -> (T, Kt, N): out[t, j] = w[experts[t, j]] @ x[t]."""
-    ops = _kernels(x, w, experts)
+    ops = _kernels(x, w, experts=experts)
     if ops is None or x.dtype != w.dtype or experts.dtype != torch.long:
         return _per_expert(x, experts, w.shape[1], lambda x_MK, e: F.linear(x_MK, w[e]))
     return ops.linear(x, w, experts, True)
@@ -108,7 +114,7 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
 def expert_linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        experts: torch.Tensor) -> torch.Tensor:
     """expert_linear with int8 experts: qweight (E, N, K), scale (E, N) -> (T, Kt, N) in x's dtype."""
-    ops = _kernels(x, qweight, scale, experts)
+    ops = _kernels(x, qweight, scale, experts=experts)
     if ops is None or experts.dtype != torch.long:
         return _per_expert(x, experts, qweight.shape[1],
                            lambda x_MK, e: _float_linear(x_MK, dequantize_int8(qweight[e], scale[e])))
@@ -139,9 +145,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 def _int4_group_size(packed: torch.Tensor, scales: torch.Tensor) -> int | None:
-    """The group size if the kernels take it (a multiple of 128), else None."""
+    """The group size if the kernels take it (32, 64 or a multiple of 128), else None."""
     k, g = packed.shape[-1] * 2, scales.shape[-1]
-    return k // g if g and k % g == 0 and (k // g) % 128 == 0 else None
+    return k // g if g and k % g == 0 and (k // g in (32, 64) or (k // g) % 128 == 0) else None
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -156,9 +162,31 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 def expert_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        experts: torch.Tensor) -> torch.Tensor:
     """expert_linear with int4 experts: packed (E, N, K/2), scales and zeros (E, N, G) -> (T, Kt, N) in x's dtype."""
-    ops = _kernels(x, packed, scales, zeros, experts)
+    ops = _kernels(x, packed, scales, zeros, experts=experts)
     group_size = _int4_group_size(packed, scales)
     if ops is None or group_size is None or experts.dtype != torch.long:
         return _per_expert(x, experts, packed.shape[1],
                            lambda x_MK, e: _float_linear(x_MK, dequantize_int4(packed[e], scales[e], zeros[e])))
     return ops.linear_int4(x, packed, scales, zeros, group_size, experts)
+
+
+# ---- attention over a KV cache -----------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for up to MAX_ROWS queries (decoding), grouped-query heads shared.
+
+    q (B, nh, S, D), k and v (B, nkv, T, D); mask bool (B|1, 1, S, T), True where a query may look, or None for
+    causal (query s sits at slot s + T - S). Returns (B, nh, S, D). A query that sees nothing gets zeros (sdpa: NaN).
+    """
+    qkv = (q, k, v)
+    usable = (q.shape[2] <= MAX_ROWS and q.dtype in FLOATS and q.dtype == k.dtype == v.dtype
+              and all(t.is_cpu and t.stride(-1) == 1 for t in qkv) and (mask is None or mask.dtype == torch.bool)
+              and not (torch.is_grad_enabled() and any(t.requires_grad for t in qkv)))
+    if not usable or not available():
+        causal = mask is None and q.shape[2] > 1
+        if causal and k.shape[2] != q.shape[2]:  # sdpa's is_causal aligns top-left; ours bottom-right
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+            causal = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    return torch.ops.mixtral_kernels.attend(q, k, v, mask, scale, mask is None)

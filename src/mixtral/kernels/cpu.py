@@ -1,4 +1,5 @@
-"""Builds and loads the C++ kernels of matvec.cpp for the running CPU, once per machine, source and torch version.
+"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp) for the running CPU, once per machine, source and
+torch version.
 
 The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the instruction
 sets it was compiled for and a hash of the source, flags and torch version: a cache shared between machines or
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).with_name("matvec.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("matvec.cpp", "attention.cpp")]
 # /proc/cpuinfo flag -> compiler flag. The kernels need all of REQUIRED and use OPTIONAL where the CPU has it; the
 # build enables exactly the ones present, never -march=native.
 REQUIRED = {"avx2": "-mavx2", "fma": "-mfma", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw",
@@ -82,8 +83,8 @@ def _build(isa: list[str]) -> Any:
     from torch.utils import cpp_extension
 
     cflags = ["-O3", "-fopenmp", *isa]
-    text = SOURCE.read_text()
-    key = hashlib.sha256("\n".join([text, *cflags, torch.__version__]).encode()).hexdigest()[:12]
+    texts = {path.name: path.read_text() for path in SOURCES}
+    key = hashlib.sha256("\n".join([*texts.values(), *cflags, torch.__version__]).encode()).hexdigest()[:12]
     tag = "avx512bf16" if "-mavx512bf16" in isa else "avx512"
     name = f"mixtral_matvec_{tag}_{key}"
     folder = cache_dir() / name
@@ -93,16 +94,17 @@ def _build(isa: list[str]) -> Any:
         raise RuntimeError(f"an earlier build failed (see {failed})")
     if not (folder / f"{name}.so").exists():
         print("compiling CPU kernels (once)...", file=sys.stderr, flush=True)
-    # The build compiles a copy in its folder: the same command from every checkout, so that ninja, which rebuilds
+    # The build compiles copies in its folder: the same command from every checkout, so that ninja, which rebuilds
     # when the command changes, does not rebuild for each checkout sharing the cache.
-    source = folder / SOURCE.name
-    if not source.exists():
-        partial = folder / f".{SOURCE.name}.{os.getpid()}.{threading.get_ident()}"
-        partial.write_text(text)
-        os.replace(partial, source)
+    sources = [folder / name for name in texts]
+    for source in sources:
+        if not source.exists():
+            partial = folder / f".{source.name}.{os.getpid()}.{threading.get_ident()}"
+            partial.write_text(texts[source.name])
+            os.replace(partial, source)
     # -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded: one OpenMP thread pool, torch's.
     try:
-        cpp_extension.load(name, [str(source)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name, [str(s) for s in sources], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                            build_directory=str(folder), is_python_module=False, verbose=False)
     except RuntimeError as e:  # the build failed (an unloadable library is an OSError: not recorded)
         failed.write_text(str(e))
@@ -122,3 +124,10 @@ def _register_fakes() -> None:
                                 lambda x, q, scale, experts: out(x, q.shape[-2], experts))
     torch.library.register_fake("mixtral_kernels::linear_int4",
                                 lambda x, packed, scales, zeros, group_size, experts: out(x, packed.shape[-2], experts))
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+               causal: bool) -> torch.Tensor:
+        b, nh, s, d = q.shape
+        return q.new_empty(b, s, nh, d).transpose(1, 2)
+
+    torch.library.register_fake("mixtral_kernels::attend", attend)

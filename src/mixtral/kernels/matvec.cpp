@@ -41,6 +41,7 @@ inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull
 // product. `group(s)` is per-chunk state shared by the R rows of a tile.
 
 struct Rows {
+  static constexpr bool kPaddedX = false;  // x rows padded to whole chunks (int4's permuted x), else cut at K
   const uint8_t* base;
   int64_t row_bytes;
   const uint8_t* row(int64_t n) const { return base + n * row_bytes; }
@@ -115,6 +116,42 @@ struct Int4 : Rows {
     const __m512i codes = _mm512_loadu_si512(w.codes);
     return _mm512_permutexvar_ps(v == 0 ? codes : _mm512_srli_epi32(codes, 4 * v), w.table);
   }
+  static constexpr bool kPaddedX = true;
+};
+
+// int4 in groups of 32 or 64 columns (llama.cpp's blocks are 32): a 128-column chunk spans 4 or 2 groups, and lane
+// j (columns 8j..8j+7) belongs to group j >> lane_shift of the chunk. Each lane takes its own group's scale and
+// zero: the code becomes a float by a lookup in a table of 0..15 (VPERMPS again), then code * scale + zero by FMA.
+// K need not be a multiple of 128: the last chunk's missing codes are zero, times x padded with zeros.
+struct Int4Lanes : Rows {
+  static constexpr int kCols = 128, V = 8;
+  static constexpr bool kPaddedX = true;
+  struct Chunk {
+    const uint8_t* codes;
+    __m512 scale, zero;
+  };
+  const float* scales;
+  const float* zeros;
+  int64_t G;
+  int lane_shift;  // 2 for groups of 32, 3 for 64
+  Int4Lanes expert(int64_t e, int64_t N) const {
+    return {Rows::expert(e, N), scales + e * N * G, zeros + e * N * G, G, lane_shift};
+  }
+  int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
+    const int64_t per_chunk = 16 >> lane_shift, g0 = s * per_chunk;
+    const __mmask16 valid = (__mmask16)((1u << std::min<int64_t>(per_chunk, G - g0)) - 1);  // not past the row
+    const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 lane_shift);
+    return {p, _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, scales + n * G + g0)),
+            _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, zeros + n * G + g0))};
+  }
+  static __m512 weights(const Chunk& w, int v) {
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i packed = _mm512_loadu_si512(w.codes);
+    const __m512 q = _mm512_permutexvar_ps(v == 0 ? packed : _mm512_srli_epi32(packed, 4 * v), codes);
+    return _mm512_fmadd_ps(q, w.scale, w.zero);
+  }
 };
 
 // ---- the tile: R output rows x MB rows of x --------------------------------------------------------------------
@@ -168,7 +205,7 @@ inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, flo
       _mm512_store_si512(wbuf[r], _mm512_maskz_loadu_epi8(first_bytes(rest * 64 / F::kCols), rows[r] + 64 * steps));
       w[r] = wbuf[r];
     }
-    const int64_t x_bytes = rest * 64 * F::V / F::kCols;
+    const int64_t x_bytes = F::kPaddedX ? 64 * F::V : rest * 64 * F::V / F::kCols;
     for (int m = 0; m < MB; ++m) {
       for (int v = 0; v < F::V; ++v)
         _mm512_store_si512(xbuf[m] + 64 * v,
@@ -266,7 +303,7 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t K, const std::optio
                 "experts must be contiguous int64 (T, Kt)");
 }
 
-// x as the format reads it: `xk` (M, K) in the format's x dtype, contiguous.
+// x as the format reads it: `xk` (M, K) in the format's x dtype, contiguous (int4: K padded to whole chunks).
 template <class F>
 at::Tensor apply(const F& f, const at::Tensor& x, const at::Tensor& xk, int64_t N,
                  const std::optional<at::Tensor>& experts, int64_t E) {
@@ -274,7 +311,7 @@ at::Tensor apply(const F& f, const at::Tensor& x, const at::Tensor& xk, int64_t 
   shape.back() = N;
   if (experts) shape = {x.size(0), experts->size(1), N};
   at::Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
-  run(f, plan(xk, out, experts, E), N, xk.size(1));
+  run(f, plan(xk, out, experts, E), N, x.size(-1));  // K: xk may be padded (int4)
   return out.to(x.scalar_type());
 }
 
@@ -307,16 +344,25 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return apply(f, x, rows_as(x, at::kFloat), N, experts, E);
 }
 
-// x as (M, K) fp32, each 128 columns reordered as the int4 kernel reads them: xp[128c + 16v + j] = x[128c + 8j + v].
+// x as (M, Kp) fp32, Kp = K rounded up to 128, each 128 columns reordered as the int4 kernels read them:
+// xp[128c + 16v + j] = x[128c + 8j + v], zero past K.
 at::Tensor permute_for_int4(const at::Tensor& x) {
   const at::Tensor x32 = rows_as(x, at::kFloat);
-  at::Tensor xp = at::empty_like(x32);
-  const float* src = x32.data_ptr<float>();
-  float* dst = xp.data_ptr<float>();
+  const int64_t M = x32.size(0), K = x32.size(1), chunks = (K + 127) / 128;
+  at::Tensor xp = at::empty({M, 128 * chunks}, x32.options());
   const __m512i stride8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
-  for (int64_t c = 0; c < x32.numel() / 128; ++c)
-    for (int v = 0; v < 8; ++v)
-      _mm512_storeu_ps(dst + 128 * c + 16 * v, _mm512_i32gather_ps(stride8, src + 128 * c + v, 4));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x32.data_ptr<float>() + m * K;
+    float* dst = xp.data_ptr<float>() + m * 128 * chunks;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int v = 0; v < 8; ++v) {
+        // lane j reads column 128c + 8j + v: the lanes below K - 128c - v, all of them in a whole chunk
+        const int64_t left = K - 128 * c - v, lanes = left <= 0 ? 0 : std::min<int64_t>(16, (left + 7) / 8);
+        const __mmask16 in = (__mmask16)((1u << lanes) - 1);
+        _mm512_storeu_ps(dst + 128 * c + 16 * v,
+                         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, stride8, src + 128 * c + v, 4));
+      }
+  }
   return xp;
 }
 
@@ -324,14 +370,20 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& experts) {
   const int64_t K = packed.size(-1) * 2, N = packed.size(-2), E = experts ? packed.size(0) : 1;
   check(x, packed, K, experts);
-  TORCH_CHECK(group_size > 0 && group_size % Int4::kCols == 0 && K % group_size == 0,
-              "group_size must be a multiple of 128 that divides K");
+  TORCH_CHECK(group_size > 0 && (group_size == 32 || group_size == 64 || group_size % Int4::kCols == 0) &&
+                  K % group_size == 0,
+              "group_size must be 32, 64 or a multiple of 128, and divide K");
   const int64_t G = K / group_size;
   TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
                   zeros.scalar_type() == at::kFloat && scales.is_contiguous() && zeros.is_contiguous() &&
                   scales.numel() == E * N * G && zeros.numel() == E * N * G,
               "int4 weights need uint8 packed and contiguous float32 scales and zeros (", experts ? "E, " : "",
               "N, K / group_size)");
+  if (group_size < Int4::kCols) {
+    const Int4Lanes f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
+                      group_size == 32 ? 2 : 3};
+    return apply(f, x, permute_for_int4(x), N, experts, E);
+  }
   const Int4 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
                uint32_t(group_size / Int4::kCols)};
   return apply(f, x, permute_for_int4(x), N, experts, E);

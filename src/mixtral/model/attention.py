@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..cache import KVCache
 from ..config import MixtralConfig
 from .linear import Linear
@@ -83,6 +84,8 @@ def eager_attention(q, k, v, mask, scale: float, dropout: float, training: bool)
 
 
 def sdpa_attention(q, k, v, mask, scale: float, dropout: float, training: bool):
+    if q.shape[2] <= kernels.MAX_ROWS and not (training and dropout > 0):  # decoding: sdpa's setup costs the most
+        return kernels.attention(q, k, v, mask, scale), None
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0,
         is_causal=mask is None and q.shape[2] > 1, scale=scale, enable_gqa=q.shape[1] != k.shape[1],

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MixtralConfig
-from ..kernels import expert_linear
+from ..kernels import expert_linear, linear
 
-# Up to this many tokens (decode, small batches) the experts run as matrix-vector products on the routed
-# experts' weights; above it, tokens are sorted by expert and each expert runs one matrix-matrix product.
-FEW_TOKENS = 16
+# Up to this many tokens (decode, batches, short prompts) the experts run in the kernels on the routed experts'
+# weights, each read once for its tokens; above it, tokens are sorted by expert and each expert runs one GEMM.
+FEW_TOKENS = 64
 
 ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -32,7 +32,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))  # (E, H)
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits_TE = F.linear(x_TH, self.weight)
+        logits_TE = linear(x_TH, self.weight)  # the decode kernel for few tokens, else F.linear
         probs_TE = F.softmax(logits_TE.float(), dim=-1)
         weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)

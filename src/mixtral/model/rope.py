@@ -21,6 +21,13 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self, device: torch.device | str) -> None:
         self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device=device)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # model.to(bf16) would round the frequencies: rebuild them in fp32 wherever the module went, so that a
+        # converted model and one loaded in that dtype compute the same positions.
+        super()._apply(fn, recurse)
+        self.reset_buffers(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, S, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, D)

@@ -1,4 +1,5 @@
-"""Weight-only quantization applied to a loaded model: `mixtral.quantize(model, "int8" | "int4")`.
+"""Weight-only quantization: `mixtral.quantize(model, "int8" | "int4")` on a loaded model, or while loading
+(`from_pretrained(..., quantization="int4")`, through LoadQuantizer), so that the float model never exists whole.
 
 Attention projections and expert weights are quantized; the router, norms, embeddings and LM head stay in
 floating point. The scheme is recorded in config.json ("quantization_config"), so save_pretrained /
@@ -13,9 +14,12 @@ from tqdm.auto import tqdm
 
 from ..model.attention import Attention
 from ..model.moe import Experts
-from .modules import SCHEMES, QuantizedExperts, QuantizedLinear
+from .modules import SCHEMES, QuantizedExperts, QuantizedLinear, _empty, _quantize
 
-__all__ = ["quantize", "QuantizedLinear", "QuantizedExperts", "SCHEMES"]
+__all__ = ["quantize", "QuantizedLinear", "QuantizedExperts", "SCHEMES", "LoadQuantizer", "load_quantizer"]
+
+# Rows of a weight quantized at once while loading: the float temporaries stay a few MB whatever the weight's size.
+_BLOCK_ELEMENTS = 1 << 18
 
 
 @torch.no_grad()
@@ -24,21 +28,14 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
     """Replace attention and expert weights with int8 (per output channel) or int4 (per group) versions, in place.
 
     int4's group_size=None picks 128 columns where every input width allows it (the AVX-512 int4 kernel's
-    unit), else 32 (llama.cpp's block; other sizes run a slower torch path). On a meta-device model this only
-    swaps in empty quantized modules, which loading then fills.
+    fastest unit: one lookup table per 128 columns), else 32 (llama.cpp's block; the kernels take 32, 64 and
+    multiples of 128, other sizes run a slower torch path). On a meta-device model this only swaps in empty
+    quantized modules, which loading then fills.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}: expected one of {SCHEMES}")
     config = model.config
     if config.extra.get("quantization_config"):
         raise ValueError(f"the model is already quantized ({config.extra['quantization_config']})")
-    widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size)
-    if group_size is None:
-        group_size = 128 if all(k % 128 == 0 for k in widths) else 32
-    if scheme == "int4":
-        for k in widths:
-            if k % group_size:
-                raise ValueError(f"int4 group_size={group_size} must divide every input width; {k} is not a multiple")
+    group_size = _group_size(config, scheme, group_size)
     modules = [m for m in model.modules() if isinstance(m, (Attention, Experts))]
     for module in tqdm(modules, desc=f"Quantizing to {scheme}", disable=not progress):
         if isinstance(module, Attention):
@@ -51,3 +48,88 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
     config.extra["quantization_config"] = {"quant_method": "mixtral", "scheme": scheme,
                                            **({"group_size": group_size} if scheme == "int4" else {})}
     return model
+
+
+def _group_size(config, scheme: str, group_size: int | None) -> int:
+    """The group size quantize() uses: checked, or picked for group_size=None (see quantize)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}: expected one of {SCHEMES}")
+    widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size)
+    if group_size is None:
+        group_size = 128 if all(k % 128 == 0 for k in widths) else 32
+    if scheme == "int4":
+        for k in widths:
+            if k % group_size:
+                raise ValueError(f"int4 group_size={group_size} must divide every input width; {k} is not a multiple")
+    return group_size
+
+
+def _parse(spec: str | dict) -> tuple[str, int | None]:
+    """(scheme, group_size) from "int8" | "int4" or {"scheme": "int4", "group_size": 32} (config.json's form too)."""
+    if isinstance(spec, str):
+        scheme, group_size = spec, None
+    elif isinstance(spec, dict):
+        unknown = set(spec) - {"scheme", "group_size", "quant_method"}
+        if unknown or "scheme" not in spec or spec.get("quant_method", "mixtral") != "mixtral":
+            raise ValueError(f"quantization={spec!r}: expected {{'scheme': one of {SCHEMES}, 'group_size': int}}")
+        scheme, group_size = spec["scheme"], spec.get("group_size")
+    else:
+        raise TypeError(f"quantization must be a scheme name or a dict, got {type(spec).__name__}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}: expected one of {SCHEMES}")
+    return scheme, group_size
+
+
+class LoadQuantizer:
+    """Quantizes weights as loading reads them: each float weight is quantized, then dropped, on arrival.
+
+    Made on a meta-device float model, whose quantized modules it swaps in empty (quantize()'s meta path);
+    `float_state` keeps the float model's names and shapes, which the checkpoint formats know how to read.
+    """
+
+    def __init__(self, model: nn.Module, scheme: str, group_size: int | None) -> None:
+        self.float_state = dict(model.state_dict(keep_vars=True))
+        quantize(model, scheme, group_size, progress=False)
+        self.scheme, self.group_size = scheme, _group_size(model.config, scheme, group_size)
+        self._prefix: dict[str, str] = {}  # float weight name -> the name prefix of the buffers that replace it
+        for name in self.float_state.keys() - model.state_dict().keys():
+            module_name = name.rpartition(".")[0]
+            # QuantizedLinear's buffers replace its "weight": q_proj.qweight; QuantizedExperts prefixes the
+            # weight's name: experts.gate_up_proj_qweight.
+            linear = isinstance(model.get_submodule(module_name), QuantizedLinear)
+            self._prefix[name] = f"{module_name}." if linear else f"{name}_"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._prefix
+
+    def empty(self, name: str, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+        """The unfilled buffers that replace weight `name` of this shape, by state-dict name."""
+        return {self._prefix[name] + part: t for part, t in _empty(shape, self.scheme, self.group_size, device).items()}
+
+    @torch.no_grad()
+    def quantize_into(self, out: dict[str, torch.Tensor], name: str, w: torch.Tensor, index: tuple = ()) -> None:
+        """Quantize w (..., N, K) into out[buffer][index] (out: empty(name, ...)), a block of rows at a time.
+
+        Both schemes quantize each row on its own, so this equals quantizing the whole weight at once, bit for bit.
+        out[buffer][index] must be a contiguous block of rows (the view below fails loudly otherwise)."""
+        w_MK = w.flatten(0, -2)  # M = all rows
+        dest_M = {key: t[index].view(-1, *t[index].shape[w.dim() - 1:]) for key, t in out.items()}  # (M,) or (M, X)
+        rows = max(1, _BLOCK_ELEMENTS // w.shape[-1])
+        for r in range(0, w_MK.shape[0], rows):
+            for part, t in _quantize(w_MK[r:r + rows], self.scheme, self.group_size).items():
+                dest_M[self._prefix[name] + part][r:r + rows].copy_(t)
+
+
+def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict | None) -> LoadQuantizer | None:
+    """Prepare a meta-device model for loading: swap in the empty quantized modules of the checkpoint's scheme
+    (`saved`, config.json's quantization_config), or of `requested`, returning the LoadQuantizer that then
+    quantizes each weight as it is read. A request that disagrees with the checkpoint's scheme is an error."""
+    want = None if requested is None else _parse(requested)
+    if saved:
+        have = (saved["scheme"], saved.get("group_size"))
+        if want is not None and (want[0] != have[0] or want[0] == "int4" and want[1] not in (None, have[1])):
+            raise ValueError(f"the checkpoint is already quantized ({saved}); it cannot be loaded with "
+                             f"quantization={requested!r} (leave quantization out, or ask for the same scheme)")
+        quantize(model, *have, progress=False)
+        return None
+    return None if want is None else LoadQuantizer(model, *want)
