@@ -238,3 +238,38 @@ def test_attention_many_queries_runs_sdpa():
     q, k, v = randn(1, 2, 20, 16), randn(1, 1, 20, 16, seed=1), randn(1, 1, 20, 16, seed=2)
     causal = torch.ones(20, 20, dtype=torch.bool).tril()
     assert_matches(kernels.attention(q, k, v, None, 0.25), _attention_reference(q, k, v, causal, 0.25))
+
+
+# ---- expert MLPs over sorted tokens --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_mlp_equals_the_loop(dtype):
+    """One expert per thread gives the same numbers as running the experts one by one with torch ops."""
+    counts = [5, 0, 17, 1, 9]  # an unused expert, uneven loads
+    x, gate_up, down = randn(32, 24, dtype=dtype), randn(5, 2 * 12, 24, dtype=dtype, seed=1), randn(5, 24, 12,
+                                                                                                   dtype=dtype, seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = kernels.expert_mlp(x, gate_up, down, counts)
+    finally:
+        torch.set_num_threads(before)
+    if not kernels.available():
+        assert y is None
+        return
+    starts = [sum(counts[:e]) for e in range(5)]
+    for e, (s, n) in enumerate(zip(starts, counts)):
+        gate, up = F.linear(x[s:s + n], gate_up[e]).chunk(2, dim=-1)
+        assert torch.equal(y[s:s + n], F.linear(F.silu(gate) * up, down[e]))
+    with pytest.raises(RuntimeError, match="sum to 31 but x has 32 rows"):
+        kernels.expert_mlp(x, gate_up, down, [5, 0, 16, 1, 9])
+
+
+def test_expert_mlp_under_inference_mode_with_parameters():
+    """Model weights are parameters (requires_grad) and inputs may be inference tensors: no graph is recorded."""
+    gate_up, down = torch.nn.Parameter(randn(2, 8, 6)), torch.nn.Parameter(randn(2, 6, 4, seed=1))
+    with torch.inference_mode():
+        x = randn(5, 6)
+        y = kernels.expert_mlp(x, gate_up, down, [2, 3])
+        if y is not None:
+            gate, up = F.linear(x[:2], gate_up[0]).chunk(2, dim=-1)
+            assert torch.equal(y[:2], F.linear(F.silu(gate) * up, down[0]))

@@ -52,7 +52,7 @@ def reference_moe(block: SparseMoeBlock, x_TH: torch.Tensor) -> tuple[torch.Tens
     return torch.stack(out), routes
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("tokens", [1, 5, 64, 200])  # 200: above FEW_TOKENS, the sorted dispatch
 @pytest.mark.parametrize("num_experts,top_k,intermediate", [(8, 2, 37), (4, 1, 37), (8, 3, 48), (4, 4, 16)])
 def test_moe_matches_reference_fp32(tokens, num_experts, top_k, intermediate, diff):
     block = make_block(num_experts, top_k, intermediate, seed=tokens)
@@ -84,7 +84,7 @@ def test_moe_batch_layout(diff):
 BF16_REL_TOL = 4 * torch.finfo(torch.bfloat16).eps
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("tokens", [1, 5, 64, 200])  # 200: above FEW_TOKENS, the sorted dispatch
 @pytest.mark.parametrize("num_experts,top_k", [(8, 2), (4, 3)])
 def test_moe_matches_reference_bf16(tokens, num_experts, top_k, diff):
     block = make_block(num_experts, top_k, 37, dtype=torch.bfloat16, seed=tokens)

@@ -30,7 +30,8 @@ MAX_ROWS = 64  # rows of x up to which the kernels beat F.linear here (benchmark
 FLOATS = (torch.float32, torch.bfloat16)
 
 __all__ = ["available", "linear", "expert_linear", "quantize_int8", "dequantize_int8", "linear_int8",
-           "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4", "attention"]
+           "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4", "attention",
+           "expert_mlp"]
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes the answer in rather than tracing the build
@@ -190,3 +191,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     return torch.ops.mixtral_kernels.attend(q, k, v, mask, scale, mask is None)
+
+
+# ---- expert MLPs over sorted tokens ------------------------------------------------------------------------------
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+    """SiLU-gated expert MLPs over x (N, H) sorted by expert, counts[e] rows each: gate_up (E, 2I, H), down (E, H, I)
+    -> (N, H), one expert per thread. None where the kernels do not apply (then run the experts one by one)."""
+    usable = (x.dtype in FLOATS and x.dtype == gate_up.dtype == down.dtype and x.is_cpu and gate_up.is_cpu
+              and down.is_cpu and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down))))
+    return torch.ops.mixtral_kernels.expert_mlp(x, gate_up, down, counts) if usable and available() else None

@@ -1,4 +1,4 @@
-"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp) for the running CPU, once per machine, source and
+"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp, experts.cpp) for the running CPU, once per machine, source and
 torch version.
 
 The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the instruction
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("matvec.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("matvec.cpp", "attention.cpp", "experts.cpp")]
 # /proc/cpuinfo flag -> compiler flag. The kernels need all of REQUIRED and use OPTIONAL where the CPU has it; the
 # build enables exactly the ones present, never -march=native.
 REQUIRED = {"avx2": "-mavx2", "fma": "-mfma", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw",

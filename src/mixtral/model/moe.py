@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MixtralConfig
-from ..kernels import expert_linear, linear
+from ..kernels import expert_linear, expert_mlp, linear
 
 # Up to this many tokens (decode, batches, short prompts) the experts run in the kernels on the routed experts'
 # weights, each read once for its tokens; above it, tokens are sorted by expert and each expert runs one GEMM.
@@ -59,6 +59,22 @@ class Experts(nn.Module):
         """Expert e's (N, K) weight `name`."""
         return getattr(self, name)[e]
 
+    def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each expert's MLP over its contiguous rows of x_NH (sorted by expert, counts[e] rows each)."""
+        if self.act is F.silu:  # the kernel runs whole experts on each thread (torch splits each GEMM instead)
+            y_NH = expert_mlp(x_NH, self.gate_up_proj, self.down_proj, counts)
+            if y_NH is not None:
+                return y_NH
+        return self.expert_loop(x_NH, counts)
+
+    def expert_loop(self, x_NH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.expert_mlp(e, x_NH[start:start + n]))
+                start += n
+        return torch.cat(outs)
+
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         gate_TI, up_TI = F.linear(x_TH, self.expert_weight("gate_up_proj", e, x_TH.dtype)).chunk(2, dim=-1)
         return F.linear(self.act(gate_TI) * up_TI, self.expert_weight("down_proj", e, x_TH.dtype))
@@ -84,12 +100,7 @@ class Experts(nn.Module):
         order_N = torch.argsort(flat_N, stable=True)
         counts = torch.bincount(flat_N, minlength=self.num_experts).tolist()  # one host sync per layer
         x_NH = x_TH[order_N // k]  # each token repeated once per expert it was routed to, grouped by expert
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.expert_mlp(e, x_NH[start:start + n]))
-                start += n
-        y_NH = torch.cat(outs) * weights_TK.reshape(-1)[order_N, None]  # fp32 product, as Transformers
+        y_NH = self.grouped_mlp(x_NH, counts) * weights_TK.reshape(-1)[order_N, None]  # fp32 product, as Transformers
         y_NH = y_NH.to(x_TH.dtype)
         y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
         return y_TKH.sum(dim=1)
