@@ -1,6 +1,6 @@
 """Decode at the memory-bandwidth limit: ours against Transformers and llama.cpp, on the bench config.
 
-    python benchmarks/bench.py [--quick] [--engines ours tf llama.cpp] [--dtypes fp32 bf16 int8 int4]
+    python benchmarks/bench.py [--quick] [--engines ours tf llama.cpp] [--dtypes fp32 bf16 int8 int4] [--no-compile]
                                [--repeats N] [--model-dir DIR] [--quant-base bf16|fp32]
 
 The checkpoint is built once in benchmarks/out/bench-model/ (GGUFs in its gguf/ folder): delete it to rebuild.
@@ -60,20 +60,23 @@ QUICK = Settings(prompt_len=16, new_tokens=8, prefill_len=64, batches=(8, 32), b
 class Variant:
     engine: str
     dtype: str
-    impl: str | None = None  # Transformers' experts_implementation; None = its default
+    impl: str | None = None  # ours: "compile" for generate(compile=True); TF: experts_implementation (None: default)
 
     @property
     def label(self) -> str:
-        return {"ours": "ours", "llama.cpp": "llama.cpp"}.get(self.engine) or f"TF {self.impl or 'default'}"
+        if self.engine == "ours":
+            return "ours compiled" if self.impl == "compile" else "ours"
+        return "llama.cpp" if self.engine == "llama.cpp" else f"TF {self.impl or 'default'}"
 
 
-def plan(engines: list[str], dtypes: list[str], have_quantize: bool, have_llama: bool) -> list[Variant]:
-    """Per dtype: ours, TF (default experts, eager), llama.cpp; the rounds repeat this order."""
+def plan(engines: list[str], dtypes: list[str], have_quantize: bool, have_llama: bool,
+         compiled: bool = True) -> list[Variant]:
+    """Per dtype: ours (eager, compiled), TF (default experts, eager), llama.cpp; the rounds repeat this order."""
     out = []
     for dtype in dtypes:
         quantized = dtype in ("int8", "int4")
         if "ours" in engines and (have_quantize or not quantized):
-            out.append(Variant("ours", dtype))
+            out += [Variant("ours", dtype)] + ([Variant("ours", dtype, "compile")] if compiled else [])
         if "tf" in engines and not quantized:
             out += [Variant("tf", dtype, None), Variant("tf", dtype, "eager")]
         if "llama.cpp" in engines and have_llama:
@@ -219,7 +222,7 @@ def torch_worker(v: Variant, model_dir: str, s: Settings) -> dict[str, Any]:
     def generate(ids: list[list[int]], n: int) -> list[int]:
         x = torch.tensor(ids)
         if v.engine == "ours":
-            y = model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None)
+            y = model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None, compile=v.impl == "compile")
         else:
             y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
                                min_new_tokens=n, pad_token_id=0)
@@ -409,7 +412,7 @@ def run_rounds(variants: list[Variant], spec: dict[str, Any], s: Settings) -> di
                                             "gguf": spec["ggufs"].get(v.dtype)})
             res["worker_s"], res["other_cores"] = time.perf_counter() - t0, other.cores
             status = res.get("error") or f"decode {C.fmt(res.get('decode_b1_tps'))} tok/s"
-            print(f"  round {r + 1}/{s.repeats}  {v.label:<12}{v.dtype:<6}{res['worker_s']:6.1f}s  others used "
+            print(f"  round {r + 1}/{s.repeats}  {v.label:<14}{v.dtype:<6}{res['worker_s']:6.1f}s  others used "
                   f"{other.cores:.2f} cores  {status}", flush=True)
             runs[v].append(res)
     return runs
@@ -444,6 +447,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, short prompts and generations")
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--no-compile", action="store_true", help="skip ours with generate(compile=True)")
     parser.add_argument("--dtypes", nargs="+", default=list(C.DTYPES), choices=C.DTYPES)
     parser.add_argument("--repeats", type=int, help="rounds (default 3; 1 with --quick)")
     parser.add_argument("--quant-base", choices=list(TORCH_DTYPES), default="bf16",
@@ -483,7 +487,7 @@ def main() -> None:
         notes += gguf_notes
     if "tf" in args.engines and ({"int8", "int4"} & set(args.dtypes)):
         notes.append("TF int8/int4: not measured (no built-in CPU weight-only quantization without extra packages)")
-    variants = plan(args.engines, args.dtypes, have_quantize, llama_version is not None)
+    variants = plan(args.engines, args.dtypes, have_quantize, llama_version is not None, not args.no_compile)
     variants = [v for v in variants if v.engine != "llama.cpp" or v.dtype in ggufs]
     if "llama.cpp" in args.engines and llama_version:
         notes.append("llama.cpp: batch 8/32 not measured (llama-cpp-python's API decodes one sequence)")

@@ -17,12 +17,17 @@ def _row(rows: list[dict], label: str, dtype: str) -> dict | None:
     return next((r for r in rows if r["label"] == label and r["dtype"] == dtype), None)
 
 
-def _tf_best(rows: list[dict], dtype: str, key: str) -> tuple[float | None, str]:
-    """The better of Transformers' two experts implementations for one measure."""
-    cands = [(r[key], r["label"]) for r in rows if r["engine"] == "tf" and r["dtype"] == dtype and r.get(key)]
+def _best(rows: list[dict], engine: str, dtype: str, key: str) -> tuple[float | None, str]:
+    """The better of an engine's variants for one measure (Transformers' two experts implementations; ours eager
+    and compiled), with its label."""
+    cands = [(r[key], r["label"]) for r in rows if r["engine"] == engine and r["dtype"] == dtype and r.get(key)]
     if not cands:
-        return None, "TF"
+        return None, engine
     return (min if key in LOWER_IS_BETTER else max)(cands)
+
+
+def _tf_best(rows: list[dict], dtype: str, key: str) -> tuple[float | None, str]:
+    return _best(rows, "tf", dtype, key)
 
 
 def _speedup(ours: float | None, theirs: float | None, key: str) -> float | None:
@@ -32,52 +37,59 @@ def _speedup(ours: float | None, theirs: float | None, key: str) -> float | None
     return theirs / ours if key in LOWER_IS_BETTER else ours / theirs
 
 
+OURS = ("ours", "ours compiled")
+
+
 def ratios(rows: list[dict], s: Any) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{"<ours label> <dtype>": {measure: {baseline: ours / baseline}}}."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for dtype in C.DTYPES:
-        ours = _row(rows, "ours", dtype)
-        if ours is None:
-            continue
-        out[dtype] = {}
-        for key, _ in MEASURES:
-            out[dtype][key] = {b: _speedup(ours.get(key), (_row(rows, b, dtype) or {}).get(key), key)
-                               for b in BASELINES}
+        for label in OURS:
+            ours = _row(rows, label, dtype)
+            if ours is None:
+                continue
+            out[f"{label} {dtype}"] = {key: {b: _speedup(ours.get(key), (_row(rows, b, dtype) or {}).get(key), key)
+                                             for b in BASELINES} for key, _ in MEASURES}
     return out
 
 
 def targets(rows: list[dict]) -> list[dict[str, Any]]:
-    """The issue's targets, each MET, NOT MET, or n/a with the reason."""
+    """The issue's targets, each MET, NOT MET, or n/a with the reason; ours is its faster variant (eager or
+    compiled) for each measure, named in brackets."""
     out = []
 
-    def add(name: str, value: float | None, goal: float, op: str = ">=") -> None:
+    def add(name: str, value: float | None, goal: float, op: str = ">=", which: str | None = None) -> None:
         met = value is not None and (value >= goal if op == ">=" else value <= goal)
-        out.append({"target": name, "value": value, "goal": goal, "op": op,
+        out.append({"target": name + (f" [{which}]" if which and value is not None else ""), "value": value,
+                    "goal": goal, "op": op,
                     "status": "n/a (not measured)" if value is None else "MET" if met else "NOT MET"})
 
+    def versus(dtype: str, key: str, theirs: float | None) -> tuple[float | None, str]:
+        ours, which = _best(rows, "ours", dtype, key)
+        return _speedup(ours, theirs, key), which
+
     for dtype in ("fp32", "bf16", "int8"):
-        ours, llama = _row(rows, "ours", dtype), _row(rows, "llama.cpp", dtype)
-        add(f"decode b1 {dtype}: ours / llama.cpp",
-            _speedup((ours or {}).get("decode_b1_tps"), (llama or {}).get("decode_b1_tps"), "decode_b1_tps"), 1.0)
+        llama = (_row(rows, "llama.cpp", dtype) or {}).get("decode_b1_tps")
+        ratio, which = versus(dtype, "decode_b1_tps", llama)
+        add(f"decode b1 {dtype}: ours / llama.cpp", ratio, 1.0, which=which)
     for dtype, goal in (("fp32", 2.0), ("bf16", 3.0)):
-        ours = _row(rows, "ours", dtype) or {}
-        add(f"decode b1 {dtype}: ours / best TF",
-            _speedup(ours.get("decode_b1_tps"), _tf_best(rows, dtype, "decode_b1_tps")[0], "decode_b1_tps"), goal)
-    ours = _row(rows, "ours", "bf16") or {}
-    pct = ours.get("decode_b1_roofline_pct")
-    add("decode b1 bf16: ours / roofline", None if pct is None else pct / 100, 0.85)
+        ratio, which = versus(dtype, "decode_b1_tps", _tf_best(rows, dtype, "decode_b1_tps")[0])
+        add(f"decode b1 {dtype}: ours / best TF", ratio, goal, which=which)
+    _, which = _best(rows, "ours", "bf16", "decode_b1_tps")
+    pct = (_row(rows, which, "bf16") or {}).get("decode_b1_roofline_pct")
+    add("decode b1 bf16: ours / roofline", None if pct is None else pct / 100, 0.85, which=which)
     for dtype in ("fp32", "bf16"):
-        ours = _row(rows, "ours", dtype) or {}
-        add(f"prefill {dtype}: ours / best TF",
-            _speedup(ours.get("prefill_tps"), _tf_best(rows, dtype, "prefill_tps")[0], "prefill_tps"), 1.2)
+        ratio, which = versus(dtype, "prefill_tps", _tf_best(rows, dtype, "prefill_tps")[0])
+        add(f"prefill {dtype}: ours / best TF", ratio, 1.2, which=which)
     for dtype in ("fp32", "bf16"):
-        ours = _row(rows, "ours", dtype) or {}
-        add(f"decode b32 {dtype}: ours / best TF",
-            _speedup(ours.get("decode_b32_tps"), _tf_best(rows, dtype, "decode_b32_tps")[0], "decode_b32_tps"), 3.0)
+        ratio, which = versus(dtype, "decode_b32_tps", _tf_best(rows, dtype, "decode_b32_tps")[0])
+        add(f"decode b32 {dtype}: ours / best TF", ratio, 3.0, which=which)
     for dtype in C.DTYPES:
-        ours = _row(rows, "ours", dtype)
-        if ours is not None:
-            r = ours.get("rss_over_weights_kv")
-            add(f"peak RSS decoding b1 {dtype}: ours / (weights + KV)", r, 1.15, "<=")
+        for label in OURS:
+            ours = _row(rows, label, dtype)
+            if ours is not None:
+                add(f"peak RSS decoding b1 {dtype}: {label} / (weights + KV)", ours.get("rss_over_weights_kv"), 1.15,
+                    "<=")
     return out
 
 
@@ -127,11 +139,11 @@ def render(rows: list[dict], check: dict, bw: dict, bw_end: dict, bandwidth: flo
 
     rat = ratios(rows, s)
     rtable = []
-    for dtype, by_key in rat.items():
+    for variant, by_key in rat.items():
         for key, name in MEASURES:
             vals = by_key[key]
             if any(v is not None for v in vals.values()):
-                rtable.append([f"{name} {dtype}", *(C.fmt(vals[b], 2) for b in BASELINES)])
+                rtable.append([f"{name}, {variant}", *(C.fmt(vals[b], 2) for b in BASELINES)])
     if rtable:
         parts.append("\nours against each baseline (> 1: ours faster, or less time / memory)")
         parts.append(C.format_table(["measure", *(f"vs {b}" for b in BASELINES)], rtable))
