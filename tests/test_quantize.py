@@ -215,3 +215,41 @@ def test_demo_model_perplexity_within_targets():
     assert ppl["bf16"] < 30  # real English for a real model
     assert ppl["int8"] <= 1.02 * ppl["bf16"]
     assert ppl["int4"] <= 1.10 * ppl["bf16"]
+
+
+# ---- the output layer -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_lm_head_keeps_8_bits(model, scheme, tmp_path):
+    """Untied, the LM head is stored in int8 per row whatever the scheme, recorded in the config, and reloads."""
+    assert not model.config.tie_word_embeddings
+    q = quantize(copy.deepcopy(model), scheme, group_size=32, progress=False)
+    assert isinstance(q.lm_head, QuantizedLinear) and q.lm_head.scheme == "int8"
+    assert q.config.extra["quantization_config"]["lm_head"] == "int8"
+    w = dequantize_int8(q.lm_head.qweight, q.lm_head.scale)
+    assert (w - model.lm_head.weight).abs().max() <= q.lm_head.scale.max() / 2 + 1e-7  # half a step per row
+    q.save_pretrained(tmp_path)
+    back = MixtralForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert isinstance(back.lm_head, QuantizedLinear) and back.lm_head.scheme == "int8"
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, back(ids).logits)
+
+
+def test_lm_head_left_in_float_when_asked_or_tied(model):
+    q = quantize(copy.deepcopy(model), "int8", progress=False, lm_head=False)
+    assert type(q.lm_head) is not QuantizedLinear and "lm_head" not in q.config.extra["quantization_config"]
+    tied = MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                            tie_word_embeddings=True))
+    q = quantize(tied, "int8", progress=False)
+    assert q.lm_head.weight is q.model.embed_tokens.weight
+
+
+def test_quantized_causal_checkpoint_loads_under_a_task_head(model, tmp_path):
+    """A task head on a quantized causal-LM checkpoint skips its (quantized) LM head, as it skips a float one."""
+    from mixtral import MixtralForSequenceClassification
+
+    quantize(copy.deepcopy(model), "int8", progress=False).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="newly initialised"):
+        clf = MixtralForSequenceClassification.from_pretrained(tmp_path, progress=False)
+    assert isinstance(clf.model.layers[0].mlp.experts, QuantizedExperts)

@@ -182,7 +182,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     missing = [p.key for k, r in recipes.items() if k not in fresh for p in r.parts if p.key not in source_keys]
     used = {p.key for k, r in recipes.items() if k not in fresh for p in r.parts}
     unexpected = [k for k in sorted(source_keys - used) if not _IGNORABLE.fullmatch(k)
-                  and not (k == "lm_head.weight" and (tied or cls is not MixtralForCausalLM))]
+                  and not (k.startswith("lm_head.") and (tied or cls is not MixtralForCausalLM))]
     if missing or unexpected:
         lines = [f"{folder} does not match {cls.__name__} with this config:"]
         if missing:

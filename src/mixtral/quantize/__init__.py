@@ -24,8 +24,12 @@ _BLOCK_ELEMENTS = 1 << 18
 
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = None,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, lm_head: bool = True) -> nn.Module:
     """Replace attention and expert weights with int8 (per output channel) or int4 (per group) versions, in place.
+
+    lm_head=True also stores the causal LM's output layer in int8 (per row), whatever the scheme: it is the largest
+    weight a token reads after the experts, and its errors go straight into the logits, so it keeps 8 bits (as
+    llama.cpp keeps 6-8 for its output layer). An output layer tied to the embeddings stays in floating point.
 
     int4's group_size=None picks 128 columns where every input width allows it (the AVX-512 int4 kernel's
     fastest unit: one lookup table per 128 columns), else 32 (llama.cpp's block; the kernels take 32, 64 and
@@ -45,8 +49,13 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
         experts = getattr(parent, "experts", None)
         if isinstance(experts, Experts) and not isinstance(experts, QuantizedExperts):
             parent.experts = QuantizedExperts(experts, scheme, group_size)
+    head = getattr(model, "lm_head", None)
+    quantize_head = lm_head and isinstance(head, nn.Linear) and not config.tie_word_embeddings
+    if quantize_head:
+        model.lm_head = QuantizedLinear(head, "int8", group_size)
     config.extra["quantization_config"] = {"quant_method": "mixtral", "scheme": scheme,
-                                           **({"group_size": group_size} if scheme == "int4" else {})}
+                                           **({"group_size": group_size} if scheme == "int4" else {}),
+                                           **({"lm_head": "int8"} if quantize_head else {})}
     return model
 
 
@@ -69,7 +78,7 @@ def _parse(spec: str | dict) -> tuple[str, int | None]:
     if isinstance(spec, str):
         scheme, group_size = spec, None
     elif isinstance(spec, dict):
-        unknown = set(spec) - {"scheme", "group_size", "quant_method"}
+        unknown = set(spec) - {"scheme", "group_size", "quant_method", "lm_head"}
         if unknown or "scheme" not in spec or spec.get("quant_method", "mixtral") != "mixtral":
             raise ValueError(f"quantization={spec!r}: expected {{'scheme': one of {SCHEMES}, 'group_size': int}}")
         scheme, group_size = spec["scheme"], spec.get("group_size")
@@ -90,21 +99,23 @@ class LoadQuantizer:
     def __init__(self, model: nn.Module, scheme: str, group_size: int | None) -> None:
         self.float_state = dict(model.state_dict(keep_vars=True))
         quantize(model, scheme, group_size, progress=False)
-        self.scheme, self.group_size = scheme, _group_size(model.config, scheme, group_size)
         self._prefix: dict[str, str] = {}  # float weight name -> the name prefix of the buffers that replace it
+        self._scheme: dict[str, tuple[str, int]] = {}  # float weight name -> (scheme, group size): the module's
         for name in self.float_state.keys() - model.state_dict().keys():
             module_name = name.rpartition(".")[0]
+            module = model.get_submodule(module_name)
             # QuantizedLinear's buffers replace its "weight": q_proj.qweight; QuantizedExperts prefixes the
             # weight's name: experts.gate_up_proj_qweight.
-            linear = isinstance(model.get_submodule(module_name), QuantizedLinear)
+            linear = isinstance(module, QuantizedLinear)
             self._prefix[name] = f"{module_name}." if linear else f"{name}_"
+            self._scheme[name] = module.scheme, module.group_size
 
     def __contains__(self, name: str) -> bool:
         return name in self._prefix
 
     def empty(self, name: str, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
         """The unfilled buffers that replace weight `name` of this shape, by state-dict name."""
-        return {self._prefix[name] + part: t for part, t in _empty(shape, self.scheme, self.group_size, device).items()}
+        return {self._prefix[name] + part: t for part, t in _empty(shape, *self._scheme[name], device).items()}
 
     @torch.no_grad()
     def quantize_into(self, out: dict[str, torch.Tensor], name: str, w: torch.Tensor, index: tuple = ()) -> None:
@@ -116,7 +127,7 @@ class LoadQuantizer:
         dest_M = {key: t[index].view(-1, *t[index].shape[w.dim() - 1:]) for key, t in out.items()}  # (M,) or (M, X)
         rows = max(1, _BLOCK_ELEMENTS // w.shape[-1])
         for r in range(0, w_MK.shape[0], rows):
-            for part, t in _quantize(w_MK[r:r + rows], self.scheme, self.group_size).items():
+            for part, t in _quantize(w_MK[r:r + rows], *self._scheme[name]).items():
                 dest_M[self._prefix[name] + part][r:r + rows].copy_(t)
 
 
@@ -130,6 +141,6 @@ def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict |
         if want is not None and (want[0] != have[0] or want[0] == "int4" and want[1] not in (None, have[1])):
             raise ValueError(f"the checkpoint is already quantized ({saved}); it cannot be loaded with "
                              f"quantization={requested!r} (leave quantization out, or ask for the same scheme)")
-        quantize(model, *have, progress=False)
+        quantize(model, *have, progress=False, lm_head=saved.get("lm_head") == "int8")
         return None
     return None if want is None else LoadQuantizer(model, *want)
