@@ -15,6 +15,7 @@ ratios to the baseline of the same run, and rerun when they look off.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ SHAPES = {"w13": (7168, 1024), "w2": (1024, 3584), "q": (1024, 1024), "kv": (256
 EXPERT_SHAPES = ("w13", "w2")
 EXPERTS, TOP_K = 8, 2
 WORKING_SET = 320 * 2**20  # bytes of distinct weights per measurement: well above the 32 MiB L3
-GROUP_SIZE = 128
+GROUP_SIZES = (128, 32)  # int4: the kernel's table-per-chunk unit, and llama.cpp's block (per-lane scales)
 GB = 1e9
 Weights = tuple[torch.Tensor, ...]
 
@@ -56,8 +57,8 @@ def random_int8(n: int, k: int) -> Weights:
     return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 127
 
 
-def random_int4(n: int, k: int) -> Weights:
-    g = k // GROUP_SIZE
+def random_int4(n: int, k: int, group_size: int) -> Weights:
+    g = k // group_size
     return torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.rand(n, g) / 15, -torch.rand(n, g)
 
 
@@ -90,9 +91,10 @@ FORMATS = [
            torch._weight_int8pack_mm, lambda w: w, "_weight_int8pack_mm"),
     Format("int8 x bf16", torch.bfloat16, random_int8, kernels.linear_int8, kernels.expert_linear_int8,
            torch._weight_int8pack_mm, lambda w: (w[0], w[1].bfloat16()), "_weight_int8pack_mm"),
-    Format(f"int4 g{GROUP_SIZE}", torch.float32, random_int4, kernels.linear_int4, kernels.expert_linear_int4,
-           lambda x, w, sz: torch._weight_int4pack_mm_for_cpu(x, w, GROUP_SIZE, sz), int4_for_torch,
-           "_weight_int4pack_mm_for_cpu"),
+    *(Format(f"int4 g{gs}", torch.float32, functools.partial(random_int4, group_size=gs), kernels.linear_int4,
+             kernels.expert_linear_int4,
+             functools.partial(lambda x, w, sz, gs: torch._weight_int4pack_mm_for_cpu(x, w, gs, sz), gs=gs),
+             int4_for_torch, "_weight_int4pack_mm_for_cpu") for gs in GROUP_SIZES),
 ]
 
 

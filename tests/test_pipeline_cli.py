@@ -81,6 +81,19 @@ def test_cli_generate_streams_continuation_to_stdout(folder, loaded, capsys):
     assert capsys.readouterr().out == out.out
 
 
+def test_cli_compile_flag_reaches_generate(folder, monkeypatch, capsys):
+    """--compile asks generate() for the compiled decode step (tested itself in test_generate.py)."""
+    import mixtral
+
+    seen = []
+    real = mixtral.MixtralForCausalLM.generate
+    monkeypatch.setattr(mixtral.MixtralForCausalLM, "generate",
+                        lambda self, *a, **kw: seen.append(kw.get("compile")) or real(self, *a, **kw))
+    assert main(["generate", "Hello", "--model", folder, "--max-new-tokens", "2", "--compile"]) == 0
+    assert main(["generate", "Hello", "--model", folder, "--max-new-tokens", "2"]) == 0
+    assert seen == [True, None]
+
+
 def test_cli_sampling_seed_reproducible(folder, capsys):
     args = ["generate", "Hello", "--model", folder, "--max-new-tokens", "6", "--do-sample", "--seed", "3",
             "--temperature", "1.3"]

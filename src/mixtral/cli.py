@@ -17,7 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, ...")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization after loading (attention and expert weights)")
+                   help="weight-only quantization while loading (attention and expert weights, and an untied LM head in "
+                        "int8)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -29,13 +30,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: faster decoding after a one-off compile "
+                        "(about 30 s on 2 cores the first time, seconds from inductor's cache after)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only what the user set: the rest comes from the checkpoint's generation_config.json."""
     given = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                 seed=args.seed)
+                 seed=args.seed, compile=args.compile or None)
     return {k: v for k, v in given.items() if v is not None}
 
 
