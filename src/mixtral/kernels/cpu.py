@@ -1,5 +1,5 @@
-"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp, experts.cpp) for the running CPU, once per machine, source and
-torch version.
+"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp, experts.cpp) for the running CPU, once per machine,
+source and torch version.
 
 The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the instruction
 sets it was compiled for and a hash of the source, flags and torch version: a cache shared between machines or
@@ -131,3 +131,5 @@ def _register_fakes() -> None:
         return q.new_empty(b, s, nh, d).transpose(1, 2)
 
     torch.library.register_fake("mixtral_kernels::attend", attend)
+    torch.library.register_fake("mixtral_kernels::expert_mlp",
+                                lambda x, gate_up, down, counts: x.new_empty(x.shape[0], down.shape[1]))
