@@ -13,6 +13,7 @@ from .. import kernels
 from ..model.moe import Experts
 
 SCHEMES = ("int8", "int4")
+PARTS = {"int8": ("qweight", "scale"), "int4": ("packed", "scales", "zeros")}  # the buffers of each scheme
 
 
 def _quantize(w: torch.Tensor, scheme: str, group_size: int) -> dict[str, torch.Tensor]:
@@ -67,8 +68,7 @@ class QuantizedLinear(nn.Module):
         self.bias = linear.bias
 
     def quantized(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in ("qweight", "scale", "packed", "scales", "zeros")
-                if hasattr(self, name)}
+        return {name: self._buffers[name] for name in PARTS[self.scheme]}  # direct lookups: this runs every call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _linear(self.scheme, x, self.quantized())
@@ -93,8 +93,7 @@ class QuantizedExperts(Experts):
                 self.register_buffer(f"{name}_{part}", t)  # e.g. gate_up_proj_qweight (E, 2I, H)
 
     def _parts(self, name: str) -> dict[str, torch.Tensor]:
-        prefix = f"{name}_"
-        return {k[len(prefix):]: b for k, b in self.named_buffers() if k.startswith(prefix)}
+        return {part: self._buffers[f"{name}_{part}"] for part in PARTS[self.scheme]}
 
     def routed_linear(self, name: str, x_TK: torch.Tensor, experts_TJ: torch.Tensor) -> torch.Tensor:
         return _routed(self.scheme, x_TK, self._parts(name), experts_TJ)
