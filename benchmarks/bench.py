@@ -351,8 +351,9 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the parent -------------------------------------------------------------------------------------------
 def ensure_ggufs(model_dir: str, dtypes: list[str]) -> tuple[dict[str, str], list[str]]:
-    """GGUFs beside the checkpoint: f32/bf16/q8_0 from `mixtral convert`; q4_0 (which our writer lacks) from
-    the f32 file by llama.cpp's own quantizer, all tensors Q4_0 (pure) but the norms and router."""
+    """GGUFs beside the checkpoint: f32/bf16/q8_0 from `mixtral convert`; q4_0 from the f32 file by llama.cpp's
+    own quantizer, all tensors Q4_0 (pure) but the norms and router (our writer's q4_0 keeps the output layer at
+    Q8_0, which would slow llama.cpp's side of the comparison)."""
     folder, notes = os.path.join(model_dir, "gguf"), []
     os.makedirs(folder, exist_ok=True)
     paths = {}

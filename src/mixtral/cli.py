@@ -142,7 +142,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .model import MixtralForCausalLM
 
     to = args.to or ("gguf" if args.dst.endswith(".gguf") else "hub")
-    gguf_types = ("f32", "f16", "bf16", "q8_0")
+    gguf_types = ("f32", "f16", "bf16", "q8_0", "q4_0")
     if to == "gguf":
         gtype = (args.dtype or "f32").lower().replace("float32", "f32").replace("float16", "f16").replace(
             "bfloat16", "bf16")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("hub", "mistral", "gguf"), default=None,
                    help="output format (default: gguf for a .gguf destination, else hub)")
     p.add_argument("--dtype", default=None,
-                   help="hub/mistral: float32, bfloat16, float16 (default: keep); gguf: f32, f16, bf16, q8_0")
+                   help="hub/mistral: float32, bfloat16, float16 (default: keep); gguf: f32, f16, bf16, q8_0, q4_0")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)
     return parser

@@ -237,7 +237,8 @@ def open_gguf(path: str, progress: bool = True, **config_overrides: Any) -> tupl
 
 # ---- writing -------------------------------------------------------------------------------------------------
 _WRITE_TYPES = {"f32": (QT.F32, gguf.LlamaFileType.ALL_F32), "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
-                "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+                "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+                "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
 
 
 def _gguf_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -274,15 +275,17 @@ def _encode(w: torch.Tensor, kind: QT) -> np.ndarray:
         return a
     if kind == QT.F16:
         return a.astype(np.float16)
-    return gguf.quants.quantize(a, kind)  # BF16 (round to nearest even) or Q8_0 blocks, as uint8
+    return gguf.quants.quantize(a, kind)  # BF16 (round to nearest even), Q8_0 or Q4_0 blocks, as uint8
 
 
 def save_gguf(model: torch.nn.Module, path: str | os.PathLike, dtype: str = "f32",
               tokenizer_data: dict | None = None, progress: bool = True) -> None:
     """Write a MixtralForCausalLM as a llama.cpp GGUF (arch "llama", stacked experts), tensor by tensor.
 
-    dtype: f32 | f16 | bf16 | q8_0 for the matrices; norms and the router stay F32 (as llama.cpp's converter
-    does). tokenizer_data: read_gguf_tokenizer's dict, stored as tokenizer.* metadata.
+    dtype: f32 | f16 | bf16 | q8_0 | q4_0 for the matrices; norms and the router stay F32 (as llama.cpp's converter
+    does), and with q4_0 an untied output layer keeps Q8_0 (its errors go straight into the logits; llama.cpp's
+    quantizer keeps it at 6 bits, mixtral.quantize at 8). tokenizer_data: read_gguf_tokenizer's dict, stored as
+    tokenizer.* metadata.
     """
     path = os.fspath(path)
     if dtype not in _WRITE_TYPES:
@@ -294,12 +297,12 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike, dtype: str = "f32
         warnings.warn(f"GGUF (arch llama) has no sliding window: llama.cpp will attend to the whole context, "
                       f"not the last {cfg.sliding_window} tokens", stacklevel=2)
 
-    def tensor_type(w: torch.Tensor, keep_f32: bool) -> QT:
+    def tensor_type(name: str, w: torch.Tensor, keep_f32: bool) -> QT:
         if keep_f32:
             return QT.F32
-        if kind == QT.Q8_0 and w.shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0]:
+        if kind in (QT.Q8_0, QT.Q4_0) and w.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
             return QT.F16  # rows must be whole 32-value blocks; llama.cpp's converter falls back the same way
-        return kind
+        return QT.Q8_0 if kind == QT.Q4_0 and name == "output.weight" else kind
 
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("mixtral" if cfg.num_local_experts > 1 else "llama")
@@ -331,7 +334,7 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike, dtype: str = "f32
 
     # Tensor infos first, then the data one tensor at a time: the file never sits in memory whole.
     items = list(_gguf_items(model))
-    types = [tensor_type(w, keep) for _, w, keep in items]
+    types = [tensor_type(name, w, keep) for name, w, keep in items]
     for (name, w, _), t in zip(items, types):
         block, size = gguf.GGML_QUANT_SIZES[t]
         writer.add_tensor_info(name, tuple(w.shape), np.dtype(np.float32), w.numel() // block * size, raw_dtype=t)
