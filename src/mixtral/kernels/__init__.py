@@ -99,9 +99,22 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return qweight.to(torch.int8), scale
 
 
+def _by_row_blocks(shape: torch.Size, dtype: torch.dtype, device: torch.device,
+                   block: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """An (..., N, K) tensor filled a block of rows at a time by block(rows) (fp32 math): the fp32 temporaries
+    stay ~1 MB, where a whole expert's would be hundreds of MB that the C heap then keeps (RSS)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    step = max(1, (1 << 18) // max(1, shape[-1]))
+    for r in range(0, shape[-2], step):
+        rows = slice(r, r + step)
+        out[..., rows, :] = block(rows)
+    return out
+
+
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """qweight * scale: (..., N, K) weights in `dtype`."""
-    return (qweight.float() * scale.unsqueeze(-1)).to(dtype)
+    return _by_row_blocks(qweight.shape, dtype, qweight.device,
+                          lambda rows: qweight[..., rows, :].float() * scale[..., rows, None])
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -140,9 +153,13 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor,
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q * scales + zeros per group: (..., N, K) weights in `dtype`."""
-    q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # (..., N, K), column order
-    q_NGS = q.unflatten(-1, (scales.shape[-1], -1)).float()
-    return (q_NGS * scales.unsqueeze(-1) + zeros.unsqueeze(-1)).flatten(-2).to(dtype)
+    def block(rows: slice) -> torch.Tensor:
+        p = packed[..., rows, :]
+        q = torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)  # (..., n, K), column order
+        q_nGS = q.unflatten(-1, (scales.shape[-1], -1)).float()
+        return (q_nGS * scales[..., rows, :, None] + zeros[..., rows, :, None]).flatten(-2)
+
+    return _by_row_blocks((*packed.shape[:-1], packed.shape[-1] * 2), dtype, packed.device, block)
 
 
 def _int4_group_size(packed: torch.Tensor, scales: torch.Tensor) -> int | None:
