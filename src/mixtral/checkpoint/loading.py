@@ -196,8 +196,10 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     state: dict[str, torch.Tensor] = {}
     todo = [k for k in own if k not in fresh]
     name_of = {k: k.removeprefix("model.") if cls is MixtralModel else k for k in todo}
-    if quantizer:  # float weights first, so that their file pages come and go before the quantized ones pile up
-        todo.sort(key=lambda k: name_of[k] in quantizer)
+    if quantizer:  # float weights first, so that their file pages come and go before the quantized ones pile up;
+        # then the quantized ones by size, largest first, so that an untied LM head (read whole: its float copy is the
+        # largest transient) comes before most quantized weights exist (int4 bench model: peak 1.43x -> 1.14x)
+        todo.sort(key=lambda k: (name_of[k] in quantizer, -own[k].numel() if name_of[k] in quantizer else 0))
     # Unmap each safetensors shard once its last tensor is copied, so that about one shard stays resident at a time;
     # when quantizing, after every weight, as a shard's float pages would outweigh the quantized model.
     last_use = {file: key for key in todo for file in _files(recipes[key], source)}
