@@ -53,7 +53,6 @@ def test_greedy_equals_transformers_batched_and_alone(tmp_path, sliding_window):
         assert torch.equal(theirs_alone, alone)
 
 
-
 def _compile_failures(record) -> list[str]:
     return [str(w.message) for w in record if "torch.compile of the decode step failed" in str(w.message)]
 
@@ -89,6 +88,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
         mine = ours.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None, compile=True)
     assert _compile_failures(record) and "no C++ compiler" in _compile_failures(record)[0]
     assert torch.equal(eager, mine)
+
 
 def test_eos_stops_and_pads_like_transformers(tmp_path):
     tm, ours = _pair(tmp_path)

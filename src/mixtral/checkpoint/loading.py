@@ -202,7 +202,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         todo.sort(key=lambda k: (name_of[k] in quantizer, -own[k].numel() if name_of[k] in quantizer else 0))
     # Unmap each safetensors shard once its last tensor is copied, so that about one shard stays resident at a time;
     # when quantizing, after every weight, as a shard's float pages would outweigh the quantized model.
-    last_use = {file: key for key in todo for file in _files(recipes[key], source)}
+    last_use = {} if quantizer else {file: key for key in todo for file in _files(recipes[key], source)}
     bar = tqdm(todo, desc=f"Loading {len(source.files)} shards", disable=not progress or len(source.files) <= 1)
     for key in bar:
         param, name = own[key], name_of[key]

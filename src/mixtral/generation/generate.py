@@ -98,8 +98,8 @@ def generate_tokens(
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     slots = p + max_new_tokens
     if compile:  # one compiled step for every length in the bucket, not one per (prompt + output) length
-        slots = min(-(-slots // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET,
-                    max(slots, model.config.max_position_embeddings))
+        rounded = -(-slots // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET
+        slots = max(slots, min(rounded, model.config.max_position_embeddings))  # capped at the context
     cache = StaticCache.for_model(model, b, slots)
     kv_mask = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
     kv_mask[:, :p] = attention_mask.bool()

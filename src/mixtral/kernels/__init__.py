@@ -40,6 +40,11 @@ def available() -> bool:
     return cpu.extension() is not None
 
 
+def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
+    """All on CPU, with no gradient to record through them: what every compiled op needs (they have no backward)."""
+    return all(t.is_cpu for t in tensors) and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _kernels(x: torch.Tensor, *weights: torch.Tensor, experts: torch.Tensor | None = None) -> Any | None:
     """The compiled ops if they take these inputs (CPU, no grad, few rows, contiguous weights), else None.
 
@@ -47,13 +52,11 @@ def _kernels(x: torch.Tensor, *weights: torch.Tensor, experts: torch.Tensor | No
     average (x rows * experts per row <= MAX_ROWS * E): each routed expert's weights are read once for its rows."""
     # Attribute checks only: this runs on every call, where a torch op costs microseconds.
     rows = MAX_ROWS if experts is None else MAX_ROWS * weights[0].shape[0] // max(1, experts.shape[-1])
-    if x.dtype not in FLOATS or not x.is_cpu or not 0 < x.numel() <= rows * x.shape[-1]:
+    if x.dtype not in FLOATS or not 0 < x.numel() <= rows * x.shape[-1]:
         return None
     if experts is not None:
         weights = (*weights, experts)
-    if not all(w.is_cpu and w.is_contiguous() for w in weights):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+    if not all(w.is_contiguous() for w in weights) or not _inference_on_cpu(x, *weights):
         return None
     return torch.ops.mixtral_kernels if available() else None
 
@@ -198,8 +201,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """
     qkv = (q, k, v)
     usable = (q.shape[2] <= MAX_ROWS and q.dtype in FLOATS and q.dtype == k.dtype == v.dtype
-              and all(t.is_cpu and t.stride(-1) == 1 for t in qkv) and (mask is None or mask.dtype == torch.bool)
-              and not (torch.is_grad_enabled() and any(t.requires_grad for t in qkv)))
+              and all(t.stride(-1) == 1 for t in qkv) and (mask is None or mask.dtype == torch.bool)
+              and _inference_on_cpu(*qkv))
     if not usable or not available():
         causal = mask is None and q.shape[2] > 1
         if causal and k.shape[2] != q.shape[2]:  # sdpa's is_causal aligns top-left; ours bottom-right
@@ -214,6 +217,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
     """SiLU-gated expert MLPs over x (N, H) sorted by expert, counts[e] rows each: gate_up (E, 2I, H), down (E, H, I)
     -> (N, H), one expert per thread. None where the kernels do not apply (then run the experts one by one)."""
-    usable = (x.dtype in FLOATS and x.dtype == gate_up.dtype == down.dtype and x.is_cpu and gate_up.is_cpu
-              and down.is_cpu and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down))))
+    usable = x.dtype in FLOATS and x.dtype == gate_up.dtype == down.dtype and _inference_on_cpu(x, gate_up, down)
     return torch.ops.mixtral_kernels.expert_mlp(x, gate_up, down, counts) if usable and available() else None

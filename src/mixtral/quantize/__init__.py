@@ -1,8 +1,8 @@
 """Weight-only quantization: `mixtral.quantize(model, "int8" | "int4")` on a loaded model, or while loading
 (`from_pretrained(..., quantization="int4")`, through LoadQuantizer), so that the float model never exists whole.
 
-Attention projections and expert weights are quantized; the router, norms, embeddings and LM head stay in
-floating point. The scheme is recorded in config.json ("quantization_config"), so save_pretrained /
+Attention projections and expert weights are quantized, and an untied LM head in int8; the router, norms and
+embeddings stay in floating point. The scheme is recorded in config.json ("quantization_config"), so save_pretrained /
 from_pretrained round-trip a quantized model.
 """
 
