@@ -74,6 +74,32 @@ def test_compiled_decoding_equals_transformers(tmp_path):
     assert torch.equal(shorter, mine[:, :ids.shape[1] + 5])
 
 
+def test_compiled_step_follows_changes_to_the_model(tmp_path):
+    """The compiled step skips dynamo's guards on modules and parameters: a model cast or quantized after it
+    compiled, and a second model in the same process, each get a step of their own, equal to eager decoding."""
+    from mixtral import quantize
+
+    _, ours = _pair(tmp_path)
+    _, other = _pair(tmp_path, hidden_act="gelu")  # same shapes and types; a different activation in the config
+    ids, mask = _batch()
+
+    def both(model):
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+        return eager, model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        runs = {"fp32": both(ours), "other model": both(other)}
+        ours.to(torch.bfloat16)
+        runs["cast to bf16"] = both(ours)
+        quantize(ours.float(), "int8")
+        runs["quantized"] = both(ours)
+    assert not _compile_failures(record)
+    for name, (eager, compiled) in runs.items():
+        assert torch.equal(eager, compiled), name
+    assert not torch.equal(runs["fp32"][0], runs["other model"][0])  # the two models do differ
+
+
 def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     _, ours = _pair(tmp_path)
     ids, mask = _batch()

@@ -47,9 +47,11 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
 
 
 # ---- fp32 / bf16 ---------------------------------------------------------------------------------------------
+# m: bf16 streams one weight row at a time for up to 2 rows of x, on rows of up to 4 KiB ((6, 2080) has longer ones);
+# 65 is above MAX_ROWS, F.linear's path. n, k: K % 32 == 0 and tails, and N under a tile's 4 rows.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16, 64, 65])  # 65: above MAX_ROWS, F.linear's path
-@pytest.mark.parametrize("n, k", [(37, 1024), (37, 77), (5, 32), (3, 1)])  # K % 32 == 0 and tails; N < 4 rows
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 64, 65])
+@pytest.mark.parametrize("n, k", [(37, 1024), (37, 77), (5, 32), (3, 1), (6, 2080)])
 def test_linear(dtype, m, n, k):
     x, w = randn(m, k, dtype=dtype, seed=1), randn(n, k, dtype=dtype, seed=2)
     y = kernels.linear(x, w)
@@ -80,16 +82,17 @@ def test_expert_linear(dtype, t):
     assert_matches(y, torch.einsum("tk,tjnk->tjn", x.float(), w.float()[experts]))
 
 
-def test_two_threads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_threads(dtype):
     """Output rows split between threads (the tests otherwise run on one), with rows left over from the tiles."""
-    x, w = randn(2, 256), randn(1001, 256, seed=1)
+    x, w = randn(2, 256, dtype=dtype), randn(1001, 256, dtype=dtype, seed=1)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         y = kernels.linear(x, w)
     finally:
         torch.set_num_threads(before)
-    assert_matches(y, F.linear(x, w))
+    assert_matches(y, F.linear(x.float(), w.float()))
 
 
 # ---- int8 ----------------------------------------------------------------------------------------------------

@@ -46,23 +46,44 @@ def forward_last(model: Any, ids: torch.Tensor, position_ids: torch.Tensor, cach
 COMPILED_CACHE_BUCKET = 256
 
 
+def _signature(model: Any) -> tuple:
+    """What the compiled step assumes about the model: its modules' types and train/eval modes, every tensor's
+    dtype, shape, stride and device, and the config. Dynamo's own guards on these are skipped (they cost ~0.3 ms
+    a decode step); this is checked once per generate() call instead."""
+    modules = tuple((type(m), m.training) for m in model.modules())
+    tensors = tuple((t.dtype, t.shape, t.stride(), t.device, t.requires_grad)
+                    for t in (*model.parameters(), *model.buffers()))
+    return modules, tensors, repr(sorted(vars(model.config).items()))
+
+
 def compiled_forward_last(model: Any):
-    """forward_last compiled with inductor (once per model); if compiling fails, a warning and eager forward_last.
+    """forward_last compiled with inductor (once per model state); if compiling fails, a warning and eager
+    forward_last.
 
     The C++ wrapper (cpp_wrapper) calls the step's kernels from generated C++ rather than Python: on CPU, where
-    a decode step is a few hundred small calls, that is about 1 ms of the step's Python overhead gone."""
-    fn = getattr(model, "_compiled_forward_last", None)
-    if fn is None:
-        compiled = torch.compile(forward_last, dynamic=False, options={"cpp_wrapper": True})
+    a decode step is a few hundred small calls, that is about 1 ms of the step's Python overhead gone. Guards on
+    the model's modules and parameters are skipped for another 0.3 ms: a model changed since (quantized, cast,
+    its config edited) gets a new compiled step, by _signature, rather than a stale one."""
+    signature = _signature(model)
+    cached = getattr(model, "_compiled_forward_last", None)
+    if cached is not None and cached[0] in (signature, None):  # None: compiling failed, eager for good
+        return cached[1]
+    # isolate_recompiles: this model state's compiled steps are its own, never those of another torch.compile
+    # call of forward_last, whose skipped guards could not tell the models apart
+    compiled = torch.compile(forward_last, dynamic=False, isolate_recompiles=True, options={
+        "cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-        def fn(*args: Any) -> torch.Tensor:
-            try:
-                return compiled(*args)
-            except Exception as e:  # inductor needs a C++ toolchain and may not support every op
-                warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {e}",
-                              stacklevel=2)
-                model._compiled_forward_last = forward_last
-                return forward_last(*args)
+    def fn(*args: Any) -> torch.Tensor:
+        cached = model._compiled_forward_last
+        if cached[0] is None:  # compiling failed earlier in this generation
+            return forward_last(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # inductor needs a C++ toolchain and may not support every op
+            warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {e}",
+                          stacklevel=2)
+            model._compiled_forward_last = (None, forward_last)
+            return forward_last(*args)
 
-        model._compiled_forward_last = fn
+    model._compiled_forward_last = (signature, fn)
     return fn
