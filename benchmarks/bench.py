@@ -10,7 +10,8 @@ its own peak RSS; the rounds alternate the engines (ours, TF, llama.cpp, ours, T
 median over the rounds. 2 threads everywhere. Each shape runs once untimed first. Measured, all greedy with no
 early stop:
 - TTFT: generate 1 token from a 16-token prompt; decode tok/s at batch 1 = 64 / (time to generate 65 - TTFT);
-- prefill tok/s: a 512-token prompt, 1 new token (the LM head runs on the last position only, in all engines);
+- prefill tok/s: a 512-token prompt, 1 new token (the LM head runs on the last position only, in all engines), the
+  fastest of 3 runs in each round (one run of about a second varied by +-20% between rounds);
 - batched decode tok/s at batch 8 and 32 (llama.cpp: not measured): B * M / (time for 1 + M tokens - time for 1);
 - load time; peak RSS while generating, above the RSS after importing the engine (so import costs cancel out).
 The roofline is the machine's read bandwidth (summing a 1 GiB array) over the weight bytes one token reads.
@@ -38,6 +39,7 @@ SCRIPT = os.path.abspath(__file__)
 ENGINES = ("ours", "tf", "llama.cpp")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+PREFILL_RUNS = 3  # per round, the fastest counts
 LLAMA_CTX = 1024
 SLOW_TPS = 3.0  # an engine decoding slower than this at batch 1 skips the batched measurements
 
@@ -118,7 +120,7 @@ def _measure(model_generate, s: Settings, vocab: int, phase_peak) -> dict[str, A
         ids = prompt_ids(1, s.prefill_len, vocab, 1)
         with phase_peak("peak_rss_prefill"):
             model_generate(ids, 1)
-            t, _ = C.timed(lambda: model_generate(ids, 1))
+            t = min(C.timed(lambda: model_generate(ids, 1))[0] for _ in range(PREFILL_RUNS))
         return {"prefill_tps": s.prefill_len / t}
 
     def batched(b: int):
