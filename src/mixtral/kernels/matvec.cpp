@@ -47,7 +47,7 @@ inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull
 
 struct Rows {
   static constexpr bool kPaddedX = false;  // x rows padded to whole chunks (int4's permuted x), else cut at K
-  static constexpr bool kOneRow = false;   // R = 1 for a few rows of x (kPrefetchOneRow)
+  static constexpr bool kOneRow = false;   // one weight row a tile for 1-2 rows of x: see kPrefetchOneRow
   const uint8_t* base;
   int64_t row_bytes;
   const uint8_t* row(int64_t n) const { return base + n * row_bytes; }
