@@ -160,13 +160,14 @@ def test_linear_int4(dtype, m, k, group_size):
     assert_matches(y, F.linear(x.float(), kernels.dequantize_int4(packed, scales, zeros)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 x: the VDPBF16PS kernel, any group size
 @pytest.mark.parametrize("t", [1, 5, 64])
-@pytest.mark.parametrize("k, group_size", [(256, 128), (320, 32), (192, 64)])
-def test_expert_linear_int4(t, k, group_size):
-    x, experts = randn(t, k), routing(t)
+@pytest.mark.parametrize("k, group_size", [(256, 128), (320, 32), (192, 64), (512, 256)])
+def test_expert_linear_int4(dtype, t, k, group_size):
+    x, experts = randn(t, k, dtype=dtype), routing(t)
     packed, scales, zeros = kernels.quantize_int4(randn(8, 33, k, seed=1), group_size)
     y = kernels.expert_linear_int4(x, packed, scales, zeros, experts)
-    ref = torch.einsum("tk,tjnk->tjn", x, kernels.dequantize_int4(packed, scales, zeros)[experts])
+    ref = torch.einsum("tk,tjnk->tjn", x.float(), kernels.dequantize_int4(packed, scales, zeros)[experts])
     assert_matches(y, ref)
 
 

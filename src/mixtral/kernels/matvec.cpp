@@ -5,7 +5,8 @@
 // Shapes: M rows of x, K inputs, N outputs, E experts, T tokens, Kt experts per token, G = K / group_size.
 //
 // Every format reads a weight row as 64-byte chunks (16 fp32, 32 bf16, 64 int8 or 128 int4 columns) and widens
-// each chunk to V vectors of 16 fp32 weights in registers, to multiply with V vectors of x. A tile computes R
+// each chunk to V vectors of 16 fp32 weights in registers, to multiply with V vectors of x; with AVX512_BF16 and bf16
+// x, bf16 and int4 weights go to VDPBF16PS as bf16 pairs instead (Bf16Dot, Int4Bf16). A tile computes R
 // output rows for up to 4 rows of x with 4 x R fp32 accumulators, streaming its R weight rows once; more rows of x
 // re-run the tile on the same weight rows, which then come from L1/L2 rather than memory. Output rows are split
 // between threads with at::parallel_for (torch's OpenMP pool), each streaming a contiguous range.
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -48,6 +50,7 @@ inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull
 struct Rows {
   static constexpr bool kPaddedX = false;  // x rows padded to whole chunks (int4's permuted x), else cut at K
   static constexpr bool kOneRow = false;   // one weight row a tile for 1-2 rows of x: see kPrefetchOneRow
+  static constexpr bool kWholeChunk = false;  // unpack() and dot() per chunk instead of weights() and madd()
   const uint8_t* base;
   int64_t row_bytes;
   const uint8_t* row(int64_t n) const { return base + n * row_bytes; }
@@ -161,6 +164,64 @@ struct Int4Lanes : Rows {
   }
 };
 
+#ifdef __AVX512BF16__
+// int4 codes times bf16 x by VDPBF16PS, any group size the kernels take (32, 64, 128k): exact products, as weight-
+// only quantization means. Each byte is unpacked (VPUNPCK*BW) beside the byte 0x43 into a bf16 of value 128 + code,
+// 32 weights an instruction; so a lane's sum is sum((128 + q) x) = sum(q x) + 128 sum(x), and with w = q * scale +
+// zero, w.x = scale * that + (zero - 128 scale) * sum(x). Dword lane j of a chunk sums 8 columns of one 32-column
+// block (j / 4), so per-lane scales and zeros come as in Int4Lanes; x is laid out to match (permute_for_int4_bf16):
+// 4 bf16 vectors and the 16 lane sums of x per chunk. About 11 instructions per 128 weights where Int4 needs 24.
+struct Int4Bf16 : Rows {
+  static constexpr int kCols = 128, V = 5;
+  static constexpr bool kPaddedX = true, kWholeChunk = true;
+  struct Chunk {
+    __m512i codes;
+    __m512 scale, zero;  // per lane: the group's scale, and zero - 128 scale
+  };
+  const float* scales;
+  const float* zeros;
+  int64_t G;
+  int lane_shift;            // lane j's group in the chunk is j >> lane_shift: 2 for groups of 32, 3 for 64, 4 (one)
+  int64_t chunks_per_group;  // groups of 128k columns: k, else 1
+  Int4Bf16 expert(int64_t e, int64_t N) const {
+    return {Rows::expert(e, N), scales + e * N * G, zeros + e * N * G, G, lane_shift, chunks_per_group};
+  }
+  int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
+    __m512 scale, zero;
+    if (lane_shift == 4) {  // one group: broadcast
+      const int64_t g = s / chunks_per_group;
+      scale = _mm512_set1_ps(scales[n * G + g]);
+      zero = _mm512_set1_ps(zeros[n * G + g]);
+    } else {
+      const int64_t per_chunk = 16 >> lane_shift, g0 = s * per_chunk;
+      const __mmask16 valid = (__mmask16)((1u << std::min<int64_t>(per_chunk, G - g0)) - 1);  // not past the row
+      const __m512i lane_group =
+          _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), lane_shift);
+      scale = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, scales + n * G + g0));
+      zero = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, zeros + n * G + g0));
+    }
+    return {_mm512_loadu_si512(p), scale, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), scale, zero)};
+  }
+  struct Unpacked {
+    __m512i w[4];  // 128 bf16 weights (128 + code), in the order permute_for_int4_bf16 gives x
+  };
+  static Unpacked unpack(const Chunk& c) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bf16_128 = _mm512_set1_epi8(0x43);
+    const __m512i even = _mm512_and_si512(c.codes, low4), odd = _mm512_and_si512(_mm512_srli_epi16(c.codes, 4), low4);
+    return {{_mm512_unpacklo_epi8(even, bf16_128), _mm512_unpackhi_epi8(even, bf16_128),
+             _mm512_unpacklo_epi8(odd, bf16_128), _mm512_unpackhi_epi8(odd, bf16_128)}};
+  }
+  // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x).
+  static __m512 dot(__m512 acc, const Chunk& c, const Unpacked& u, const uint8_t* x) {
+    __m512 t = _mm512_setzero_ps();
+    UNROLL
+    for (int v = 0; v < 4; ++v) t = _mm512_dpbf16_ps(t, (__m512bh)u.w[v], (__m512bh)_mm512_loadu_ps(x + 64 * v));
+    return _mm512_fmadd_ps(c.zero, _mm512_loadu_ps(x + 256), _mm512_fmadd_ps(t, c.scale, acc));
+  }
+};
+#endif
+
 // ---- the tile: R output rows x MB rows of x --------------------------------------------------------------------
 template <class F, int MB, int R, class O>
 inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* const* y) {
@@ -176,16 +237,25 @@ inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* 
     typename F::Chunk chunks[R];
     UNROLL
     for (int r = 0; r < R; ++r) chunks[r] = f.chunk(w[r], n0 + r, g);
-    UNROLL
-    for (int v = 0; v < F::V; ++v) {
-      __m512 xv[MB];
-      UNROLL
-      for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xs[m] + 64 * v);
+    if constexpr (F::kWholeChunk) {  // a row's chunk unpacked once for all rows of x, which dot() reads from L1
       UNROLL
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = F::weights(chunks[r], v);
+        const typename F::Unpacked wr = F::unpack(chunks[r]);
         UNROLL
-        for (int m = 0; m < MB; ++m) acc[m][r] = F::madd(acc[m][r], wv, xv[m]);
+        for (int m = 0; m < MB; ++m) acc[m][r] = F::dot(acc[m][r], chunks[r], wr, xs[m]);
+      }
+    } else {
+      UNROLL
+      for (int v = 0; v < F::V; ++v) {
+        __m512 xv[MB];
+        UNROLL
+        for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xs[m] + 64 * v);
+        UNROLL
+        for (int r = 0; r < R; ++r) {
+          const __m512 wv = F::weights(chunks[r], v);
+          UNROLL
+          for (int m = 0; m < MB; ++m) acc[m][r] = F::madd(acc[m][r], wv, xv[m]);
+        }
       }
     }
   };
@@ -392,6 +462,37 @@ at::Tensor permute_for_int4(const at::Tensor& x) {
   return xp;
 }
 
+#ifdef __AVX512BF16__
+// bf16 x as (M, 320 * chunks) bytes for Int4Bf16. Per chunk of 128 columns: the 4 bf16 vectors that meet the unpacked
+// codes (vector v, word w: column 2 (16 (w / 8) + w % 8 + 8 (v & 1)) + (v >> 1), as VPUNPCKL/HBW order them), then
+// the 16 fp32 sums of x over each dword lane's 8 columns (words 2j and 2j + 1 of the 4 vectors). Zero past K.
+at::Tensor permute_for_int4_bf16(const at::Tensor& x) {
+  const at::Tensor xb = rows_as(x, at::kBFloat16);
+  const int64_t M = xb.size(0), K = xb.size(1), chunks = (K + 127) / 128;
+  at::Tensor xp = at::empty({M, 320 * chunks}, xb.options().dtype(at::kByte));
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* src = static_cast<const uint16_t*>(xb.data_ptr()) + m * K;
+    uint8_t* dst = xp.data_ptr<uint8_t>() + m * 320 * chunks;
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint16_t* words = reinterpret_cast<uint16_t*>(dst + 320 * c);
+      float* sums = reinterpret_cast<float*>(dst + 320 * c + 256);
+      std::fill(sums, sums + 16, 0.0f);
+      for (int v = 0; v < 4; ++v)
+        for (int w = 0; w < 32; ++w) {
+          const int64_t col = 128 * c + 2 * (16 * (w / 8) + w % 8 + 8 * (v & 1)) + (v >> 1);
+          const uint16_t bits = col < K ? src[col] : 0;
+          words[32 * v + w] = bits;
+          const uint32_t as_fp32 = uint32_t(bits) << 16;
+          float value;
+          std::memcpy(&value, &as_fp32, 4);
+          sums[w / 2] += value;
+        }
+    }
+  }
+  return xp;
+}
+#endif
+
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& experts) {
   const int64_t K = packed.size(-1) * 2, N = packed.size(-2), E = experts ? packed.size(0) : 1;
@@ -405,6 +506,13 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
                   scales.numel() == E * N * G && zeros.numel() == E * N * G,
               "int4 weights need uint8 packed and contiguous float32 scales and zeros (", experts ? "E, " : "",
               "N, K / group_size)");
+#ifdef __AVX512BF16__
+  if (x.scalar_type() == at::kBFloat16) {
+    const Int4Bf16 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
+                     group_size == 32 ? 2 : group_size == 64 ? 3 : 4, std::max<int64_t>(1, group_size / Int4::kCols)};
+    return apply(f, x, permute_for_int4_bf16(x), N, experts, E);
+  }
+#endif
   if (group_size < Int4::kCols) {
     const Int4Lanes f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
                       group_size == 32 ? 2 : 3};
