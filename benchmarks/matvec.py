@@ -95,6 +95,12 @@ FORMATS = [
              kernels.expert_linear_int4,
              functools.partial(lambda x, w, sz, gs: torch._weight_int4pack_mm_for_cpu(x, w, gs, sz), gs=gs),
              int4_for_torch, "_weight_int4pack_mm_for_cpu") for gs in GROUP_SIZES),
+    # bf16 x: our VDPBF16PS int4 kernel (where the CPU has AVX512_BF16), as a bf16 model decodes
+    *(Format(f"int4 g{gs} x bf16", torch.bfloat16, functools.partial(random_int4, group_size=gs), kernels.linear_int4,
+             kernels.expert_linear_int4,
+             functools.partial(lambda x, w, sz, gs: torch._weight_int4pack_mm_for_cpu(x, w, gs, sz), gs=gs),
+             lambda w: (lambda p, sz: (p, sz.bfloat16()))(*int4_for_torch(w)), "_weight_int4pack_mm_for_cpu")
+      for gs in GROUP_SIZES),
 ]
 
 
@@ -136,6 +142,14 @@ def read_bandwidth(runs: int) -> tuple[float, float]:
     return t.numel() * 4 / seconds[0] / GB, t.numel() * 4 / seconds[-1] / GB if len(seconds) > 1 else 0.0
 
 
+def assert_agree(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Ours equals torch's op within rounding: fp32 2e-2; bf16 outputs are each rounded to bf16, half a unit
+    (2^-9 of the largest values) apart at most either way, so 2^-8 of the largest output."""
+    theirs = theirs.float()
+    atol = 2e-2 if ours.dtype == torch.float32 else 2**-8 * float(theirs.abs().max())
+    torch.testing.assert_close(ours.float(), theirs, rtol=2e-2, atol=atol)
+
+
 def bench_linear(fmt: Format, shape: str, rows: list[int], runs: int) -> list[dict]:
     n, k = SHAPES[shape]
     one = fmt.make(n, k)
@@ -146,7 +160,7 @@ def bench_linear(fmt: Format, shape: str, rows: list[int], runs: int) -> list[di
     for m in rows:
         x = torch.randn(m, k, dtype=fmt.x_dtype)
         for ws, bws in zip(ours_ws[:2], base_ws[:2]):  # the kernel agrees with torch's op on the same weights
-            torch.testing.assert_close(fmt.ours(x, *ws).float(), fmt.baseline(x, *bws).float(), rtol=2e-2, atol=2e-2)
+            assert_agree(fmt.ours(x, *ws), fmt.baseline(x, *bws))
         # A baseline far below memory speed is compute bound: a pass over fewer copies (~1 s) measures it as well.
         t0 = time.perf_counter()
         fmt.baseline(x, *base_ws[-1])
@@ -179,8 +193,7 @@ def bench_experts(fmt: Format, shape: str, tokens: int, runs: int) -> dict:
             out[t, j] = fmt.baseline(x[t], *bws[e])
         return out
 
-    torch.testing.assert_close(fmt.ours_experts(x, *ours_ws[0], calls[0]).float(),
-                               torch_experts(base_ws[0], calls[0]).float(), rtol=2e-2, atol=2e-2)
+    assert_agree(fmt.ours_experts(x, *ours_ws[0], calls[0]), torch_experts(base_ws[0], calls[0]))
     ours, base = median_seconds([lambda: [fmt.ours_experts(x, *ws, ex) for ws, ex in zip(ours_ws, calls)],
                                  lambda: [torch_experts(bws, ex) for bws, ex in zip(base_ws, calls)]], runs)
     return dict(shape=f"experts {shape}", N=n, K=k, format=fmt.name, M=tokens, copies=layers,
