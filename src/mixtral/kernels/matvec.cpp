@@ -170,7 +170,7 @@ struct Int4Lanes : Rows {
 // 32 weights an instruction; so a lane's sum is sum((128 + q) x) = sum(q x) + 128 sum(x), and with w = q * scale +
 // zero, w.x = scale * that + (zero - 128 scale) * sum(x). Dword lane j of a chunk sums 8 columns of one 32-column
 // block (j / 4), so per-lane scales and zeros come as in Int4Lanes; x is laid out to match (permute_for_int4_bf16):
-// 4 bf16 vectors and the 16 lane sums of x per chunk. About 11 instructions per 128 weights where Int4 needs 24.
+// 4 bf16 vectors and the 16 lane sums of x per chunk. About 13 instructions per 128 weights where Int4 needs 24.
 struct Int4Bf16 : Rows {
   static constexpr int kCols = 128, V = 5;
   static constexpr bool kPaddedX = true, kWholeChunk = true;
