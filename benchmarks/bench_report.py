@@ -26,10 +26,6 @@ def _best(rows: list[dict], engine: str, dtype: str, key: str) -> tuple[float | 
     return (min if key in LOWER_IS_BETTER else max)(cands)
 
 
-def _tf_best(rows: list[dict], dtype: str, key: str) -> tuple[float | None, str]:
-    return _best(rows, "tf", dtype, key)
-
-
 def _speedup(ours: float | None, theirs: float | None, key: str) -> float | None:
     """> 1 means ours is better: faster, or less time, or less memory."""
     if not ours or not theirs:
@@ -68,21 +64,24 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
         ours, which = _best(rows, "ours", dtype, key)
         return _speedup(ours, theirs, key), which
 
+    def versus_tf(dtype: str, key: str) -> tuple[float | None, str]:
+        return versus(dtype, key, _best(rows, "tf", dtype, key)[0])
+
     for dtype in ("fp32", "bf16", "int8"):
         llama = (_row(rows, "llama.cpp", dtype) or {}).get("decode_b1_tps")
         ratio, which = versus(dtype, "decode_b1_tps", llama)
         add(f"decode b1 {dtype}: ours / llama.cpp", ratio, 1.0, which=which)
     for dtype, goal in (("fp32", 2.0), ("bf16", 3.0)):
-        ratio, which = versus(dtype, "decode_b1_tps", _tf_best(rows, dtype, "decode_b1_tps")[0])
+        ratio, which = versus_tf(dtype, "decode_b1_tps")
         add(f"decode b1 {dtype}: ours / best TF", ratio, goal, which=which)
     _, which = _best(rows, "ours", "bf16", "decode_b1_tps")
     pct = (_row(rows, which, "bf16") or {}).get("decode_b1_roofline_pct")
     add("decode b1 bf16: ours / roofline", None if pct is None else pct / 100, 0.85, which=which)
     for dtype in ("fp32", "bf16"):
-        ratio, which = versus(dtype, "prefill_tps", _tf_best(rows, dtype, "prefill_tps")[0])
+        ratio, which = versus_tf(dtype, "prefill_tps")
         add(f"prefill {dtype}: ours / best TF", ratio, 1.2, which=which)
     for dtype in ("fp32", "bf16"):
-        ratio, which = versus(dtype, "decode_b32_tps", _tf_best(rows, dtype, "decode_b32_tps")[0])
+        ratio, which = versus_tf(dtype, "decode_b32_tps")
         add(f"decode b32 {dtype}: ours / best TF", ratio, 3.0, which=which)
     for dtype in C.DTYPES:
         for label in OURS:

@@ -62,15 +62,25 @@ def random_int4(n: int, k: int, group_size: int) -> Weights:
     return torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.rand(n, g) / 15, -torch.rand(n, g)
 
 
-def int4_for_torch(w: Weights) -> Weights:
-    """Our int4 layout -> torch._weight_int4pack_mm_for_cpu's: codes repacked, (K/gs, N, 2) scales and zeros.
+def int4_for_torch(w: Weights, dtype: torch.dtype = torch.float32) -> Weights:
+    """Our int4 layout -> torch._weight_int4pack_mm_for_cpu's: codes repacked, (K/gs, N, 2) scales and zeros in
+    x's dtype.
 
     torch's dequantization is (q - 8) * scale + zero, ours q * scale + zero: the same weights with zero + 8 * scale.
     """
     packed, scales, zeros = w
     q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2).int()  # (N, K)
     scales_and_zeros = torch.stack((scales, zeros + 8 * scales), dim=-1).transpose(0, 1).contiguous()
-    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros.to(dtype)
+
+
+def int4_format(group_size: int, x_dtype: torch.dtype) -> Format:
+    """int4 in groups of group_size against torch's int4 op; bf16 x runs our VDPBF16PS kernel (AVX512_BF16)."""
+    name = f"int4 g{group_size}" + (" x bf16" if x_dtype == torch.bfloat16 else "")
+    return Format(name, x_dtype, functools.partial(random_int4, group_size=group_size), kernels.linear_int4,
+                  kernels.expert_linear_int4,
+                  lambda x, w, sz: torch._weight_int4pack_mm_for_cpu(x, w, group_size, sz),
+                  functools.partial(int4_for_torch, dtype=x_dtype), "_weight_int4pack_mm_for_cpu")
 
 
 def bf16_widen(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -91,16 +101,7 @@ FORMATS = [
            torch._weight_int8pack_mm, lambda w: w, "_weight_int8pack_mm"),
     Format("int8 x bf16", torch.bfloat16, random_int8, kernels.linear_int8, kernels.expert_linear_int8,
            torch._weight_int8pack_mm, lambda w: (w[0], w[1].bfloat16()), "_weight_int8pack_mm"),
-    *(Format(f"int4 g{gs}", torch.float32, functools.partial(random_int4, group_size=gs), kernels.linear_int4,
-             kernels.expert_linear_int4,
-             functools.partial(lambda x, w, sz, gs: torch._weight_int4pack_mm_for_cpu(x, w, gs, sz), gs=gs),
-             int4_for_torch, "_weight_int4pack_mm_for_cpu") for gs in GROUP_SIZES),
-    # bf16 x: our VDPBF16PS int4 kernel (where the CPU has AVX512_BF16), as a bf16 model decodes
-    *(Format(f"int4 g{gs} x bf16", torch.bfloat16, functools.partial(random_int4, group_size=gs), kernels.linear_int4,
-             kernels.expert_linear_int4,
-             functools.partial(lambda x, w, sz, gs: torch._weight_int4pack_mm_for_cpu(x, w, gs, sz), gs=gs),
-             lambda w: (lambda p, sz: (p, sz.bfloat16()))(*int4_for_torch(w)), "_weight_int4pack_mm_for_cpu")
-      for gs in GROUP_SIZES),
+    *(int4_format(gs, x_dtype) for x_dtype in (torch.float32, torch.bfloat16) for gs in GROUP_SIZES),
 ]
 
 

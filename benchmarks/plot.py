@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Any
 
-COLORS = {"ours": "#1f77b4", "ours compiled": "#17becf", "TF default": "#ff7f0e", "TF eager": "#ffbb78", "llama.cpp": "#2ca02c"}
+COLORS = {"ours": "#1f77b4", "ours compiled": "#17becf", "TF default": "#ff7f0e", "TF eager": "#ffbb78",
+          "llama.cpp": "#2ca02c"}
 
 
 def plot(data: dict[str, Any], path: str) -> None:

@@ -7,7 +7,8 @@ into the compiled kernels (mixtral_kernels: matrix-vector products and attention
 then alternate a decode step (generate(compile=True), or eager with --eager: 32 tokens, per token) and a replay of
 the recorded kernel calls alone, back to back. Overhead = step - kernels: norms, RoPE, router softmax and top-k,
 the cache update, sampling, dynamo's guards and the calls between kernels. GB/s = weight bytes the kernels read
-(routed experts only) / kernel time, beside the machine's read bandwidth measured after each dtype. Writes benchmarks/out/step_overhead.json and prints a table.
+(routed experts only) / kernel time, beside the machine's read bandwidth measured after each dtype. Writes
+benchmarks/out/step_overhead.json and prints a table.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ def record_step(model: Any, ids: Any) -> list[tuple[Any, tuple, dict]]:
                 self.calls.append((func, args, kwargs))
             return func(*args, **kwargs)
 
-    counts = []
+    recorded = []
     for n in (1, 2):
         with Record() as rec:
             model.generate(ids, max_new_tokens=n, do_sample=False)
-        counts.append(rec.calls)
-    return counts[1][len(counts[0]):]
+        recorded.append(rec.calls)
+    return recorded[1][len(recorded[0]):]
 
 
 def weight_bytes_read(calls: list[tuple[Any, tuple, dict]]) -> int:

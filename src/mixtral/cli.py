@@ -17,8 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, ...")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization while loading (attention and expert weights, and an untied LM head in "
-                        "int8)")
+                   help="weight-only quantization while loading (attention and expert weights, and an untied LM "
+                        "head in int8)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -73,17 +73,19 @@ def compiled_forward_last(model: Any):
     compiled = torch.compile(forward_last, dynamic=False, isolate_recompiles=True, options={
         "cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
+    failed = False
+
     def fn(*args: Any) -> torch.Tensor:
-        cached = model._compiled_forward_last
-        if cached[0] is None:  # compiling failed earlier in this generation
-            return forward_last(*args)
-        try:
-            return compiled(*args)
-        except Exception as e:  # inductor needs a C++ toolchain and may not support every op
-            warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {e}",
-                          stacklevel=2)
-            model._compiled_forward_last = (None, forward_last)
-            return forward_last(*args)
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled(*args)
+            except Exception as e:  # inductor needs a C++ toolchain and may not support every op
+                warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {e}",
+                              stacklevel=2)
+                failed = True
+                model._compiled_forward_last = (None, forward_last)
+        return forward_last(*args)
 
     model._compiled_forward_last = (signature, fn)
     return fn

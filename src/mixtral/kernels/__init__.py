@@ -3,9 +3,10 @@
 Decoding a token multiplies one row per token by every weight it uses, once: the speed limit is memory bandwidth,
 which torch's own paths for a single row reach only partly (bf16 and int8 far from it). The compiled kernels
 (matvec.cpp, built on first use by cpu.py) stream each weight row once for all rows of x, widen it to fp32 in
-registers (or, with bf16 x, multiply bf16 pairs by VDPBF16PS: bf16 and int4 weights) and accumulate in fp32. Every function here falls back to torch ops, with the same results within dtype
-rounding, when the kernels are unavailable (no compiler or no AVX512: see `available()`) or the inputs are not
-theirs: not on CPU, needing grad, or more than MAX_ROWS rows of x (long prompts, where F.linear is the faster path).
+registers (or, with bf16 x, multiply bf16 pairs by VDPBF16PS: bf16 and int4 weights) and accumulate in fp32. Every
+function here falls back to torch ops, with the same results within dtype rounding, when the kernels are
+unavailable (no compiler or no AVX512: see `available()`) or the inputs are not theirs: not on CPU, needing grad,
+or more than MAX_ROWS rows of x (long prompts, where F.linear is the faster path).
 
 Shape suffixes: M rows of x, K inputs, N outputs, E experts, T tokens, J (Kt) experts per token, G groups per row.
 

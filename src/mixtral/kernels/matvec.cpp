@@ -129,6 +129,16 @@ struct Int4 : Rows {
   static constexpr bool kPaddedX = true;
 };
 
+// Lane j (columns 8j..8j+7 of a 128-column chunk) gets value j >> lane_shift of the chunk's groups, which start at p
+// with `left` of them left in the row (none read past it): per-lane scales or zeros for groups of 32 (shift 2), 64
+// (3), or 128 and more (4: one value in every lane).
+inline __m512 spread_groups(const float* p, int64_t left, int lane_shift) {
+  const __mmask16 valid = (__mmask16)((1u << std::min<int64_t>(16 >> lane_shift, left)) - 1);
+  const __m512i lane_group =
+      _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), lane_shift);
+  return _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, p));
+}
+
 // int4 in groups of 32 or 64 columns (llama.cpp's blocks are 32): a 128-column chunk spans 4 or 2 groups, and lane
 // j (columns 8j..8j+7) belongs to group j >> lane_shift of the chunk. Each lane takes its own group's scale and
 // zero: the code becomes a float by a lookup in a table of 0..15 (VPERMPS again), then code * scale + zero by FMA.
@@ -149,12 +159,9 @@ struct Int4Lanes : Rows {
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
   Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
-    const int64_t per_chunk = 16 >> lane_shift, g0 = s * per_chunk;
-    const __mmask16 valid = (__mmask16)((1u << std::min<int64_t>(per_chunk, G - g0)) - 1);  // not past the row
-    const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 lane_shift);
-    return {p, _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, scales + n * G + g0)),
-            _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, zeros + n * G + g0))};
+    const int64_t g0 = s * (16 >> lane_shift);
+    return {p, spread_groups(scales + n * G + g0, G - g0, lane_shift),
+            spread_groups(zeros + n * G + g0, G - g0, lane_shift)};
   }
   static __m512 weights(const Chunk& w, int v) {
     const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -188,19 +195,9 @@ struct Int4Bf16 : Rows {
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
   Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
-    __m512 scale, zero;
-    if (lane_shift == 4) {  // one group: broadcast
-      const int64_t g = s / chunks_per_group;
-      scale = _mm512_set1_ps(scales[n * G + g]);
-      zero = _mm512_set1_ps(zeros[n * G + g]);
-    } else {
-      const int64_t per_chunk = 16 >> lane_shift, g0 = s * per_chunk;
-      const __mmask16 valid = (__mmask16)((1u << std::min<int64_t>(per_chunk, G - g0)) - 1);  // not past the row
-      const __m512i lane_group =
-          _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), lane_shift);
-      scale = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, scales + n * G + g0));
-      zero = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, zeros + n * G + g0));
-    }
+    const int64_t g0 = s * (16 >> lane_shift) / chunks_per_group;
+    const __m512 scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
+    const __m512 zero = spread_groups(zeros + n * G + g0, G - g0, lane_shift);
     return {_mm512_loadu_si512(p), scale, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), scale, zero)};
   }
   struct Unpacked {
@@ -507,15 +504,15 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
               "int4 weights need uint8 packed and contiguous float32 scales and zeros (", experts ? "E, " : "",
               "N, K / group_size)");
 #ifdef __AVX512BF16__
+  const int lane_shift = group_size == 32 ? 2 : group_size == 64 ? 3 : 4;  // see spread_groups
   if (x.scalar_type() == at::kBFloat16) {
-    const Int4Bf16 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
-                     group_size == 32 ? 2 : group_size == 64 ? 3 : 4, std::max<int64_t>(1, group_size / Int4::kCols)};
+    const Int4Bf16 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G, lane_shift,
+                     std::max<int64_t>(1, group_size / Int4::kCols)};
     return apply(f, x, permute_for_int4_bf16(x), N, experts, E);
   }
 #endif
   if (group_size < Int4::kCols) {
-    const Int4Lanes f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
-                      group_size == 32 ? 2 : 3};
+    const Int4Lanes f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G, lane_shift};
     return apply(f, x, permute_for_int4(x), N, experts, E);
   }
   const Int4 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
