@@ -30,7 +30,7 @@ from . import cpu
 MAX_ROWS = 64  # rows of x up to which the kernels beat F.linear here (benchmarks/matvec.py); above, oneDNN's GEMMs
 FLOATS = (torch.float32, torch.bfloat16)
 
-__all__ = ["available", "linear", "expert_linear", "quantize_int8", "dequantize_int8", "linear_int8",
+__all__ = ["available", "has_bf16_dot", "linear", "expert_linear", "quantize_int8", "dequantize_int8", "linear_int8",
            "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4", "attention",
            "expert_mlp"]
 
@@ -39,6 +39,12 @@ __all__ = ["available", "linear", "expert_linear", "quantize_int8", "dequantize_
 def available() -> bool:
     """Whether the compiled kernels are in use here (builds them on first call); else every function runs torch."""
     return cpu.extension() is not None
+
+
+@torch.compiler.assume_constant_result
+def has_bf16_dot() -> bool:
+    """Whether the kernels run bf16 products with VDPBF16PS here (AVX512_BF16): the bf16-only kernels need it."""
+    return available() and torch.ops.mixtral_kernels.has_bf16_dot()
 
 
 def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
@@ -195,28 +201,36 @@ def expert_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
 # ---- attention over a KV cache -----------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v for up to MAX_ROWS queries (decoding), grouped-query heads shared.
+    """softmax(q k^T * scale) v, grouped-query heads shared: up to MAX_ROWS queries (decoding) in `attend`, more
+    (prefill) in bf16 in `prefill_attend`, else sdpa.
 
     q (B, nh, S, D), k and v (B, nkv, T, D); mask bool (B|1, 1, S, T), True where a query may look, or None for
-    causal (query s sits at slot s + T - S). Returns (B, nh, S, D). A query that sees nothing gets zeros (sdpa: NaN).
+    causal (query s sits at slot s + T - S). Returns (B, nh, S, D). A query that sees nothing gets zeros (as sdpa's
+    CPU kernel does). `attend` keeps the probabilities in fp32; `prefill_attend` rounds them to bf16 for the product
+    with v, as sdpa does in bf16.
     """
     qkv = (q, k, v)
-    usable = (q.shape[2] <= MAX_ROWS and q.dtype in FLOATS and q.dtype == k.dtype == v.dtype
-              and all(t.stride(-1) == 1 for t in qkv) and (mask is None or mask.dtype == torch.bool)
-              and _inference_on_cpu(*qkv))
-    if not usable or not available():
-        causal = mask is None and q.shape[2] > 1
-        if causal and k.shape[2] != q.shape[2]:  # sdpa's is_causal aligns top-left; ours bottom-right
-            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
-            causal = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    return torch.ops.mixtral_kernels.attend(q, k, v, mask, scale, mask is None)
+    usable = (q.dtype in FLOATS and q.dtype == k.dtype == v.dtype and all(t.stride(-1) == 1 for t in qkv)
+              and (mask is None or mask.dtype == torch.bool) and _inference_on_cpu(*qkv))
+    few = q.shape[2] <= MAX_ROWS
+    if usable and available() and (few or (q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0 and has_bf16_dot())):
+        op = torch.ops.mixtral_kernels.attend if few else torch.ops.mixtral_kernels.prefill_attend
+        return op(q, k, v, mask, scale, mask is None)
+    causal = mask is None and q.shape[2] > 1
+    if causal and k.shape[2] != q.shape[2]:  # sdpa's is_causal aligns top-left; ours bottom-right
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 # ---- expert MLPs over sorted tokens ------------------------------------------------------------------------------
-def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int],
+               weights: torch.Tensor | None = None) -> torch.Tensor | None:
     """SiLU-gated expert MLPs over x (N, H) sorted by expert, counts[e] rows each: gate_up (E, 2I, H), down (E, H, I)
-    -> (N, H), one expert per thread. None where the kernels do not apply (then run the experts one by one)."""
-    usable = x.dtype in FLOATS and x.dtype == gate_up.dtype == down.dtype and _inference_on_cpu(x, gate_up, down)
-    return torch.ops.mixtral_kernels.expert_mlp(x, gate_up, down, counts) if usable and available() else None
+    -> (N, H), one expert per thread, each row times weights (N,) float32 if given (the product in fp32). None where
+    the kernels do not apply (then run the experts one by one)."""
+    scaled = () if weights is None else (weights,)
+    usable = (x.dtype in FLOATS and x.dtype == gate_up.dtype == down.dtype and _inference_on_cpu(x, gate_up, down, *scaled)
+              and all(w.dtype == torch.float32 and w.is_contiguous() for w in scaled))
+    return torch.ops.mixtral_kernels.expert_mlp(x, gate_up, down, counts, weights) if usable and available() else None

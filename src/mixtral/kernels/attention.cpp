@@ -12,6 +12,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,14 +23,7 @@
 
 namespace {
 
-inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
-
-// 16 (or the first n < 16) elements widened to fp32; the rest are zero.
-inline __m512 load16(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
-inline __m512 load16(const c10::BFloat16* p, int64_t n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(first(n), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using mixtral_simd::load16;
 
 template <class T>
 float dot(const float* q, const T* k, int64_t D) {

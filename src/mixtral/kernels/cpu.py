@@ -1,5 +1,5 @@
-"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp, experts.cpp) for the running CPU, once per machine,
-source and torch version.
+"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp, prefill_attention.cpp, experts.cpp; simd.h) for the
+running CPU, once per machine, source and torch version.
 
 The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the instruction
 sets it was compiled for and a hash of the source, flags and torch version: a cache shared between machines or
@@ -23,7 +23,9 @@ import torch
 
 from ..paths import cache_root
 
-SOURCES = [Path(__file__).with_name(name) for name in ("matvec.cpp", "attention.cpp", "experts.cpp")]
+# The .cpp files are compiled; the header is included by them.
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("matvec.cpp", "attention.cpp", "prefill_attention.cpp", "experts.cpp", "simd.h")]
 # /proc/cpuinfo flag -> compiler flag. The kernels need all of REQUIRED and use OPTIONAL where the CPU has it; the
 # build enables exactly the ones present, never -march=native.
 REQUIRED = {"avx2": "-mavx2", "fma": "-mfma", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw",
@@ -104,7 +106,7 @@ def _build(isa: list[str]) -> Any:
             os.replace(partial, source)
     # -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded: one OpenMP thread pool, torch's.
     try:
-        cpp_extension.load(name, [str(s) for s in sources], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name, [str(s) for s in sources if s.suffix == ".cpp"], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                            build_directory=str(folder), is_python_module=False, verbose=False)
     except RuntimeError as e:  # the build failed (an unloadable library is an OSError: not recorded)
         failed.write_text(str(e))
@@ -131,5 +133,6 @@ def _register_fakes() -> None:
         return q.new_empty(b, s, nh, d).transpose(1, 2)
 
     torch.library.register_fake("mixtral_kernels::attend", attend)
+    torch.library.register_fake("mixtral_kernels::prefill_attend", attend)
     torch.library.register_fake("mixtral_kernels::expert_mlp",
-                                lambda x, gate_up, down, counts: x.new_empty(x.shape[0], down.shape[1]))
+                                lambda x, gate_up, down, counts, weights: x.new_empty(x.shape[0], down.shape[1]))

@@ -2,8 +2,10 @@
 //
 // torch's GEMMs split each matrix product between the threads, which scales poorly at an expert's shapes (about
 // 128 tokens x 7168 x 1024 for the bench model: 1.4x from 2 threads, fp32). Here each thread takes whole experts,
-// largest first, and runs their products single-threaded (ATen ops inside a parallel region do): the same ops as
-// the Python loop in moe.py, so the same results, at up to 1.3x its speed. Built with matvec.cpp by cpu.py.
+// largest first, and runs their products single-threaded (ATen ops inside a parallel region do), with the same
+// products as the Python loop in moe.py, at up to 1.3x its speed. Between them, silu(gate) * up is one pass in
+// fp32 (rounded once in bf16, where torch's two ops round twice), and each output row is scaled by its routing
+// weight in place, while still in cache. Built with matvec.cpp by cpu.py.
 // Shapes: N routed (token, expert) rows sorted by expert, H hidden, I intermediate, E experts.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,13 +15,41 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <optional>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
-// x (N, H) sorted by expert, counts (E) rows per expert, gate_up (E, 2I, H) = [w1; w3], down (E, H, I)
-// -> (N, H): expert e's rows through down[e] @ (silu(w1[e] x) * w3[e] x).
-at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, at::IntArrayRef counts) {
+using mixtral_simd::load16;
+using mixtral_simd::store16;
+
+// h (n, I) = silu(g) * u for gu (n, 2I) = [g, u], in fp32: silu(g) = g / (1 + e^-g), as torch computes it.
+template <class T>
+void silu_mul(const T* gu, int64_t n, int64_t I, T* h) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < I; i += 16) {
+      const __m512 g = load16(gu + r * 2 * I + i, I - i), u = load16(gu + r * 2 * I + I + i, I - i);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, mixtral_simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      store16(h + r * I + i, _mm512_mul_ps(silu, u), I - i);
+    }
+}
+
+// y[r] *= w[r] for r < n, y (n, H), in fp32 (rounded once in bf16): torch's y * w[:, None] with w float32.
+template <class T>
+void scale_rows(T* y, int64_t n, int64_t H, const float* w) {
+  for (int64_t r = 0; r < n; ++r) {
+    const __m512 wr = _mm512_set1_ps(w[r]);
+    for (int64_t i = 0; i < H; i += 16) store16(y + r * H + i, _mm512_mul_ps(load16(y + r * H + i, H - i), wr), H - i);
+  }
+}
+
+// x (N, H) sorted by expert, counts (E) rows per expert, gate_up (E, 2I, H) = [w1; w3], down (E, H, I), weights
+// (N) float32 or None -> (N, H): expert e's rows through down[e] @ (silu(w1[e] x) * w3[e] x), times weights.
+at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, at::IntArrayRef counts,
+                      const std::optional<at::Tensor>& weights) {
   const int64_t E = gate_up.size(0), I = down.size(2);
   TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(1) == 2 * I &&
                   gate_up.size(2) == x.size(1) && down.size(0) == E && down.size(1) == x.size(1),
@@ -31,10 +61,17 @@ at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::
     start[e + 1] = start[e] + counts[e];
   }
   TORCH_CHECK(start[E] == x.size(0), "expert counts sum to ", start[E], " but x has ", x.size(0), " rows");
+  TORCH_CHECK(x.scalar_type() == gate_up.scalar_type() && x.scalar_type() == down.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "expert_mlp needs x and weights all float32 or all bfloat16");
+  TORCH_CHECK(!weights || (weights->scalar_type() == at::kFloat && weights->dim() == 1 &&
+                           weights->size(0) == x.size(0) && weights->is_contiguous()),
+              "expert_mlp's weights must be a contiguous float32 vector, one per row of x");
   std::vector<int64_t> order(E);  // largest first: the last expert a thread picks up is a small one
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
   at::Tensor y = at::empty({x.size(0), down.size(1)}, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     // Per thread (worker threads do not inherit the caller's modes): below autograd, so that parameters record no
@@ -44,8 +81,18 @@ at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::
       const int64_t e = order[i], n = counts[e];
       if (n == 0) continue;
       const at::Tensor gu = at::linear(x.narrow(0, start[e], n), gate_up[e]);  // (n, 2I)
-      const at::Tensor h = at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I);  // (n, I)
-      y.narrow(0, start[e], n).copy_(at::linear(h, down[e]));
+      at::Tensor h = at::empty({n, I}, x.options());
+      at::Tensor ye = y.narrow(0, start[e], n);  // (n, H), contiguous rows of y
+      if (bf16)
+        silu_mul(gu.data_ptr<at::BFloat16>(), n, I, h.data_ptr<at::BFloat16>());
+      else
+        silu_mul(gu.data_ptr<float>(), n, I, h.data_ptr<float>());
+      at::mm_out(ye, h, down[e].t());
+      if (!weights) continue;
+      if (bf16)
+        scale_rows(ye.data_ptr<at::BFloat16>(), n, ye.size(1), weights->data_ptr<float>() + start[e]);
+      else
+        scale_rows(ye.data_ptr<float>(), n, ye.size(1), weights->data_ptr<float>() + start[e]);
     }
   });
   return y;
@@ -54,7 +101,7 @@ at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixtral_kernels, m) {
-  m.def("expert_mlp(Tensor x, Tensor gate_up, Tensor down, int[] counts) -> Tensor");
+  m.def("expert_mlp(Tensor x, Tensor gate_up, Tensor down, int[] counts, Tensor? weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) { m.impl("expert_mlp", &expert_mlp); }

@@ -59,13 +59,14 @@ class Experts(nn.Module):
         """Expert e's (N, K) weight `name`."""
         return getattr(self, name)[e]
 
-    def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Each expert's MLP over its contiguous rows of x_NH (sorted by expert, counts[e] rows each)."""
+    def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
+        """Each expert's MLP over its contiguous rows of x_NH (sorted by expert, counts[e] rows each), each row times
+        its routing weight weights_N (fp32 product, as Transformers), in x's dtype."""
         if self.act is F.silu:  # the kernel runs whole experts on each thread (torch splits each GEMM instead)
-            y_NH = expert_mlp(x_NH, self.gate_up_proj, self.down_proj, counts)
+            y_NH = expert_mlp(x_NH, self.gate_up_proj, self.down_proj, counts, weights_N)
             if y_NH is not None:
                 return y_NH
-        return self.expert_loop(x_NH, counts)
+        return (self.expert_loop(x_NH, counts) * weights_N[:, None]).to(x_NH.dtype)
 
     def expert_loop(self, x_NH: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs, start = [], 0
@@ -100,8 +101,7 @@ class Experts(nn.Module):
         order_N = torch.argsort(flat_N, stable=True)
         counts = torch.bincount(flat_N, minlength=self.num_experts).tolist()  # one host sync per layer
         x_NH = x_TH[order_N // k]  # each token repeated once per expert it was routed to, grouped by expert
-        y_NH = self.grouped_mlp(x_NH, counts) * weights_TK.reshape(-1)[order_N, None]  # fp32 product, as Transformers
-        y_NH = y_NH.to(x_TH.dtype)
+        y_NH = self.grouped_mlp(x_NH, counts, weights_TK.reshape(-1)[order_N])
         y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
         return y_TKH.sum(dim=1)
 

@@ -101,5 +101,6 @@ class QuantizedExperts(Experts):
     def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         return _dequantize(self.scheme, {k: v[e] for k, v in self._parts(name).items()}, dtype)
 
-    def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return self.expert_loop(x_NH, counts)  # one expert at a time, each dequantized for its tokens
+    def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
+        # one expert at a time, each dequantized for its tokens
+        return (self.expert_loop(x_NH, counts) * weights_N[:, None]).to(x_NH.dtype)
