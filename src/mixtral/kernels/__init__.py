@@ -231,6 +231,7 @@ def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, count
     -> (N, H), one expert per thread, each row times weights (N,) float32 if given (the product in fp32). None where
     the kernels do not apply (then run the experts one by one)."""
     scaled = () if weights is None else (weights,)
-    usable = (x.dtype in FLOATS and x.dtype == gate_up.dtype == down.dtype and _inference_on_cpu(x, gate_up, down, *scaled)
+    usable = (x.dtype in FLOATS and x.dtype == gate_up.dtype == down.dtype
+              and _inference_on_cpu(x, gate_up, down, *scaled)
               and all(w.dtype == torch.float32 and w.is_contiguous() for w in scaled))
     return torch.ops.mixtral_kernels.expert_mlp(x, gate_up, down, counts, weights) if usable and available() else None

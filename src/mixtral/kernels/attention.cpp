@@ -12,14 +12,14 @@
 
 #include <immintrin.h>
 
-#include "simd.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 

@@ -106,8 +106,9 @@ def _build(isa: list[str]) -> Any:
             os.replace(partial, source)
     # -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded: one OpenMP thread pool, torch's.
     try:
-        cpp_extension.load(name, [str(s) for s in sources if s.suffix == ".cpp"], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                           build_directory=str(folder), is_python_module=False, verbose=False)
+        cpp_extension.load(name, [str(s) for s in sources if s.suffix == ".cpp"], extra_cflags=cflags,
+                           extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
+                           verbose=False)
     except RuntimeError as e:  # the build failed (an unloadable library is an OSError: not recorded)
         failed.write_text(str(e))
         raise

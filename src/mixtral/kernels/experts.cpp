@@ -32,7 +32,8 @@ void silu_mul(const T* gu, int64_t n, int64_t I, T* h) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t i = 0; i < I; i += 16) {
       const __m512 g = load16(gu + r * 2 * I + i, I - i), u = load16(gu + r * 2 * I + I + i, I - i);
-      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, mixtral_simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      const __m512 e = mixtral_simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));  // e^-g
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
       store16(h + r * I + i, _mm512_mul_ps(silu, u), I - i);
     }
 }

