@@ -223,8 +223,8 @@ def _attention_reference(q, k, v, allowed, scale):
     return (probs @ v).float(), (probs @ v.abs()).float()
 
 
-# s <= MAX_ROWS: `attend` (decoding); above: `prefill_attend` in bf16 with head sizes that are multiples of 32 (64,
-# 96: a last 32-dim slice), sdpa otherwise (fp32, head size 70). t > s: a causal prompt after cached tokens.
+# s <= MAX_ROWS: `attend` (decoding); above: `prefill_attend` with head sizes that are multiples of 32 (64, 96: a
+# last 32-dim slice), sdpa otherwise (head size 70). t > s: a causal prompt after cached tokens.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, nh, nkv, s, t, d", [(1, 16, 4, 1, 96, 64), (2, 8, 2, 3, 40, 48), (3, 4, 4, 5, 5, 64),
                                                  (1, 6, 1, 1, 300, 128), (2, 4, 2, 16, 20, 70),

@@ -251,13 +251,8 @@ def test_dtype_conversion_keeps_rope_frequencies_fp32():
     assert torch.equal(inv_freq, rope_inv_freq(config.head_size, config.rope_theta))
 
 
-@pytest.mark.parametrize("pads", [[0], [0, 9]])  # causal (no mask), and a left-padded batch (the mask path)
-def test_bf16_long_prompt_as_accurate_as_transformers(pads, make_batch, tmp_path):
-    """bf16 over 100 tokens runs our prompt kernels (attention above 64 queries, experts one per thread with a fused
-    SiLU), Transformers its sdpa and eager experts. Against the same bf16 weights run in fp32, ours is as accurate.
-
-    Compared by the mean error over real positions: in bf16 either engine may route a token whose top-2 experts
-    nearly tie differently from the fp32 run, which moves that position's logits by ~0.1 (seen for both engines)."""
+def _long_prompt_pair(tmp_path, dtype: torch.dtype):
+    """A Transformers model (sdpa, eager experts) with head size 32 saved in `dtype`, and ours loaded from it."""
     import transformers
 
     torch.manual_seed(0)
@@ -265,11 +260,31 @@ def test_bf16_long_prompt_as_accurate_as_transformers(pads, make_batch, tmp_path
                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                                     num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=0,
                                     attn_implementation="sdpa", experts_implementation="eager")
-    tm = transformers.MixtralForCausalLM(tc).to(torch.bfloat16).eval()
+    tm = transformers.MixtralForCausalLM(tc).to(dtype).eval()
     tm.save_pretrained(tmp_path)
     ours = mixtral.MixtralForCausalLM.from_pretrained(tmp_path, progress=False).eval()
-    assert ours.dtype == torch.bfloat16
-    ids, mask = make_batch(len(pads), 100, tc.vocab_size, pads=pads)
+    assert ours.dtype == dtype
+    return tm, ours
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 9]])  # causal (no mask), and a left-padded batch (the mask path)
+def test_fp32_long_prompt_equals_transformers(pads, make_batch, diff, tmp_path):
+    """100 tokens run our prompt kernels (attention above 64 queries, experts one per thread with a fused SiLU)."""
+    tm, ours = _long_prompt_pair(tmp_path, torch.float32)
+    ids, mask = make_batch(len(pads), 100, tm.config.vocab_size, pads=pads)
+    theirs, mine = _forward_both(tm, ours, ids, mask)
+    diff("logits (100 tokens)", mine.logits, theirs.logits, where=mask.bool())
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 9]])
+def test_bf16_long_prompt_as_accurate_as_transformers(pads, make_batch, tmp_path):
+    """bf16 over 100 tokens runs our prompt kernels (attention above 64 queries, experts one per thread with a fused
+    SiLU), Transformers its sdpa and eager experts. Against the same bf16 weights run in fp32, ours is as accurate.
+
+    Compared by the mean error over real positions: in bf16 either engine may route a token whose top-2 experts
+    nearly tie differently from the fp32 run, which moves that position's logits by ~0.1 (seen for both engines)."""
+    tm, ours = _long_prompt_pair(tmp_path, torch.bfloat16)
+    ids, mask = make_batch(len(pads), 100, tm.config.vocab_size, pads=pads)
     with torch.no_grad():
         exact = tm.float()(ids, attention_mask=mask).logits  # tm is this test's own: converting it is fine
         tm.to(torch.bfloat16)

@@ -202,18 +202,19 @@ def expert_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v, grouped-query heads shared: up to MAX_ROWS queries (decoding) in `attend`, more
-    (prefill) in bf16 in `prefill_attend`, else sdpa.
+    (prefill) in `prefill_attend` (head sizes that are multiples of 32; bf16 with AVX512_BF16), else sdpa.
 
     q (B, nh, S, D), k and v (B, nkv, T, D); mask bool (B|1, 1, S, T), True where a query may look, or None for
     causal (query s sits at slot s + T - S). Returns (B, nh, S, D). A query that sees nothing gets zeros (as sdpa's
-    CPU kernel does). `attend` keeps the probabilities in fp32; `prefill_attend` rounds them to bf16 for the product
-    with v, as sdpa does in bf16.
+    CPU kernel does). `attend` keeps the probabilities in fp32; `prefill_attend` rounds them to the dtype for the
+    product with v, as sdpa does.
     """
     qkv = (q, k, v)
     usable = (q.dtype in FLOATS and q.dtype == k.dtype == v.dtype and all(t.stride(-1) == 1 for t in qkv)
               and (mask is None or mask.dtype == torch.bool) and _inference_on_cpu(*qkv))
     few = q.shape[2] <= MAX_ROWS
-    if usable and available() and (few or (q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0 and has_bf16_dot())):
+    long_ok = q.shape[-1] % 32 == 0 and (q.dtype == torch.float32 or has_bf16_dot())
+    if usable and available() and (few or long_ok):
         op = torch.ops.mixtral_kernels.attend if few else torch.ops.mixtral_kernels.prefill_attend
         return op(q, k, v, mask, scale, mask is None)
     causal = mask is None and q.shape[2] > 1
