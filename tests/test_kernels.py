@@ -8,6 +8,10 @@ plus that fp32 allowance; quantized kernels against x @ dequantize(...).T in fp3
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -73,6 +77,35 @@ def test_bf16_paths_agree():
     ref = F.linear(x.float(), w.float())
     assert_matches(cpu.extension().linear(x, w, None, True), ref)
     assert_matches(cpu.extension().linear(x, w, None, False), ref)
+
+
+_WITHOUT_BF16 = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from mixtral import kernels
+    from mixtral.kernels import cpu
+    ops = cpu._build(cpu.isa_flags(cpu.cpu_flags() - {"avx512_bf16"}))
+    assert not ops.has_bf16_dot()
+    q, k, v = torch.randn(1, 4, 80, 64), torch.randn(1, 2, 80, 64), torch.randn(1, 2, 80, 64)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert (ops.prefill_attend(q, k, v, None, 0.125, True) - ref).abs().max() < 1e-5
+    w, x = torch.randn(64, 256), torch.randn(3, 256)
+    parts = kernels.quantize_int4(w, 32)
+    ref = F.linear(x, kernels.dequantize_int4(*parts))
+    assert (ops.linear_int4(x.bfloat16(), *parts, 32, None).float() - ref).abs().max() < 0.1 * ref.abs().max()
+    y = ops.linear(x.bfloat16(), w.bfloat16(), None, True).float()
+    assert (y - F.linear(x.bfloat16().float(), w.bfloat16().float())).abs().max() < 0.01 * y.abs().max()
+    print("ok")
+""")
+
+
+def test_kernels_build_and_run_without_avx512_bf16(tmp_path):
+    """CPUs with AVX-512 but not AVX512_BF16 build the kernels without the VDPBF16PS paths (their bf16 weights
+    widened to fp32 instead): in a fresh process, with its own cache folder, the build must succeed and compute."""
+    if not cpu.isa_flags(cpu.cpu_flags()) or not kernels.available():
+        pytest.skip("needs a CPU and compiler that build the kernels")
+    env = {**os.environ, "MIXTRAL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_BF16], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

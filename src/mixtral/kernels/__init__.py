@@ -213,8 +213,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     usable = (q.dtype in FLOATS and q.dtype == k.dtype == v.dtype and all(t.stride(-1) == 1 for t in qkv)
               and (mask is None or mask.dtype == torch.bool) and _inference_on_cpu(*qkv))
     few = q.shape[2] <= MAX_ROWS
-    long_ok = q.shape[-1] % 32 == 0 and (q.dtype == torch.float32 or has_bf16_dot())
-    if usable and available() and (few or long_ok):
+    if usable and available() and (few or (q.shape[-1] % 32 == 0 and (q.dtype == torch.float32 or has_bf16_dot()))):
         op = torch.ops.mixtral_kernels.attend if few else torch.ops.mixtral_kernels.prefill_attend
         return op(q, k, v, mask, scale, mask is None)
     causal = mask is None and q.shape[2] > 1

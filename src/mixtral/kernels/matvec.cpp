@@ -503,8 +503,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
                   scales.numel() == E * N * G && zeros.numel() == E * N * G,
               "int4 weights need uint8 packed and contiguous float32 scales and zeros (", experts ? "E, " : "",
               "N, K / group_size)");
-#ifdef __AVX512BF16__
   const int lane_shift = group_size == 32 ? 2 : group_size == 64 ? 3 : 4;  // see spread_groups
+#ifdef __AVX512BF16__
   if (x.scalar_type() == at::kBFloat16) {
     const Int4Bf16 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G, lane_shift,
                      std::max<int64_t>(1, group_size / Int4::kCols)};

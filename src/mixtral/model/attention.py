@@ -84,7 +84,7 @@ def eager_attention(q, k, v, mask, scale: float, dropout: float, training: bool)
 
 
 def sdpa_attention(q, k, v, mask, scale: float, dropout: float, training: bool):
-    if not (training and dropout > 0):  # our kernels where they apply (decoding, bf16 prompts), else sdpa
+    if not (training and dropout > 0):  # our kernels where they apply (decoding, prompts; inference), else sdpa
         return kernels.attention(q, k, v, mask, scale), None
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0,
