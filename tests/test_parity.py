@@ -251,7 +251,7 @@ def test_dtype_conversion_keeps_rope_frequencies_fp32():
     assert torch.equal(inv_freq, rope_inv_freq(config.head_size, config.rope_theta))
 
 
-def _long_prompt_pair(tmp_path, dtype: torch.dtype):
+def _long_prompt_pair(tmp_path, dtype: torch.dtype, sliding_window: int | None = None):
     """A Transformers model (sdpa, eager experts) with head size 32 saved in `dtype`, and ours loaded from it."""
     import transformers
 
@@ -259,7 +259,8 @@ def _long_prompt_pair(tmp_path, dtype: torch.dtype):
     tc = transformers.MixtralConfig(vocab_size=96, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                                     num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=0,
-                                    attn_implementation="sdpa", experts_implementation="eager")
+                                    sliding_window=sliding_window, attn_implementation="sdpa",
+                                    experts_implementation="eager")
     tm = transformers.MixtralForCausalLM(tc).to(dtype).eval()
     tm.save_pretrained(tmp_path)
     ours = mixtral.MixtralForCausalLM.from_pretrained(tmp_path, progress=False).eval()
@@ -267,10 +268,11 @@ def _long_prompt_pair(tmp_path, dtype: torch.dtype):
     return tm, ours
 
 
+@pytest.mark.parametrize("window", [None, 40])  # a sliding window that bites: a mask, as padding makes
 @pytest.mark.parametrize("pads", [[0], [0, 9]])  # causal (no mask), and a left-padded batch (the mask path)
-def test_fp32_long_prompt_equals_transformers(pads, make_batch, diff, tmp_path):
+def test_fp32_long_prompt_equals_transformers(pads, window, make_batch, diff, tmp_path):
     """100 tokens run our prompt kernels (attention above 64 queries, experts one per thread with a fused SiLU)."""
-    tm, ours = _long_prompt_pair(tmp_path, torch.float32)
+    tm, ours = _long_prompt_pair(tmp_path, torch.float32, window)
     ids, mask = make_batch(len(pads), 100, tm.config.vocab_size, pads=pads)
     theirs, mine = _forward_both(tm, ours, ids, mask)
     diff("logits (100 tokens)", mine.logits, theirs.logits, where=mask.bool())
