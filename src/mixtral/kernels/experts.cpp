@@ -47,6 +47,18 @@ void scale_rows(T* y, int64_t n, int64_t H, const float* w) {
   }
 }
 
+// One expert's n rows: ye (n, H) = down_e @ (silu(g) * u) with [g, u] = gate_up_e @ x_e, each row times w[r] if w.
+template <class T>
+void run_expert(const at::Tensor& x_e, const at::Tensor& gate_up_e, const at::Tensor& down_e, at::Tensor& ye,
+                const float* w) {
+  const int64_t n = x_e.size(0), I = down_e.size(1);
+  const at::Tensor gu = at::linear(x_e, gate_up_e);  // (n, 2I)
+  at::Tensor h = at::empty({n, I}, x_e.options());
+  silu_mul(gu.data_ptr<T>(), n, I, h.data_ptr<T>());
+  at::mm_out(ye, h, down_e.t());
+  if (w) scale_rows(ye.data_ptr<T>(), n, ye.size(1), w);
+}
+
 // x (N, H) sorted by expert, counts (E) rows per expert, gate_up (E, 2I, H) = [w1; w3], down (E, H, I), weights
 // (N) float32 or None -> (N, H): expert e's rows through down[e] @ (silu(w1[e] x) * w3[e] x), times weights.
 at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, at::IntArrayRef counts,
@@ -81,19 +93,12 @@ at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::
     for (int64_t i; (i = next++) < E;) {  // each thread takes the next expert when done with its last
       const int64_t e = order[i], n = counts[e];
       if (n == 0) continue;
-      const at::Tensor gu = at::linear(x.narrow(0, start[e], n), gate_up[e]);  // (n, 2I)
-      at::Tensor h = at::empty({n, I}, x.options());
       at::Tensor ye = y.narrow(0, start[e], n);  // (n, H), contiguous rows of y
+      const float* w = weights ? weights->data_ptr<float>() + start[e] : nullptr;
       if (bf16)
-        silu_mul(gu.data_ptr<at::BFloat16>(), n, I, h.data_ptr<at::BFloat16>());
+        run_expert<at::BFloat16>(x.narrow(0, start[e], n), gate_up[e], down[e], ye, w);
       else
-        silu_mul(gu.data_ptr<float>(), n, I, h.data_ptr<float>());
-      at::mm_out(ye, h, down[e].t());
-      if (!weights) continue;
-      if (bf16)
-        scale_rows(ye.data_ptr<at::BFloat16>(), n, ye.size(1), weights->data_ptr<float>() + start[e]);
-      else
-        scale_rows(ye.data_ptr<float>(), n, ye.size(1), weights->data_ptr<float>() + start[e]);
+        run_expert<float>(x.narrow(0, start[e], n), gate_up[e], down[e], ye, w);
     }
   });
   return y;

@@ -66,15 +66,16 @@ class Experts(nn.Module):
             y_NH = expert_mlp(x_NH, self.gate_up_proj, self.down_proj, counts, weights_N)
             if y_NH is not None:
                 return y_NH
-        return (self.expert_loop(x_NH, counts) * weights_N[:, None]).to(x_NH.dtype)
+        return self.expert_loop(x_NH, counts, weights_N)
 
-    def expert_loop(self, x_NH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def expert_loop(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
+        """grouped_mlp with torch ops, one expert at a time."""
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
                 outs.append(self.expert_mlp(e, x_NH[start:start + n]))
                 start += n
-        return torch.cat(outs)
+        return (torch.cat(outs) * weights_N[:, None]).to(x_NH.dtype)  # fp32 product, as Transformers
 
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         gate_TI, up_TI = F.linear(x_TH, self.expert_weight("gate_up_proj", e, x_TH.dtype)).chunk(2, dim=-1)

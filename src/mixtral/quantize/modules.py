@@ -102,5 +102,4 @@ class QuantizedExperts(Experts):
         return _dequantize(self.scheme, {k: v[e] for k, v in self._parts(name).items()}, dtype)
 
     def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
-        # one expert at a time, each dequantized for its tokens
-        return (self.expert_loop(x_NH, counts) * weights_N[:, None]).to(x_NH.dtype)
+        return self.expert_loop(x_NH, counts, weights_N)  # one expert at a time, each dequantized for its tokens
