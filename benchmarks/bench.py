@@ -1,7 +1,10 @@
 """Decode at the memory-bandwidth limit: ours against Transformers and llama.cpp, on the bench config.
 
     python benchmarks/bench.py [--quick] [--engines ours tf llama.cpp] [--dtypes fp32 bf16 int8 int4] [--no-compile]
-                               [--repeats N] [--model-dir DIR] [--quant-base bf16|fp32]
+                               [--repeats N] [--model-dir DIR] [--quant-base bf16|fp32] [--device cpu|cuda]
+
+Where torch sees a GPU the same command runs there (--device cuda is then the default): ours and Transformers, bf16,
+memory as GPU memory allocated, bandwidth from a device copy; writes bench-cuda.json and its plot.
 
 The checkpoint is built once in benchmarks/out/bench-model/ (GGUFs in its gguf/ folder): delete it to rebuild.
 
@@ -53,6 +56,7 @@ class Settings:
     batch_new_tokens: int = 16
     repeats: int = 3
     quant_base: str = "bf16"  # ours int8/int4: the dtype the weights are read in, then quantized
+    device: str = "cpu"  # "cuda": both engines on the GPU (memory figures are then GPU memory)
 
 
 QUICK = Settings(prompt_len=16, new_tokens=8, prefill_len=64, batches=(8, 32), batch_new_tokens=2, repeats=1)
@@ -151,23 +155,41 @@ def _rate(tokens: int, seconds: float) -> float:
 
 
 class PhasePeaks(dict):
-    """peaks[name] = peak RSS during a `with peaks(name):` block, above the baseline RSS."""
+    """peaks[name] = peak RSS during a `with peaks(name):` block, above the baseline RSS; with gpu=True the peak of
+    GPU memory allocated by torch instead (baseline: what was allocated before loading)."""
 
-    def __init__(self, baseline: int) -> None:
+    def __init__(self, baseline: int, gpu: bool = False) -> None:
         super().__init__()
-        self.baseline = baseline
+        self.baseline, self.gpu = baseline, gpu
 
     def __call__(self, name: str):
         import contextlib
 
         @contextlib.contextmanager
         def phase():
-            C.reset_peak_rss()
+            if self.gpu:
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                C.reset_peak_rss()
             try:
                 yield
             finally:
-                self[name] = C.peak_rss_bytes() - self.baseline
+                self[name] = _peak_bytes(self.gpu) - self.baseline
         return phase()
+
+
+def _memory_bytes(gpu: bool) -> int:
+    import torch
+
+    return torch.cuda.memory_allocated() if gpu else C.rss_bytes()
+
+
+def _peak_bytes(gpu: bool) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if gpu else C.peak_rss_bytes()
 
 
 def _quantizes_while_loading(mixtral: Any) -> bool:
@@ -181,6 +203,7 @@ def torch_worker(v: Variant, model_dir: str, s: Settings) -> dict[str, Any]:
     torch.set_num_threads(C.THREADS)
     quantized = v.dtype in ("int8", "int4")
     dtype = getattr(torch, TORCH_DTYPES[s.quant_base if quantized else v.dtype])
+    gpu = s.device != "cpu"
     while_loading = False
     if v.engine == "ours":
         import mixtral
@@ -189,6 +212,8 @@ def torch_worker(v: Variant, model_dir: str, s: Settings) -> dict[str, Any]:
 
         def load():
             kwargs = {"quantization": v.dtype} if while_loading else {}
+            if gpu:
+                kwargs["device"] = s.device
             model = mixtral.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, progress=False, **kwargs)
             return model.eval()
     else:
@@ -198,9 +223,9 @@ def torch_worker(v: Variant, model_dir: str, s: Settings) -> dict[str, Any]:
         kwargs = {} if v.impl is None else {"experts_implementation": v.impl}
 
         def load():
-            return transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).eval()
+            return transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(s.device).eval()
     gc.collect()
-    baseline = C.rss_bytes()
+    baseline = _memory_bytes(gpu)
     C.reset_peak_rss()
     load_s, model = C.timed(load)
     out: dict[str, Any] = {"load_s": load_s}
@@ -211,8 +236,8 @@ def torch_worker(v: Variant, model_dir: str, s: Settings) -> dict[str, Any]:
         model = result if result is not None else model
         gc.collect()
         out["quantize_s"] = quantize_s
-    out["peak_rss_load"] = C.peak_rss_bytes() - baseline
-    out["rss_after_load"] = C.rss_bytes() - baseline
+    out["peak_rss_load"] = _peak_bytes(gpu) - baseline
+    out["rss_after_load"] = _memory_bytes(gpu) - baseline
     seen: dict[int, int] = {}
     for t in [*model.state_dict().values()]:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -222,17 +247,17 @@ def torch_worker(v: Variant, model_dir: str, s: Settings) -> dict[str, Any]:
 
     @torch.inference_mode()
     def generate(ids: list[list[int]], n: int) -> list[int]:
-        x = torch.tensor(ids)
+        x = torch.tensor(ids, device=s.device)
         if v.engine == "ours":
             y = model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None, compile=v.impl == "compile")
         else:
             y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
                                min_new_tokens=n, pad_token_id=0)
         assert y.shape[1] == x.shape[1] + n, f"asked for {n} new tokens, got {y.shape[1] - x.shape[1]}"
-        return y[0, x.shape[1]:].tolist()
+        return y[0, x.shape[1]:].tolist()  # on a GPU, waits for the work to finish
 
     generate.batched = True
-    peaks = PhasePeaks(baseline)
+    peaks = PhasePeaks(baseline, gpu)
     out.update(_measure(generate, s, model.config.vocab_size, peaks))
     out.update(peaks)
     return out
@@ -271,9 +296,11 @@ def llama_worker(v: Variant, gguf: str, s: Settings) -> dict[str, Any]:
     return out
 
 
-def check_worker(model_dir: str, ggufs: dict[str, str], have_quantize: bool, quant_base: str) -> dict[str, Any]:
+def check_worker(model_dir: str, ggufs: dict[str, str], have_quantize: bool, quant_base: str,
+                 device: str = "cpu") -> dict[str, Any]:
     """Logits of a 16-token prompt, all positions: llama.cpp (F32 KV cache, no flash attention, so that an f32
-    file can match tightly), Transformers and our own bf16 / int8 / int4 against our fp32; plus routing stats."""
+    file can match tightly), Transformers and our own bf16 / int8 / int4 against our fp32; plus routing stats.
+    On a GPU (device="cuda"): ours and Transformers there, Transformers' bf16 too."""
     import numpy as np
     import torch
 
@@ -282,12 +309,13 @@ def check_worker(model_dir: str, ggufs: dict[str, str], have_quantize: bool, qua
     torch.set_num_threads(C.THREADS)
     cfg = C.BENCH_CONFIG
     ids = prompt_ids(1, 16, cfg["vocab_size"], 3)
-    x = torch.tensor(ids)
+    x = torch.tensor(ids, device=device)
 
     def ours_logits(dtype: str, quant: str | None = None) -> np.ndarray:
         while_loading = quant is not None and _quantizes_while_loading(mixtral)
         kwargs = {"quantization": quant} if while_loading else {}
-        model = mixtral.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, progress=False, **kwargs).eval()
+        model = mixtral.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, progress=False, device=device,
+                                                           **kwargs).eval()
         if quant and not while_loading:
             model = mixtral.quantize(model, quant) or model
         with torch.no_grad():
@@ -295,7 +323,7 @@ def check_worker(model_dir: str, ggufs: dict[str, str], have_quantize: bool, qua
         if out.router_logits is not None:
             chosen = torch.cat([r.topk(cfg["num_experts_per_tok"], -1).indices for r in out.router_logits])
             res["expert_use"] = torch.bincount(chosen.flatten(), minlength=cfg["num_local_experts"]).tolist()
-        return out.logits[0].float().numpy()
+        return out.logits[0].float().cpu().numpy()
 
     def compare(name: str, logits: np.ndarray) -> None:
         res["logits"][name] = {"max_abs_diff": float(np.abs(logits - ref).max()),
@@ -319,9 +347,11 @@ def check_worker(model_dir: str, ggufs: dict[str, str], have_quantize: bool, qua
 
         transformers.logging.set_verbosity_error()
         tf = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                             experts_implementation="eager").eval()
+                                                             experts_implementation="eager").to(device).eval()
         with torch.no_grad():
-            compare("TF eager fp32", tf(x).logits[0].numpy())
+            compare("TF eager fp32", tf(x).logits[0].cpu().numpy())
+            if device != "cpu":  # Transformers' own bf16 error, beside ours
+                compare("TF eager bf16", tf.to(torch.bfloat16)(x).logits[0].float().cpu().numpy())
         del tf
     except Exception as e:  # noqa: BLE001
         res["logits"]["TF eager fp32"] = {"error": C.short_error(e)}
@@ -342,9 +372,10 @@ def check_worker(model_dir: str, ggufs: dict[str, str], have_quantize: bool, qua
 def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     role = spec["role"]
     if role == "bandwidth":
-        return C.measure_bandwidth()
+        return C.measure_bandwidth() if spec.get("device", "cpu") == "cpu" else C.measure_gpu_bandwidth()
     if role == "check":
-        return check_worker(spec["model_dir"], spec["ggufs"], spec["have_quantize"], spec["quant_base"])
+        return check_worker(spec["model_dir"], spec["ggufs"], spec["have_quantize"], spec["quant_base"],
+                            spec.get("device", "cpu"))
     v, s = Variant(**spec["variant"]), Settings(**spec["settings"])
     if v.engine == "llama.cpp":
         return llama_worker(v, spec["gguf"], s)
@@ -449,9 +480,11 @@ def summarize(v: Variant, runs: list[dict], cfg: dict, bandwidth: float, s: Sett
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, short prompts and generations")
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="where both engines run (default: cuda if torch sees a GPU, else cpu)")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, help="default: all; on cuda ours and tf")
     parser.add_argument("--no-compile", action="store_true", help="skip ours with generate(compile=True)")
-    parser.add_argument("--dtypes", nargs="+", default=list(C.DTYPES), choices=C.DTYPES)
+    parser.add_argument("--dtypes", nargs="+", choices=C.DTYPES, help="default: all; on cuda bf16")
     parser.add_argument("--repeats", type=int, help="rounds (default 3; 1 with --quick)")
     parser.add_argument("--quant-base", choices=list(TORCH_DTYPES), default="bf16",
                         help="dtype ours reads the weights in before quantizing them (default bf16)")
@@ -468,15 +501,25 @@ def main() -> None:
     if args.repeats:
         s.repeats = args.repeats
     s.quant_base = args.quant_base
-    out_path = args.out or os.path.join(C.OUT_DIR, "bench-quick.json" if args.quick else "bench.json")
+    import torch
+
+    s.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = s.device != "cpu"
+    # On a GPU: Transformers is the baseline (llama.cpp's Python package is built for the CPU here) and bf16 the
+    # dtype (our int8/int4 kernels are CPU kernels).
+    args.engines = args.engines or (["ours", "tf"] if gpu else list(ENGINES))
+    args.dtypes = args.dtypes or (["bf16"] if gpu else list(C.DTYPES))
+    name = ("bench-quick" if args.quick else "bench") + ("-cuda" if gpu else "")
+    out_path = args.out or os.path.join(C.OUT_DIR, name + ".json")
     load_start = C.load_average()
     print(f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} on {os.cpu_count()} cores"
           + ("  (busy: timings are not meaningful)" if load_start[0] > 1 else ""), flush=True)
     info = C.ensure_bench_model(args.model_dir)
     import mixtral
 
-    have_quantize = hasattr(mixtral, "quantize")
-    notes = [] if have_quantize else ["ours int8/int4: mixtral.quantize does not exist yet: skipped"]
+    have_quantize = hasattr(mixtral, "quantize") and not gpu
+    notes = [] if have_quantize else ["ours int8/int4: skipped (" + ("CPU kernels" if gpu else
+                                                                     "mixtral.quantize does not exist yet") + ")"]
     try:
         import llama_cpp
 
@@ -497,14 +540,16 @@ def main() -> None:
     spec = {"model_dir": args.model_dir, "settings": dataclasses.asdict(s), "ggufs": ggufs}
 
     print("measuring read bandwidth ...", flush=True)
-    bw = C.run_worker(SCRIPT, {"role": "bandwidth"})
+    bw = C.run_worker(SCRIPT, {"role": "bandwidth", "device": s.device})
+    if gpu:
+        print(f"on {bw.get('device_name')}: {bw.get('error') or C.fmt(bw.get('copy_GBps'), 0) + ' GB/s'}", flush=True)
     print("checking logits against our fp32 ...", flush=True)
-    check = C.run_worker(SCRIPT, {"role": "check", "model_dir": args.model_dir, "ggufs": ggufs,
+    check = C.run_worker(SCRIPT, {"role": "check", "model_dir": args.model_dir, "ggufs": ggufs, "device": s.device,
                                   "have_quantize": have_quantize, "quant_base": s.quant_base})
     print(f"{len(variants)} engine x dtype workers x {s.repeats} rounds ...", flush=True)
     with C.OtherLoad() as other:
         runs = run_rounds(variants, spec, s)
-    bw_end = C.run_worker(SCRIPT, {"role": "bandwidth"})
+    bw_end = C.run_worker(SCRIPT, {"role": "bandwidth", "device": s.device})
     bandwidth = max(b.get("bandwidth_GBps", 0) for b in (bw, bw_end)) * C.GB or float("nan")
     cfg = C.BENCH_CONFIG
     rows = [summarize(v, runs[v], cfg, bandwidth, s) for v in variants]
@@ -519,6 +564,7 @@ def main() -> None:
     text = report.render(rows, check, bw, bw_end, bandwidth, cfg, s, notes)
     print("\n" + text)
     data = {"settings": dataclasses.asdict(s), "config": cfg, "model": info, "threads": C.THREADS,
+            "device": s.device, "device_name": bw.get("device_name") if gpu else None,
             "cpu_count": os.cpu_count(), "load_average_start": load_start, "load_average_end": load_end,
             "other_cores_during_rounds": other.cores,
             "bandwidth": {"start": bw, "end": bw_end, "used_GBps": bandwidth / C.GB},

@@ -102,16 +102,25 @@ def versions(llama_version: str | None) -> dict[str, str | None]:
 def render(rows: list[dict], check: dict, bw: dict, bw_end: dict, bandwidth: float, cfg: dict, s: Any,
            notes: list[str]) -> str:
     parts = []
-    parts.append(f"read bandwidth (sum of 1 GiB fp32, {C.THREADS} threads): torch {C.fmt(bw.get('torch_sum_GBps'))}"
-                 f" GB/s, numpy {C.fmt(bw.get('numpy_sum_GBps'))} GB/s at the start; torch "
-                 f"{C.fmt(bw_end.get('torch_sum_GBps'))}, numpy {C.fmt(bw_end.get('numpy_sum_GBps'))} at the end; "
-                 f"roofline uses {bandwidth / C.GB:.1f} GB/s")
+    gpu = s.device != "cpu"
+    if gpu:
+        parts.append(f"device: {bw.get('device_name')} ({C.fmt(bw.get('device_memory_GiB'), 0)} GiB); memory "
+                     f"bandwidth (1 GiB device copy, bytes read + written): {C.fmt(bw.get('copy_GBps'), 0)} GB/s at "
+                     f"the start, {C.fmt(bw_end.get('copy_GBps'), 0)} at the end; roofline uses "
+                     f"{bandwidth / C.GB:.0f} GB/s")
+    else:
+        parts.append(f"read bandwidth (sum of 1 GiB fp32, {C.THREADS} threads): torch "
+                     f"{C.fmt(bw.get('torch_sum_GBps'))} GB/s, numpy {C.fmt(bw.get('numpy_sum_GBps'))} GB/s at the "
+                     f"start; torch {C.fmt(bw_end.get('torch_sum_GBps'))}, numpy {C.fmt(bw_end.get('numpy_sum_GBps'))}"
+                     f" at the end; roofline uses {bandwidth / C.GB:.1f} GB/s")
     parts.append("bytes read per decoded token (active weights: attention, router, norms, 2 of 8 experts, LM head, "
                  "1 embedding row; int8/int4 as Q8_0/Q4_0): " + ", ".join(
                      f"{d} {C.active_bytes_per_token(cfg, d) / 1e6:.0f} MB -> roofline "
                      f"{bandwidth / C.active_bytes_per_token(cfg, d):.1f} tok/s" for d in C.DTYPES))
 
-    ref = next((r.get("tokens") for r in rows if r["label"] == "ours" and r["dtype"] == "fp32"), None)
+    ours = [r for r in rows if r["label"] == "ours"]  # greedy tokens are compared with ours fp32, else ours eager
+    ref_row = next((r for r in ours if r["dtype"] == "fp32"), ours[0] if ours else None)
+    ref, ref_name = (ref_row.get("tokens"), f"ours {ref_row['dtype']}") if ref_row else (None, "-")
     table = []
     for r in rows:
         same = None
@@ -128,10 +137,12 @@ def render(rows: list[dict], check: dict, bw: dict, bw_end: dict, bandwidth: flo
                       "-" if same is None else f"{same}/{len(ref)}"])
     parts.append(f"\nmedian of {s.repeats} round(s); decode b1: {s.prompt_len}-token prompt, {s.new_tokens} tokens "
                  f"after the first; prefill: {s.prefill_len} tokens; batched: {s.batch_new_tokens} tokens after the "
-                 "first; RSS above the RSS after import; 'greedy =' counts leading tokens equal to ours fp32")
+                 "first; " + ("memory: peak GPU memory allocated by torch" if gpu else "RSS above the RSS after import")
+                 + f"; 'greedy =' counts leading tokens equal to {ref_name}")
+    mem = "GPU mem" if gpu else "RSS"
     parts.append(C.format_table(
         ["engine", "dtype", "load s", "TTFT ms", "decode b1 tok/s", "% roof", f"prefill-{s.prefill_len} tok/s",
-         "b8 tok/s", "b32 tok/s", "peak RSS GB", "weights GB", "RSS/(W+KV)", "greedy ="], table))
+         "b8 tok/s", "b32 tok/s", f"peak {mem} GB", "weights GB", f"{mem}/(W+KV)", "greedy ="], table))
     for r in rows:
         for e in r["errors"]:
             parts.append(f"  {r['label']} {r['dtype']}: {e}")
@@ -175,6 +186,6 @@ def render(rows: list[dict], check: dict, bw: dict, bw_end: dict, bandwidth: flo
                          f"{check['ref_top1_margin_mean']:.3f}; experts chosen (all layers, 16 tokens): "
                          f"{check.get('expert_use')}")
     if ref:
-        parts.append(f"ours fp32 greedy output: {len(set(ref))} distinct of {len(ref)} tokens")
+        parts.append(f"{ref_name} greedy output: {len(set(ref))} distinct of {len(ref)} tokens")
     parts += [f"note: {n}" for n in notes]
     return "\n".join(parts)

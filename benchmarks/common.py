@@ -147,6 +147,26 @@ def measure_bandwidth(threads: int = THREADS, nbytes: int = GIB, repeats: int = 
             "bandwidth_GBps": max(torch_bw, numpy_bw) / GB, "threads": threads, "bytes": nbytes}
 
 
+def measure_gpu_bandwidth(nbytes: int = GIB, repeats: int = 20) -> dict[str, Any]:
+    """GPU memory bandwidth: median time of copying 1 GiB on the device, bytes read plus bytes written; the card."""
+    import torch
+
+    x = torch.ones(nbytes // 4, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    bw = 2 * nbytes / statistics.median(times) / GB
+    return {"copy_GBps": bw, "bandwidth_GBps": bw, "bytes": nbytes, "device_name": torch.cuda.get_device_name(),
+            "device_memory_GiB": torch.cuda.get_device_properties(0).total_memory / GIB}
+
+
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 

@@ -26,9 +26,13 @@ def plot(data: dict[str, Any], path: str) -> None:
     labels = [lab for lab in COLORS if any(r["label"] == lab for r in rows)]
     width = 0.8 / max(len(labels), 1)
     s = data["settings"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    gpu = data.get("device", "cpu") != "cpu"
     panels = [("decode_b1_tps", f"decode, batch 1 ({s['prompt_len']}-token prompt, {s['new_tokens']} tokens)"),
               ("prefill_tps", f"prefill, {s['prefill_len']}-token prompt")]
+    if gpu:  # a GPU's batched decode is its own story; its b1 roofline (10x the bars) is printed, not drawn
+        b = max(s["batches"])
+        panels.insert(1, (f"decode_b{b}_tps", f"decode, batch {b} ({s['batch_new_tokens']} tokens each)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5))
     for ax, (key, title) in zip(axes, panels):
         for j, label in enumerate(labels):
             for i, dtype in enumerate(dtypes):
@@ -44,7 +48,7 @@ def plot(data: dict[str, Any], path: str) -> None:
                 ax.bar(x, value, width, color=COLORS[label])
                 ax.text(x, value, f"{value:.1f}" if value < 100 else f"{value:.0f}", ha="center", va="bottom",
                         fontsize=8)
-        if key == "decode_b1_tps":
+        if key == "decode_b1_tps" and not gpu:
             bw = data["bandwidth"]["used_GBps"] * 1e9
             for i, dtype in enumerate(dtypes):
                 roof = bw / data["active_bytes_per_token"][dtype]
@@ -62,10 +66,12 @@ def plot(data: dict[str, Any], path: str) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=COLORS[lab], label=lab) for lab in labels]
-    handles.append(Line2D([], [], color="black", linestyle="dashed", label="roofline (bandwidth / active bytes)"))
+    if not gpu:
+        handles.append(Line2D([], [], color="black", linestyle="dashed", label="roofline (bandwidth / active bytes)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     load = data.get("load_average_start", [0])[0]
-    fig.suptitle(f"Mixtral bench config (791M params, 230M active), CPU, {data['threads']} threads, median of "
+    where = data.get("device_name") if gpu else f"CPU, {data['threads']} threads"
+    fig.suptitle(f"Mixtral bench config (791M params, 230M active), {where}, median of "
                  f"{s['repeats']} round(s), load average {load:.2f} at start"
                  + (" (machine busy: not meaningful)" if load > 1 else ""))
     fig.tight_layout(rect=(0, 0.06, 1, 1))

@@ -6,7 +6,7 @@ Shapes: B rows, S new tokens (P at prefill, 1 when decoding), L cache slots, H h
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -89,3 +89,74 @@ def compiled_forward_last(model: Any):
 
     model._compiled_forward_last = (signature, fn)
     return fn
+
+
+# ---- CUDA: the decode step as a graph -----------------------------------------------------------------------------
+GRAPHS_KEPT = 4  # (batch, cache length) shapes whose graph and cache a model keeps for later generate() calls
+
+
+class GraphedStep:
+    """forward_last for one-token steps, recorded once as a CUDA graph and replayed: a step's few hundred kernel
+    launches become one, and launches, not bytes, bound a small model's decode on a GPU.
+
+    The graph holds the addresses of the model's tensors and of its inputs, so it owns its StaticCache and input
+    buffers (ids, positions, cache_position, kv_mask): a generate() call writes its mask into `kv_mask`, prefills
+    into `cache`, then calls this with each step's values. Slots left from an earlier call are masked by causality
+    until the new call writes them."""
+
+    def __init__(self, model: Any, batch: int, slots: int, step: Callable[..., torch.Tensor] = forward_last) -> None:
+        self.cache = StaticCache.for_model(model, batch, slots)
+        device = self.cache.keys[0].device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.kv_mask = torch.ones(batch, slots, dtype=torch.bool, device=device)
+        args = (model, self.ids, self.positions, self.cache_position, self.kv_mask, self.cache)
+        side = torch.cuda.Stream(device)  # warm up off the capture (lazy cuBLAS handles, workspaces), as torch asks
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step(*args)  # writes slot 0 of the fresh cache: the prefill overwrites it
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(*args)  # (B, V) fp32, rewritten by every replay
+
+    def __call__(self, model: Any, ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
+                 kv_mask: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        assert cache is self.cache and kv_mask is self.kv_mask, "a graphed step runs on its own cache and mask"
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.cache_position.copy_(cache_position)
+        self.graph.replay()
+        return self.logits
+
+
+def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:
+    """The model's GraphedStep for this shape (recorded on first use, kept for later calls while the model is
+    unchanged), or None with a warning where the step cannot be a graph: it must run on a GPU with no host sync,
+    which the experts do only in bf16 with torch's grouped GEMM kernel (Experts.runs_grouped)."""
+    from ..model.moe import Experts
+
+    p = next(model.parameters())
+    probe = torch.empty(1, model.config.hidden_size, dtype=p.dtype, device=p.device)
+    if not all(m.runs_grouped(probe) for m in model.modules() if isinstance(m, Experts)):
+        warnings.warn(f"compile=True on {p.device} records the decode step as a CUDA graph, which needs bf16 experts "
+                      "and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): decoding eagerly", stacklevel=3)
+        return None
+    signature = _signature(model)
+    kept = getattr(model, "_graphed_steps", None)
+    if kept is None or kept[0] != signature:  # a changed model (cast, moved, quantized) drops its old graphs
+        kept = model._graphed_steps = (signature, {})
+    steps = kept[1]
+    step = steps.pop((batch, slots), None)
+    if step is None:
+        try:
+            step = GraphedStep(model, batch, slots)
+        except Exception as e:  # noqa: BLE001 - an op that cannot be captured: decode eagerly, as compile does
+            warnings.warn(f"recording the decode step as a CUDA graph failed, decoding eagerly: {type(e).__name__}: "
+                          f"{e}", stacklevel=3)
+            return None
+    steps[(batch, slots)] = step  # most recently used last
+    while len(steps) > GRAPHS_KEPT:
+        steps.pop(next(iter(steps)))
+    return step

@@ -12,7 +12,7 @@ import torch
 
 from .config import GenerationConfig
 from ..cache import StaticCache
-from .decode import COMPILED_CACHE_BUCKET, compiled_forward_last, forward_last
+from .decode import COMPILED_CACHE_BUCKET, compiled_forward_last, forward_last, graphed_step
 from .sampling import process_logits, select_next
 
 
@@ -100,11 +100,17 @@ def generate_tokens(
     if compile:  # one compiled step for every length in the bucket, not one per (prompt + output) length
         rounded = -(-slots // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET
         slots = max(slots, min(rounded, model.config.max_position_embeddings))  # capped at the context
-    cache = StaticCache.for_model(model, b, slots)
-    kv_mask = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
+    # compile: on CUDA the decode step is replayed from a CUDA graph that owns its cache and mask (eager, with a
+    # warning, where the step cannot be a graph); elsewhere inductor compiles it.
+    graph = graphed_step(model, b, slots) if compile and device.type == "cuda" and max_new_tokens > 1 else None
+    if graph is not None:
+        cache, kv_mask, step_fn = graph.cache, graph.kv_mask.fill_(True), graph
+    else:
+        cache = StaticCache.for_model(model, b, slots)
+        kv_mask = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
+        step_fn = compiled_forward_last(model) if compile and device.type != "cuda" else forward_last
     kv_mask[:, :p] = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)  # (B, P)
-    step_fn = compiled_forward_last(model) if compile else forward_last
     # Prefill: the prompt's queries attend to the prompt's slots only, without a mask where nothing is masked.
     window = model.config.sliding_window
     plain = bool(attention_mask.bool().all()) and (window is None or p <= window)
@@ -160,7 +166,8 @@ def generate(
 ) -> torch.Tensor:
     """Transformers-style generate: returns (B * num_return_sequences, P + new) ids, prompt included.
 
-    compile=True compiles the one-token decode step with torch.compile (inductor) on first use.
+    compile=True compiles the one-token decode step with torch.compile (inductor) on first use; on CUDA it records the
+    step as a CUDA graph instead (bf16 experts on Hopper or Blackwell GPUs; elsewhere a warning and eager decoding).
     """
     cfg = resolve_generation_config(model, generation_config, kwargs)
     input_ids, attention_mask, max_new = _prepare_inputs(model, input_ids, attention_mask, cfg)

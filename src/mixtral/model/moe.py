@@ -6,6 +6,8 @@ Parameter names are Transformers 5's (mlp.gate.weight, mlp.experts.gate_up_proj,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,21 @@ ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+@functools.cache
+def _cutlass_grouped_mm(device: torch.device) -> bool:
+    """Whether torch's grouped GEMM has its CUTLASS kernel on this GPU (Hopper, Blackwell): elsewhere, and for
+    dtypes other than bf16, it loops over the groups and reads their sizes back to the host."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def grouped_mm_fits(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether x (N, K) times stacked (E, N', K) weights runs as grouped GEMMs with no host sync: bf16 on a GPU that
+    has the kernel, every row 16-byte aligned. A None weight (quantized experts keep theirs as buffers) never does."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and _cutlass_grouped_mm(x.device)
+            and all(w is not None and w.dtype == x.dtype and w.device == x.device and w.shape[1] % 8 == 0
+                    and w.shape[2] % 8 == 0 for w in weights))
 
 
 class Router(nn.Module):
@@ -83,6 +100,8 @@ class Experts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if not trainable and self.runs_grouped(x_TH):
+            return self.forward_grouped(x_TH, weights_TK, experts_TK)
         if not trainable and x_TH.shape[0] <= FEW_TOKENS:
             return self.forward_few(x_TH, weights_TK, experts_TK)
         return self.forward_sorted(x_TH, weights_TK, experts_TK)
@@ -103,6 +122,25 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_N, minlength=self.num_experts).tolist()  # one host sync per layer
         x_NH = x_TH[order_N // k]  # each token repeated once per expert it was routed to, grouped by expert
         y_NH = self.grouped_mlp(x_NH, counts, weights_TK.reshape(-1)[order_N])
+        y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
+        return y_TKH.sum(dim=1)
+
+
+    def runs_grouped(self, x_TH: torch.Tensor) -> bool:
+        """Whether inference on x goes to forward_grouped (bf16 on a GPU with torch's grouped GEMM kernel)."""
+        return grouped_mm_fits(x_TH, *map(self._parameters.get, ("gate_up_proj", "down_proj")))
+
+    def forward_grouped(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        """GPU: forward_sorted with one grouped GEMM per weight over all experts, the group sizes found on the device
+        (searchsorted in the sorted expert ids): no host sync at any token count, so a CUDA graph can hold it."""
+        t, k = experts_TK.shape
+        sorted_N, order_N = torch.sort(experts_TK.reshape(-1), stable=True)  # N = T*K assignments
+        ends = torch.arange(1, self.num_experts + 1, device=x_TH.device, dtype=sorted_N.dtype)
+        offsets_E = torch.searchsorted(sorted_N, ends).to(torch.int32)  # rows of experts 0..e end here
+        x_NH = x_TH[order_N // k]
+        gate_NI, up_NI = torch._grouped_mm(x_NH, self.gate_up_proj.transpose(1, 2), offs=offsets_E).chunk(2, dim=-1)
+        y_NH = torch._grouped_mm(self.act(gate_NI) * up_NI, self.down_proj.transpose(1, 2), offs=offsets_E)
+        y_NH = (y_NH * weights_TK.reshape(-1)[order_N, None]).to(x_TH.dtype)  # fp32 product, as Transformers
         y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
         return y_TKH.sum(dim=1)
 
