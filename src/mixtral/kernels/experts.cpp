@@ -16,6 +16,7 @@
 #include <atomic>
 #include <numeric>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -47,12 +48,22 @@ void scale_rows(T* y, int64_t n, int64_t H, const float* w) {
   }
 }
 
+// fp32 gate_up products run in blocks of this many weight rows (output columns): MKL's single-threaded sgemm runs
+// 10-17% faster over a 4 MB block of weights than over a whole expert's 29 MB (n x 7168 x 1024, n = 64-256), the
+// same arithmetic per output; expert_mlp 1.12x in fp32 (bench model, 512 tokens). bf16 gains nothing.
+constexpr int64_t FP32_COLUMN_BLOCK = 1024;
+
 // One expert's n rows: ye (n, H) = down_e @ (silu(g) * u) with [g, u] = gate_up_e @ x_e, each row times w[r] if w.
 template <class T>
 void run_expert(const at::Tensor& x_e, const at::Tensor& gate_up_e, const at::Tensor& down_e, at::Tensor& ye,
                 const float* w) {
   const int64_t n = x_e.size(0), I = down_e.size(1);
-  const at::Tensor gu = at::linear(x_e, gate_up_e);  // (n, 2I)
+  at::Tensor gu = at::empty({n, 2 * I}, x_e.options());  // (n, 2I)
+  const int64_t block = std::is_same_v<T, float> ? FP32_COLUMN_BLOCK : 2 * I;
+  for (int64_t c = 0; c < 2 * I; c += block) {
+    at::Tensor gu_c = gu.narrow(1, c, std::min(block, 2 * I - c));  // rows strided by 2I: sgemm's ldc
+    at::mm_out(gu_c, x_e, gate_up_e.narrow(0, c, gu_c.size(1)).t());
+  }
   at::Tensor h = at::empty({n, I}, x_e.options());
   silu_mul(gu.data_ptr<T>(), n, I, h.data_ptr<T>());
   at::mm_out(ye, h, down_e.t());
