@@ -293,13 +293,14 @@ def test_prefill_attention_as_accurate_as_sdpa():
 
 
 # ---- expert MLPs over sorted tokens --------------------------------------------------------------------------
+@pytest.mark.parametrize("inter", [40, 520])  # 2 x 520 = 1040 gate/up columns: fp32 runs them in two blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_mlp_equals_the_loop(dtype):
+def test_expert_mlp_equals_the_loop(dtype, inter):
     """One expert per thread, each row times its routing weight: the experts one by one in fp32 math, within the
     dtype's rounding (in bf16 also the rounding of silu(gate) * up, which the kernel rounds once, from fp32)."""
     counts = [5, 0, 17, 1, 9]  # an unused expert, uneven loads; 17 x 40 and 24 columns: vector tails
-    x, gate_up, down = randn(32, 24, dtype=dtype), randn(5, 2 * 40, 24, dtype=dtype, seed=1), randn(5, 24, 40,
-                                                                                                   dtype=dtype, seed=2)
+    x, gate_up = randn(32, 24, dtype=dtype), randn(5, 2 * inter, 24, dtype=dtype, seed=1)
+    down = randn(5, 24, inter, dtype=dtype, seed=2)
     weights = torch.rand(32, generator=torch.Generator().manual_seed(3))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
