@@ -4,7 +4,8 @@ generate(compile=True) replays), and a CUDA graph of the inductor-compiled step;
     python benchmarks/cuda_step.py [--batches 1 32] [--no-inductor]
 
 Also counts the step's kernels and their summed GPU time (profiler, one eager step): how far a step is from the
-bytes it must read (the bench model's active bf16 weights, 460 MB) and how much is launch overhead.
+bytes it must read (the bench model's active bf16 weights, 460 MB) and how much is launch overhead. Accuracy: each
+variant's logits against the same step of the model in fp32 (mean |diff| and argmax agreement).
 Writes benchmarks/out/cuda_step.json.
 """
 
@@ -57,6 +58,8 @@ def main() -> None:
     C.ensure_bench_model(args.model_dir)
     model = MixtralForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device="cuda",
                                                progress=False).eval()
+    model32 = MixtralForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, device="cuda",
+                                                 progress=False).eval()
     cfg = C.BENCH_CONFIG
     active = C.active_bytes_per_token(cfg, "bf16")
     bw = C.measure_gpu_bandwidth()
@@ -70,9 +73,19 @@ def main() -> None:
         res: dict[str, Any] = {}
         logits: dict[str, torch.Tensor] = {}
 
-        def prefill(cache: StaticCache, kv_mask: torch.Tensor) -> None:
-            forward_last(model, ids, positions, torch.arange(PROMPT, device="cuda"), kv_mask[:, :PROMPT],
+        def prefill(cache: StaticCache, kv_mask: torch.Tensor, m: Any = model) -> None:
+            forward_last(m, ids, positions, torch.arange(PROMPT, device="cuda"), kv_mask[:, :PROMPT],
                          cache.prefix(PROMPT), True)
+
+        with torch.no_grad():  # the reference: the same step of the model in fp32
+            cache32 = StaticCache.for_model(model32, b, SLOTS)
+            mask32 = torch.ones(b, SLOTS, dtype=torch.bool, device="cuda")
+            prefill(cache32, mask32, model32)
+            ref32 = forward_last(model32, *step_args, mask32, cache32)
+
+        def against_fp32(name: str, out: torch.Tensor) -> None:
+            res[f"{name}_err_vs_fp32"] = (out - ref32).abs().mean().item()
+            res[f"{name}_argmax_agree_fp32"] = (out.argmax(-1) == ref32.argmax(-1)).float().mean().item()
 
         with torch.no_grad():
             cache = StaticCache.for_model(model, b, SLOTS)
@@ -80,6 +93,7 @@ def main() -> None:
             prefill(cache, mask)
             eager = lambda: forward_last(model, *step_args, mask, cache)  # noqa: E731
             logits["eager"] = eager().clone()
+            against_fp32("eager", logits["eager"])
             res["eager_ms"] = time_ms(eager, steps=10)
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             with prof:
@@ -103,6 +117,7 @@ def main() -> None:
                     ref = logits["eager"]
                     res[f"{name}_max_diff_vs_eager"] = (logits[name] - ref).abs().max().item()
                     res[f"{name}_argmax_agree"] = (logits[name].argmax(-1) == ref.argmax(-1)).float().mean().item()
+                    against_fp32(name, logits[name])
                 except Exception as e:  # noqa: BLE001 - report, go on with the rest
                     res[f"{name}_error"] = C.short_error(e)
         floor_ms = active / (bw["copy_GBps"] * C.GB) * 1000
@@ -111,12 +126,14 @@ def main() -> None:
         rows.append([f"b{b}", C.fmt(res["eager_ms"], 3), C.fmt(res.get("graph_ms"), 3),
                      C.fmt(res.get("graph_inductor_ms"), 3), C.fmt(floor_ms, 3), res["kernels_per_step"],
                      C.fmt(res["kernel_time_ms"], 3), C.fmt(res.get("graph_inductor_setup_s"), 1),
-                     C.fmt(res.get("graph_inductor_max_diff_vs_eager"), 3)])
+                     C.fmt(res.get("graph_inductor_max_diff_vs_eager"), 3), C.fmt(res.get("graph_err_vs_fp32"), 4),
+                     C.fmt(res.get("graph_inductor_err_vs_fp32"), 4)])
         print(res, flush=True)
     print(f"\n{bw['device_name']}, {bw['copy_GBps']:.0f} GB/s (copy, read + write); bench model bf16, "
           f"{SLOTS}-slot cache, ms per decode step")
     print(C.format_table(["batch", "eager", "graph", "graph+inductor", "bytes floor", "kernels", "kernel time",
-                          "inductor setup s", "inductor max |diff|"], rows))
+                          "inductor setup s", "inductor max |diff|", "graph err", "inductor err"], rows))
+    print("err: mean |logits - fp32 model's| over the batch; max |diff| against the eager bf16 step")
     C.write_json(os.path.join(C.OUT_DIR, "cuda_step.json"), data)
 
 
