@@ -60,7 +60,7 @@ def test_fp32_on_cuda_equals_transformers(tmp_path):
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
 def test_grouped_experts_equal_the_expert_loop(tokens):
-    """bf16 experts through torch's grouped GEMM (forward_grouped) against the experts one by one in fp32 math on
+    """bf16 experts through torch's grouped GEMM (grouped_gemm_mlp) against the experts one by one in fp32 math on
     the same bf16 weights; both round the same few products to bf16."""
     if not _grouped_on_this_gpu():
         pytest.skip("this GPU has no grouped GEMM kernel (Hopper or Blackwell)")

@@ -101,7 +101,7 @@ def test_moe_matches_reference_bf16(tokens, num_experts, top_k, diff):
 @pytest.mark.parametrize("tokens", [1, 5, 200])
 @pytest.mark.parametrize("num_experts,top_k,intermediate", [(8, 2, 48), (4, 1, 16)])
 def test_grouped_gemm_dispatch_matches_reference(tokens, num_experts, top_k, intermediate, diff, monkeypatch):
-    """forward_grouped, the GPU path (one grouped GEMM per weight, group sizes found on the device), run here on
+    """grouped_gemm_mlp, the GPU path (one grouped GEMM per weight, group sizes found on the device), run here on
     torch's CPU grouped GEMM: the sorting, offsets and scatter back must give the reference at every token count,
     idle experts included (tests/test_cuda.py runs it on the GPU kernel)."""
     monkeypatch.setattr(mixtral.model.moe.Experts, "runs_grouped", lambda self, x: True)

@@ -101,7 +101,7 @@ class Experts(nn.Module):
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not trainable and self.runs_grouped(x_TH):
-            return self.forward_grouped(x_TH, weights_TK, experts_TK)
+            return self.forward_sorted(x_TH, weights_TK, experts_TK, on_device=True)
         if not trainable and x_TH.shape[0] <= FEW_TOKENS:
             return self.forward_few(x_TH, weights_TK, experts_TK)
         return self.forward_sorted(x_TH, weights_TK, experts_TK)
@@ -114,35 +114,35 @@ class Experts(nn.Module):
         y_TKH = self.routed_linear("down_proj", h_NI, experts_TK.reshape(-1, 1)).view(t, k, -1)
         return (y_TKH * weights_TK[..., None]).to(x_TH.dtype).sum(dim=1)  # fp32 product, as in forward_sorted
 
-    def forward_sorted(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        """Sort the T*K (token, expert) pairs by expert once; run each routed expert over its contiguous slice."""
-        t, k = experts_TK.shape
-        flat_N = experts_TK.reshape(-1)  # N = T*K assignments
-        order_N = torch.argsort(flat_N, stable=True)
-        counts = torch.bincount(flat_N, minlength=self.num_experts).tolist()  # one host sync per layer
-        x_NH = x_TH[order_N // k]  # each token repeated once per expert it was routed to, grouped by expert
-        y_NH = self.grouped_mlp(x_NH, counts, weights_TK.reshape(-1)[order_N])
-        y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
-        return y_TKH.sum(dim=1)
-
-
-    def runs_grouped(self, x_TH: torch.Tensor) -> bool:
-        """Whether inference on x goes to forward_grouped (bf16 on a GPU with torch's grouped GEMM kernel)."""
-        return grouped_mm_fits(x_TH, *map(self._parameters.get, ("gate_up_proj", "down_proj")))
-
-    def forward_grouped(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        """GPU: forward_sorted with one grouped GEMM per weight over all experts, the group sizes found on the device
-        (searchsorted in the sorted expert ids): no host sync at any token count, so a CUDA graph can hold it."""
+    def forward_sorted(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
+                       on_device: bool = False) -> torch.Tensor:
+        """Sort the T*K (token, expert) pairs by expert once; run each routed expert over its contiguous slice, with
+        the group sizes read back to the host (one sync per layer), or on_device as grouped GEMMs (grouped_gemm_mlp:
+        no sync, so that a CUDA graph can hold the step)."""
         t, k = experts_TK.shape
         sorted_N, order_N = torch.sort(experts_TK.reshape(-1), stable=True)  # N = T*K assignments
-        ends = torch.arange(1, self.num_experts + 1, device=x_TH.device, dtype=sorted_N.dtype)
-        offsets_E = torch.searchsorted(sorted_N, ends).to(torch.int32)  # rows of experts 0..e end here
-        x_NH = x_TH[order_N // k]
-        gate_NI, up_NI = torch._grouped_mm(x_NH, self.gate_up_proj.transpose(1, 2), offs=offsets_E).chunk(2, dim=-1)
-        y_NH = torch._grouped_mm(self.act(gate_NI) * up_NI, self.down_proj.transpose(1, 2), offs=offsets_E)
-        y_NH = (y_NH * weights_TK.reshape(-1)[order_N, None]).to(x_TH.dtype)  # fp32 product, as Transformers
+        x_NH = x_TH[order_N // k]  # each token repeated once per expert it was routed to, grouped by expert
+        weights_N = weights_TK.reshape(-1)[order_N]
+        if on_device:
+            y_NH = self.grouped_gemm_mlp(x_NH, sorted_N, weights_N)
+        else:
+            counts = torch.bincount(sorted_N, minlength=self.num_experts).tolist()  # one host sync per layer
+            y_NH = self.grouped_mlp(x_NH, counts, weights_N)
         y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
         return y_TKH.sum(dim=1)
+
+    def runs_grouped(self, x_TH: torch.Tensor) -> bool:
+        """Whether inference on x goes to grouped_gemm_mlp (bf16 on a GPU with torch's grouped GEMM kernel)."""
+        return grouped_mm_fits(x_TH, *map(self._parameters.get, ("gate_up_proj", "down_proj")))
+
+    def grouped_gemm_mlp(self, x_NH: torch.Tensor, experts_N: torch.Tensor, weights_N: torch.Tensor) -> torch.Tensor:
+        """grouped_mlp as two grouped GEMMs over all experts (torch._grouped_mm), expert e's rows ending where
+        searchsorted finds e + 1 in the sorted expert ids experts_N: computed on the device, never read back."""
+        ends_E = torch.arange(1, self.num_experts + 1, device=x_NH.device, dtype=experts_N.dtype)
+        offsets_E = torch.searchsorted(experts_N, ends_E).to(torch.int32)
+        gate_NI, up_NI = torch._grouped_mm(x_NH, self.gate_up_proj.transpose(1, 2), offs=offsets_E).chunk(2, dim=-1)
+        y_NH = torch._grouped_mm(self.act(gate_NI) * up_NI, self.down_proj.transpose(1, 2), offs=offsets_E)
+        return (y_NH * weights_N[:, None]).to(x_NH.dtype)  # fp32 product, as Transformers
 
 
 class SparseMoeBlock(nn.Module):
