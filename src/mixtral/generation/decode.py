@@ -102,7 +102,8 @@ class GraphedStep:
     The graph holds the addresses of the model's tensors and of its inputs, so it owns its StaticCache and input
     buffers (ids, positions, cache_position, kv_mask): a generate() call writes its mask into `kv_mask`, prefills
     into `cache`, then calls this with each step's values. Slots left from an earlier call are masked by causality
-    until the new call writes them."""
+    until the new call writes them. So a model decodes one sequence batch of a given shape at a time this way: two
+    generate(compile=True) iterators of the same shape, advanced in turn, would share the cache."""
 
     def __init__(self, model: Any, batch: int, slots: int, step: Callable[..., torch.Tensor] = forward_last) -> None:
         self.cache = StaticCache.for_model(model, batch, slots)
