@@ -137,3 +137,24 @@ def test_graphed_decoding_falls_back_in_fp32(tmp_path):
     with pytest.warns(UserWarning, match="CUDA graph"):
         mine = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
     assert torch.equal(eager, mine)
+
+
+def test_graphed_decoding_interleaved_generations(tmp_path):
+    """Two generations of one shape advanced in turn (two streams consumed side by side): the second finds the graph's
+    cache in use and decodes eagerly; both give eager decoding's tokens, and the graph is free again afterwards."""
+    from mixtral.generation.generate import generate_tokens, resolve_generation_config
+
+    if not _grouped_on_this_gpu():
+        pytest.skip("this GPU has no grouped GEMM kernel (Hopper or Blackwell)")
+    _pair(tmp_path, scale=8.0)
+    ours = MixtralForCausalLM.from_pretrained(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False).eval()
+    cfg = resolve_generation_config(ours, None, {"eos_token_id": None})
+    (ids1, mask1), (ids2, mask2) = _batch(seed=1), _batch(seed=2)
+    first = generate_tokens(ours, ids1, mask1, 10, cfg, compile=True)
+    second = generate_tokens(ours, ids2, mask2, 10, cfg, compile=True)
+    pairs = [(a, b) for a, b in zip(first, second)]
+    second.close()  # zip stopped at first's end, leaving second suspended
+    for ids, mask, tokens in ((ids1, mask1, [a for a, _ in pairs]), (ids2, mask2, [b for _, b in pairs])):
+        eager = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+        assert torch.equal(eager[:, ids.shape[1]:], torch.stack(tokens, dim=1))
+    assert not any(step.in_use for step in ours._graphed_steps[1].values())

@@ -102,8 +102,8 @@ class GraphedStep:
     The graph holds the addresses of the model's tensors and of its inputs, so it owns its StaticCache and input
     buffers (ids, positions, cache_position, kv_mask): a generate() call writes its mask into `kv_mask`, prefills
     into `cache`, then calls this with each step's values. Slots left from an earlier call are masked by causality
-    until the new call writes them. So a model decodes one sequence batch of a given shape at a time this way: two
-    generate(compile=True) iterators of the same shape, advanced in turn, would share the cache."""
+    until the new call writes them. The cache serves one generation at a time: while one uses it (`in_use`), another
+    generate() of the same shape decodes eagerly."""
 
     def __init__(self, model: Any, batch: int, slots: int, step: Callable[..., torch.Tensor] = forward_last) -> None:
         self.cache = StaticCache.for_model(model, batch, slots)
@@ -121,6 +121,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = step(*args)  # (B, V) fp32, rewritten by every replay
+        self.in_use = False  # a generate() is decoding with it: set by graphed_step, cleared by the generation
 
     def __call__(self, model: Any, ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
                  kv_mask: torch.Tensor, cache: StaticCache) -> torch.Tensor:
@@ -150,6 +151,9 @@ def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:
         kept = model._graphed_steps = (signature, {})
     steps = kept[1]
     step = steps.pop((batch, slots), None)
+    if step is not None and step.in_use:  # another generation is decoding with this graph's cache
+        steps[(batch, slots)] = step
+        return None
     if step is None:
         try:
             step = GraphedStep(model, batch, slots)
@@ -160,4 +164,5 @@ def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:
     steps[(batch, slots)] = step  # most recently used last
     while len(steps) > GRAPHS_KEPT:
         steps.pop(next(iter(steps)))
+    step.in_use = True
     return step

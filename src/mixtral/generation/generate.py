@@ -109,33 +109,37 @@ def generate_tokens(
         cache = StaticCache.for_model(model, b, slots)
         kv_mask = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
         step_fn = compiled_forward_last(model) if compile and device.type != "cuda" else forward_last
-    kv_mask[:, :p] = attention_mask.bool()
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)  # (B, P)
-    # Prefill: the prompt's queries attend to the prompt's slots only, without a mask where nothing is masked.
-    window = model.config.sliding_window
-    plain = bool(attention_mask.bool().all()) and (window is None or p <= window)
-    logits = forward_last(model, input_ids, positions, torch.arange(p, device=device), kv_mask[:, :p],
-                          cache.prefix(p), plain)
-    positions = positions[:, -1:]
-    seen = torch.empty(b, p + max_new_tokens, dtype=torch.long, device=device)
-    seen[:, :p] = input_ids
-    unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        logits = process_logits(logits, seen[:, :p + step], do_sample=cfg.do_sample, temperature_=cfg.temperature,
-                                top_k_=cfg.top_k, top_p_=cfg.top_p, min_p_=cfg.min_p,
-                                repetition_penalty_=cfg.repetition_penalty)
-        token = torch.where(unfinished, select_next(logits, cfg.do_sample, generator), pad)
-        seen[:, p + step] = token
-        yield token
-        if eos.numel():
-            unfinished &= ~torch.isin(token, eos)
-        if stop is not None:
-            unfinished &= ~stop(seen[:, :p + step + 1])
-        if step == max_new_tokens - 1 or ((eos.numel() or stop is not None) and not bool(unfinished.any())):
-            return
-        positions = positions + 1
-        cache_position = torch.full((1,), p + step, dtype=torch.long, device=device)
-        logits = step_fn(model, token[:, None], positions, cache_position, kv_mask, cache)
+    try:
+        kv_mask[:, :p] = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)  # (B, P)
+        # Prefill: the prompt's queries attend to the prompt's slots only, without a mask where nothing is masked.
+        window = model.config.sliding_window
+        plain = bool(attention_mask.bool().all()) and (window is None or p <= window)
+        logits = forward_last(model, input_ids, positions, torch.arange(p, device=device), kv_mask[:, :p],
+                              cache.prefix(p), plain)
+        positions = positions[:, -1:]
+        seen = torch.empty(b, p + max_new_tokens, dtype=torch.long, device=device)
+        seen[:, :p] = input_ids
+        unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            logits = process_logits(logits, seen[:, :p + step], do_sample=cfg.do_sample, temperature_=cfg.temperature,
+                                    top_k_=cfg.top_k, top_p_=cfg.top_p, min_p_=cfg.min_p,
+                                    repetition_penalty_=cfg.repetition_penalty)
+            token = torch.where(unfinished, select_next(logits, cfg.do_sample, generator), pad)
+            seen[:, p + step] = token
+            yield token
+            if eos.numel():
+                unfinished &= ~torch.isin(token, eos)
+            if stop is not None:
+                unfinished &= ~stop(seen[:, :p + step + 1])
+            if step == max_new_tokens - 1 or ((eos.numel() or stop is not None) and not bool(unfinished.any())):
+                return
+            positions = positions + 1
+            cache_position = torch.full((1,), p + step, dtype=torch.long, device=device)
+            logits = step_fn(model, token[:, None], positions, cache_position, kv_mask, cache)
+    finally:  # also when the caller stops iterating early
+        if graph is not None:
+            graph.in_use = False
 
 
 def _stop_string_checker(stop_strings: str | list[str], tokenizer: Any, prompt_len: int):
