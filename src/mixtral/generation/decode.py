@@ -135,8 +135,9 @@ class GraphedStep:
 
 def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:
     """The model's GraphedStep for this shape (recorded on first use, kept for later calls while the model is
-    unchanged), or None with a warning where the step cannot be a graph: it must run on a GPU with no host sync,
-    which the experts do only in bf16 with torch's grouped GEMM kernel (Experts.runs_grouped)."""
+    unchanged), marked in use; None with a warning where the step cannot be a graph (it must run on a GPU with no
+    host sync, which the experts do only in bf16 with torch's grouped GEMM kernel: Experts.runs_grouped), and None
+    without one while another generation uses this shape's graph."""
     from ..model.moe import Experts
 
     p = next(model.parameters())
