@@ -212,9 +212,8 @@ def torch_worker(v: Variant, model_dir: str, s: Settings) -> dict[str, Any]:
 
         def load():
             kwargs = {"quantization": v.dtype} if while_loading else {}
-            if gpu:
-                kwargs["device"] = s.device
-            model = mixtral.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, progress=False, **kwargs)
+            model = mixtral.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, device=s.device, progress=False,
+                                                               **kwargs)
             return model.eval()
     else:
         import transformers

@@ -133,7 +133,8 @@ class Experts(nn.Module):
 
     def runs_grouped(self, x_TH: torch.Tensor) -> bool:
         """Whether inference on x goes to grouped_gemm_mlp (bf16 on a GPU with torch's grouped GEMM kernel)."""
-        return grouped_mm_fits(x_TH, *map(self._parameters.get, ("gate_up_proj", "down_proj")))
+        # is_cuda first: on CPU this runs in every eager decode step, before the weights need looking up
+        return x_TH.is_cuda and grouped_mm_fits(x_TH, *map(self._parameters.get, ("gate_up_proj", "down_proj")))
 
     def grouped_gemm_mlp(self, x_NH: torch.Tensor, experts_N: torch.Tensor, weights_N: torch.Tensor) -> torch.Tensor:
         """grouped_mlp as two grouped GEMMs over all experts (torch._grouped_mm), expert e's rows ending where
