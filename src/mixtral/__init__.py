@@ -1,5 +1,6 @@
 """mixtral: the Mixtral sparse mixture-of-experts model in PyTorch, with Transformers' API."""
 
+from .auto import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache import DynamicCache
 from .config import MixtralConfig
 from .generation import GenerationConfig, TextIteratorStreamer, TextStreamer
@@ -15,4 +16,5 @@ __version__ = "0.1.0"
 __all__ = ["MixtralConfig", "MixtralModel", "MixtralForCausalLM", "MixtralForSequenceClassification",
            "MixtralForTokenClassification", "MixtralForQuestionAnswering", "MixtralPreTrainedModel", "DynamicCache",
            "load_balancing_loss", "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "pipeline",
-           "TextGenerationPipeline", "MixtralTokenizer", "AutoTokenizer", "quantize"]
+           "TextGenerationPipeline", "MixtralTokenizer", "AutoTokenizer", "quantize",
+           "AutoConfig", "AutoModel", "AutoModelForCausalLM"]

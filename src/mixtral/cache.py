@@ -88,32 +88,56 @@ class StaticCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, nkv, S, D) at positions cache_position (S,); return the full (B, nkv, max_len, D) buffers."""
-        if cache_position is None:
-            raise ValueError("StaticCache.update needs cache_position, the slots to write")
-        self.keys[layer_idx].index_copy_(2, cache_position, key)
-        self.values[layer_idx].index_copy_(2, cache_position, value)
+        """Write (B, nkv, S, D) at slots cache_position, (S,) shared or (B, S) per row; return the full
+        (B, nkv, max_len, D) buffers."""
+        write_slots(self.keys[layer_idx], key, cache_position)
+        write_slots(self.values[layer_idx], value, cache_position)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def prefix(self, length: int) -> "StaticCachePrefix":
+    def prefix(self, length: int) -> "StaticCacheView":
         """This cache seen through its first `length` slots: for a prefill from slot 0, whose queries need no
         later slot, so that attention runs over the prompt rather than the whole buffer."""
-        return StaticCachePrefix(self, length)
+        return StaticCacheView(self, slice(None), length)
+
+    def rows(self, rows: slice, length: int | None = None) -> "StaticCacheView":
+        """Batch rows `rows` of this cache (and their first `length` slots) as a cache of their own."""
+        return StaticCacheView(self, rows, self.max_len if length is None else length)
+
+    def copy_row(self, src: "StaticCache", src_row: int, dst_row: int, length: int) -> None:
+        """Slots [0, length) of row src_row of `src` into row dst_row of this cache (a prefilled prompt joining a
+        batch, or a finished row's place taken by another)."""
+        for mine, theirs in zip(self.keys + self.values, src.keys + src.values):
+            mine[dst_row, :, :length].copy_(theirs[src_row, :, :length])
 
 
-class StaticCachePrefix:
-    """Writes go to the StaticCache; update() returns only the first `length` slots, (B, nkv, length, D)."""
+def write_slots(buffer: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor | None) -> None:
+    """buffer (B, nkv, L, D)[b, :, cache_position[b, s]] = new (B, nkv, S, D)[b, :, s]; a 1-D cache_position (S,)
+    is the same slots for every row. In place, no host sync."""
+    if cache_position is None:
+        raise ValueError("a static cache's update needs cache_position, the slots to write")
+    if cache_position.dim() == 1:
+        buffer.index_copy_(2, cache_position, new)
+        return
+    rows = torch.arange(buffer.shape[0], device=buffer.device)[:, None]  # (B, 1)
+    buffer[rows, :, cache_position] = new.transpose(1, 2)  # indexed (B, S, nkv, D)
 
-    def __init__(self, cache: StaticCache, length: int) -> None:
-        self.cache, self.length = cache, length
+
+class StaticCacheView:
+    """Some batch rows and the first `length` slots of a StaticCache: writes go to the cache, update() returns
+    (b, nkv, length, D) views of its rows."""
+
+    def __init__(self, cache: StaticCache, rows: slice, length: int) -> None:
+        self.cache, self.row_slice, self.length = cache, rows, length
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.cache.update(key, value, layer_idx, cache_position)
+        k, v = self.cache.keys[layer_idx][self.row_slice], self.cache.values[layer_idx][self.row_slice]
+        write_slots(k, key, cache_position)
+        write_slots(v, value, cache_position)
         return k[:, :, :self.length], v[:, :, :self.length]
 
 
-KVCache = Union[DynamicCache, StaticCache, StaticCachePrefix]
+KVCache = Union[DynamicCache, StaticCache, StaticCacheView]

@@ -1,4 +1,4 @@
-"""The `mixtral` command: generate | chat | info | convert. Text goes to stdout, everything else to stderr."""
+"""The `mixtral` command: generate | chat | serve | info | convert. Text goes to stdout, everything else to stderr."""
 
 from __future__ import annotations
 
@@ -185,6 +185,24 @@ def _copy_tokenizer(src: str, dst: str) -> None:
                 shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeSettings, run_server
+    except ImportError as e:
+        raise RuntimeError(f"mixtral serve needs the server packages ({e.name} is missing): "
+                           "pip install 'mixtral[serve]'") from None
+    settings = ServeSettings(
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        quantize=args.quantize, compile=args.compile, max_batch=args.max_batch, max_waiting=args.max_waiting,
+        max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, prefill_chunk=args.prefill_chunk,
+        api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY") or None, max_body_bytes=args.max_body_bytes)
+    for name in ("max_batch", "max_waiting", "prefill_chunk", "max_body_bytes"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    run_server(settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtral", description="Run, inspect and convert Mixtral models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: the "
+                   "checkpoint folder's name)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes (default: "
+                   "$MIXTRAL_API_KEY; none if unset)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (rows of the KV cache)")
+    p.add_argument("--max-waiting", type=int, default=256, help="sequences that may wait for a row; past that, 429")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence "
+                   "(default: the model's context, lowered so that the KV cache fits in --kv-cache-gib)")
+    p.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache size when --max-model-len is not given")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between decode steps")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get a 413")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds for running requests to finish before they are aborted")
+    p.add_argument("--compile", action="store_true", help="compile the batched decode step (torch.compile on CPU; "
+                   "one compile per batch-size bucket, on first use)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="config summary, parameter counts (total/active), dtype, size on disk")
     p.add_argument("path")

@@ -10,9 +10,10 @@ import functools
 import importlib
 import json
 import re
+import secrets
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -49,7 +50,7 @@ MIXTRAL_CHAT_TEMPLATE = r"""
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CONFIG_KEYS = {*_SPECIAL_NAMES, "add_bos_token", "add_eos_token", "chat_template", "padding_side",
-                "truncation_side", "clean_up_tokenization_spaces"}
+                "truncation_side", "clean_up_tokenization_spaces", "split_special_tokens"}
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp's token types
 
 
@@ -77,6 +78,25 @@ def _require(module: str, purpose: str) -> Any:
         raise ImportError(f"{purpose} needs the {module} library: pip install {module}") from e
 
 
+def _alternation(strings: Sequence[str]) -> re.Pattern[str] | None:
+    # Longest first, so the leftmost match is also the longest, as the tokenizers library matches
+    pieces = sorted(strings, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, pieces))) if pieces else None
+
+
+def _special_matches(pattern: re.Pattern[str] | None, text: str,
+                     protected: Sequence[tuple[int, int]] | None) -> Iterator[re.Match[str]]:
+    """Special-token strings in `text`, searched only outside the sorted `protected` (start, end) spans.
+
+    A string that crosses a span's edge is partly content, so it stays text too.
+    """
+    if pattern is None:
+        return
+    bounds = [0, *(i for span in protected or () for i in span), len(text)]
+    for start, end in zip(bounds[::2], bounds[1::2]):
+        yield from pattern.finditer(text, start, end)
+
+
 def _truncate(ids: list[int], max_length: int | None, side: str) -> list[int]:
     if max_length is None or len(ids) <= max_length:
         return ids
@@ -93,8 +113,7 @@ class _SentencePieceBackend:
         # or <unk> from text, so we match their strings ourselves, as Transformers does.
         self.special_ids = {i for i in range(self.sp.get_piece_size())
                             if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        pieces = sorted((self.sp.id_to_piece(i) for i in self.special_ids), key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
+        self._special_re = _alternation([self.sp.id_to_piece(i) for i in self.special_ids])
         self._prefix: list[int] = []
         self._suffix: list[int] = []
 
@@ -102,14 +121,17 @@ class _SentencePieceBackend:
         self._prefix = [bos[1]] if bos else []
         self._suffix = [eos[1]] if eos else []
 
-    def encode(self, text: str, add_special_tokens: bool, max_length: int | None, side: str) -> list[int]:
-        chunks = self._special_re.split(text) if self._special_re else [text]
+    def encode(self, text: str, add_special_tokens: bool, max_length: int | None, side: str,
+               protected: Sequence[tuple[int, int]] | None = None) -> list[int]:
+        # Special-token strings inside `protected` spans are left to sentencepiece, which reads them as
+        # text (it never emits control pieces from text), exactly as mistral-common encodes content.
         ids: list[int] = []
-        for k, chunk in enumerate(chunks):  # re.split puts the matched special tokens at odd positions
-            if k % 2:
-                ids.append(self.sp.piece_to_id(chunk))
-            elif chunk:
-                ids.extend(self.sp.encode(chunk))  # each chunk gets the dummy "▁" prefix
+        pos = 0
+        for match in _special_matches(self._special_re, text, protected):
+            ids += self.sp.encode(text[pos:match.start()])  # each chunk gets the dummy "▁" prefix
+            ids.append(self.sp.piece_to_id(match.group()))
+            pos = match.end()
+        ids += self.sp.encode(text[pos:])
         if not add_special_tokens:
             return _truncate(ids, max_length, side)
         room = None if max_length is None else max(max_length - len(self._prefix) - len(self._suffix), 0)
@@ -149,6 +171,29 @@ class _TokenizersBackend:
     def __init__(self, tokenizer: Any):
         self.tk = tokenizer
         self.special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self._special_re = _alternation([tokenizer.id_to_token(i) for i in self.special_ids])
+
+    @functools.cached_property
+    def _as_text(self) -> tuple[Any, dict[str, str], dict[int, int]]:
+        """A copy of the tokenizer that reads special-token strings as text, and aliases that stand for them.
+
+        The copy has its own `encode_special_tokens` flag, so `self.tk` is never switched and no state
+        leaks between calls or threads. Special tokens that must stay special (a chat template's markup)
+        are written as aliases: non-special added tokens, which the copy still matches. The text is then
+        encoded in one pass that splits where the original would (so e.g. Metaspace's
+        prepend_scheme="first" sees the same offsets); the random nonce keeps user text from writing one.
+        """
+        from tokenizers import AddedToken, Tokenizer
+
+        tk = Tokenizer.from_str(self.tk.to_str())
+        tk.encode_special_tokens = True
+        nonce = secrets.token_hex(8)
+        added = self.tk.get_added_tokens_decoder()
+        aliases = {added[i].content: f"\ue000{nonce}:{i}\ue001" for i in self.special_ids}
+        tk.add_tokens([AddedToken(aliases[added[i].content], lstrip=added[i].lstrip, rstrip=added[i].rstrip,
+                                  normalized=False, special=False) for i in self.special_ids])
+        real_ids = {tk.token_to_id(aliases[added[i].content]): i for i in self.special_ids}
+        return tk, aliases, real_ids
 
     def set_bos_eos(self, bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> None:
         from tokenizers import processors
@@ -160,15 +205,26 @@ class _TokenizersBackend:
         single, pair = template("$A", 0), template("$A", 0) + template("$B", 1)
         self.tk.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=[t for t in (bos, eos) if t])
+        self.__dict__.pop("_as_text", None)  # the copy must get the new post-processor too
 
-    def encode(self, text: str, add_special_tokens: bool, max_length: int | None, side: str) -> list[int]:
-        encoding = self.tk.encode(text, add_special_tokens=False)
+    def encode(self, text: str, add_special_tokens: bool, max_length: int | None, side: str,
+               protected: Sequence[tuple[int, int]] | None = None) -> list[int]:
+        tk, real_ids = self.tk, {}  # real_ids: alias id -> special token id
+        if protected is not None:  # special tokens outside `protected` become aliases, the rest is text
+            tk, aliases, real_ids = self._as_text
+            parts: list[str] = []
+            pos = 0
+            for match in _special_matches(self._special_re, text, protected):
+                parts += [text[pos:match.start()], aliases[match.group()]]
+                pos = match.end()
+            text = "".join(parts) + text[pos:]
+        encoding = tk.encode(text, add_special_tokens=False)
         if max_length is not None:
-            room = max_length - (self.tk.num_special_tokens_to_add(False) if add_special_tokens else 0)
+            room = max_length - (tk.num_special_tokens_to_add(False) if add_special_tokens else 0)
             encoding.truncate(max(room, 0), direction=side)
         if add_special_tokens:
-            encoding = self.tk.post_process(encoding)
-        return encoding.ids
+            encoding = tk.post_process(encoding)
+        return [real_ids.get(i, i) for i in encoding.ids] if real_ids else encoding.ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -225,6 +281,57 @@ def _compile_chat_template(source: str) -> Any:
     return env.from_string(source)
 
 
+def _content_spans(template: Any, messages: list[dict[str, Any]], variables: dict[str, Any],
+                   text: str) -> list[tuple[int, int]]:
+    """The (start, end) spans of the rendered chat `text` that hold message contents, in order.
+
+    Renders again with each content replaced by a sentinel, then walks that skeleton against `text`:
+    the markup between sentinels must reappear verbatim, and each sentinel is its content as written
+    or as the template trimmed it (`| trim`, `.strip()`). Anything else the template does to content
+    (or to the markup because of it) is refused rather than guessed at.
+    """
+    nonce = secrets.token_hex(8)  # unguessable, so no content or template variable can hold a sentinel
+    contents: list[str] = []
+
+    def sentinel(content: str) -> str:
+        contents.append(content)
+        return f"\ue000{nonce}:{len(contents) - 1}\ue001"
+
+    # Every non-empty content is marked, not just those holding a special-token string: two contents
+    # written side by side ("</" + "s>") could form one. Empty ones stay, so `{% if content %}` still holds.
+    def marked(message: dict[str, Any]) -> dict[str, Any]:
+        content = message.get("content")
+        if isinstance(content, str) and content:
+            return {**message, "content": sentinel(content)}
+        if isinstance(content, list):  # OpenAI-style parts: [{"type": "text", "text": ...}, ...]
+            return {**message, "content": [{**part, "text": sentinel(part["text"])}
+                                           if isinstance(part, dict) and part.get("text") and
+                                           isinstance(part["text"], str) else part
+                                           for part in content]}
+        return message
+
+    skeleton = template.render(messages=[marked(m) for m in messages], **variables)
+    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", skeleton)  # markup, index, markup, ..., index, markup
+    refused = ValueError("split_special_tokens cannot tell message contents from markup in this chat template's "
+                         "output: the template changes contents other than by trimming them")
+    if not text.startswith(pieces[0]):
+        raise refused
+    spans: list[tuple[int, int]] = []
+    pos = len(pieces[0])
+    for index, markup in zip(pieces[1::2], pieces[2::2]):
+        content = contents[int(index)]
+        for form in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            if text.startswith(form + markup, pos):
+                break
+        else:
+            raise refused
+        spans.append((pos, pos + len(form)))
+        pos += len(form) + len(markup)
+    if pos != len(text):
+        raise refused
+    return spans
+
+
 class MixtralTokenizer:
     """Text <-> token ids with Transformers' tokenizer API, from sentencepiece or tokenizer.json files."""
 
@@ -233,6 +340,8 @@ class MixtralTokenizer:
         self.padding_side: str = config.get("padding_side") or "left"  # left padding is what generation needs
         self.truncation_side: str = config.get("truncation_side") or "right"
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        # The default for calls: read special-token strings in the text as text (chat markup stays special)
+        self.split_special_tokens = bool(config.get("split_special_tokens", False))
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: Transformers uses "default"
             template = {t["name"]: t["template"] for t in template}.get("default")
@@ -257,7 +366,8 @@ class MixtralTokenizer:
         """Load from a folder with tokenizer.json or tokenizer.model (plus tokenizer_config.json), or one such file.
 
         A file path ending in `.json` is read with tokenizers, any other file (e.g. `tokenizer.model.v1`)
-        with sentencepiece. `overrides` replace tokenizer_config.json keys, e.g. `padding_side="right"`.
+        with sentencepiece. `overrides` replace tokenizer_config.json keys, e.g. `padding_side="right"` or
+        `split_special_tokens=True`.
         """
         path = Path(path)
         unknown = set(overrides) - _CONFIG_KEYS
@@ -379,22 +489,35 @@ class MixtralTokenizer:
 
     # -- encoding and decoding --------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; special-token strings in it (e.g. "</s>") become their ids."""
-        return self._backend.encode(text, add_special_tokens, None, self.truncation_side)
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of `text`; special-token strings in it (e.g. "</s>") become their ids unless split.
+
+        `split_special_tokens` (default: the tokenizer's) reads them as text instead; BOS/EOS are still added.
+        """
+        return self._encode(text, add_special_tokens, None, split_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool, max_length: int | None,
+                split_special_tokens: bool | None) -> list[int]:
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        protected = [(0, len(text))] if split else None  # all of it is content
+        return self._backend.encode(text, add_special_tokens, max_length, self.truncation_side, protected)
 
     def __call__(self, text: str | list[str], return_tensors: str | None = None, padding: bool | str = False,
-                 truncation: bool = False, max_length: int | None = None,
-                 add_special_tokens: bool = True) -> BatchEncoding:
+                 truncation: bool = False, max_length: int | None = None, add_special_tokens: bool = True,
+                 split_special_tokens: bool | None = None) -> BatchEncoding:
         """Encode a string or a batch into `input_ids` and `attention_mask`, padded on `padding_side`.
 
         Without a pad token, padding uses the EOS id (masked out by `attention_mask`).
         """
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         batch = [text] if isinstance(text, str) else list(text)
         limit = max_length if truncation else None
-        ids = [self._backend.encode(t, add_special_tokens, limit, self.truncation_side) for t in batch]
+        ids = [self._encode(t, add_special_tokens, limit, split_special_tokens) for t in batch]
+        return self._batch_encoding(ids, isinstance(text, str), return_tensors, padding, max_length)
+
+    def _batch_encoding(self, ids: list[list[int]], single: bool, return_tensors: str | None,
+                        padding: bool | str, max_length: int | None) -> BatchEncoding:
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         masks = [[1] * len(x) for x in ids]
 
         if padding in (True, "longest", "max_length"):
@@ -422,7 +545,7 @@ class MixtralTokenizer:
                 raise ValueError("Sequences have different lengths; pass padding=True to make a tensor")
             return BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long).view(len(ids), -1),  # (B, T)
                                  attention_mask=torch.tensor(masks, dtype=torch.long).view(len(ids), -1))
-        if isinstance(text, str):
+        if single:
             return BatchEncoding(input_ids=ids[0], attention_mask=masks[0])
         return BatchEncoding(input_ids=ids, attention_mask=masks)
 
@@ -447,19 +570,25 @@ class MixtralTokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
                             tokenize: bool = True, return_tensors: str | None = None,
                             return_dict: bool = False, chat_template: str | None = None,
+                            split_special_tokens: bool | None = None,
                             **template_kwargs: Any) -> str | list[int] | torch.Tensor | BatchEncoding:
         """Render `messages` with the chat template (Mixtral-Instruct's if none); tokenize unless told not to.
 
         Returns the text, the ids (a list, or a (1, T) tensor with return_tensors="pt"), or with
-        return_dict=True (Transformers 5's default) the whole BatchEncoding.
+        return_dict=True (Transformers 5's default) the whole BatchEncoding. `split_special_tokens`
+        (default: the tokenizer's) reads special-token strings in message contents as text, while the
+        template's own markup keeps its special tokens.
         """
         template = _compile_chat_template(chat_template or self.chat_template or MIXTRAL_CHAT_TEMPLATE)
-        text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               **{**self.special_tokens, **template_kwargs})
+        variables = {"add_generation_prompt": add_generation_prompt, **self.special_tokens, **template_kwargs}
+        text = template.render(messages=messages, **variables)
         if not tokenize:
             return text
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        protected = _content_spans(template, messages, variables, text) if split else None
         # The template writes BOS itself, so add no special tokens here (as Transformers does)
-        encoded = self(text, return_tensors=return_tensors, add_special_tokens=False)
+        ids = self._backend.encode(text, False, None, self.truncation_side, protected)
+        encoded = self._batch_encoding([ids], True, return_tensors, False, None)
         return encoded if return_dict else encoded["input_ids"]
 
 

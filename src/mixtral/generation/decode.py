@@ -10,31 +10,36 @@ from typing import Any, Callable
 
 import torch
 
-from ..cache import StaticCache, StaticCachePrefix
+from ..cache import StaticCache, StaticCacheView
 
 
-def static_mask(kv_mask: torch.Tensor, cache_position: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """(B, 1, S, L) bool: query at slot cache_position[s] sees slot l <= it (within the window) that holds a
-    real token. kv_mask (B, L) is False at padding; slots not yet written are excluded by causality."""
-    slots = torch.arange(kv_mask.shape[1], device=kv_mask.device)[None, :]  # (1, L)
-    q = cache_position[:, None]  # (S, 1)
-    allowed = slots <= q
+def static_mask(kv_mask: torch.Tensor | None, cache_position: torch.Tensor, sliding_window: int | None,
+                slots: int | None = None) -> torch.Tensor:
+    """(B|1, 1, S, L) bool: query at slot cache_position[s] ((S,) for every row, or (B, S) per row) sees slot
+    l <= it (within the window) that holds a real token. kv_mask (B, L) is False at padding (None: no padding, then
+    `slots` gives L); slots not yet written are excluded by causality."""
+    length = kv_mask.shape[1] if kv_mask is not None else slots
+    l_idx = torch.arange(length, device=cache_position.device)  # (L,)
+    q = cache_position[..., None]  # (S, 1) or (B, S, 1)
+    allowed = l_idx <= q
     if sliding_window is not None:
-        allowed = allowed & (slots > q - sliding_window)
-    return allowed[None, None] & kv_mask[:, None, None, :]
+        allowed = allowed & (l_idx > q - sliding_window)
+    allowed = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]  # (B|1, 1, S, L)
+    return allowed if kv_mask is None else allowed & kv_mask[:, None, None, :]
 
 
 def forward_last(model: Any, ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
-                 kv_mask: torch.Tensor, cache: StaticCache | StaticCachePrefix,
-                 plain_causal: bool = False) -> torch.Tensor:
-    """Run ids (B, S) through the model, writing the cache; return fp32 logits (B, V) of the last position.
+                 kv_mask: torch.Tensor | None, cache: StaticCache | StaticCacheView,
+                 plain_causal: bool = False, slots: int | None = None) -> torch.Tensor:
+    """Run ids (B, S) through the model, writing the cache at cache_position ((S,), or (B, S) per row); return fp32
+    logits (B, V) of the last position.
 
     plain_causal: no padding, no window that bites and cache slots = positions, so attention needs no mask
-    (sdpa's is_causal, which skips the blocks above the diagonal)."""
+    (sdpa's is_causal, which skips the blocks above the diagonal). kv_mask None: no padding, `slots` attended."""
     backbone = model.model
     x = backbone.embed_tokens(ids)  # (B, S, H)
     cos, sin = backbone.rotary_emb(position_ids, x.dtype)
-    mask = None if plain_causal else static_mask(kv_mask, cache_position, model.config.sliding_window)
+    mask = None if plain_causal else static_mask(kv_mask, cache_position, model.config.sliding_window, slots)
     for layer in backbone.layers:
         x, _, _ = layer(x, cos, sin, mask, cache, False, cache_position)
     x = backbone.norm(x[:, -1:])  # only the last position feeds the next token

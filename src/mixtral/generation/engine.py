@@ -1,0 +1,256 @@
+"""Continuous batching: many independent sequences decoded together, joining and leaving between steps.
+
+A slot cache (a StaticCache of R rows by L slots) holds one running sequence per row, each at its own position and
+length: a sequence's token at position p sits in slot p of its row, so rows need no padding and no common length.
+Rows [0, B) are the running sequences, in order; one that finishes gives its row to the last one (a copy of that
+row's slots), so that every decode step runs over a contiguous prefix of the rows.
+
+A prompt is prefilled alone, into a one-row scratch cache, in pieces of at most `prefill_chunk` tokens (a shorter
+prompt in one piece: the very computation generate() does), then copied into a free row. Each step prefills at most
+about prefill_chunk prompt tokens and then decodes one token for every running row, so that streams keep producing
+while long prompts come in. The decode step is forward_last with per-row positions, generate()'s own step.
+
+Shapes: B running rows, R rows, L slots per row, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..cache import StaticCache
+from .decode import COMPILED_CACHE_BUCKET, compiled_forward_last, forward_last
+from .sampling import process_logits, select_next
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence chooses its tokens and when it stops (generate()'s arguments, per request)."""
+
+    max_tokens: int  # new tokens at most
+    do_sample: bool = False  # greedy unless asked
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # a generator of its own, seeded: the same draws whatever else runs beside it
+    stop_token_ids: tuple[int, ...] = ()  # end of sequence: finish_reason "stop"
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+
+
+@dataclass
+class Sequence:
+    """One row's request: a prompt and what has been generated so far."""
+
+    prompt: list[int]
+    params: SamplingParams
+    tag: Any = None  # the caller's handle (the server's request and choice index)
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    generator: torch.Generator | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def cached(self) -> int:
+        """Positions in the cache: the prompt and every output token but the last, which the next step feeds."""
+        return len(self.prompt) + len(self.output) - 1
+
+
+@dataclass
+class TokenEvent:
+    """A token chosen for a sequence (None when the sequence was aborted), its log-probabilities if asked for,
+    and why the sequence finished if this was its last."""
+
+    seq: Sequence
+    token: int | None
+    count: int = 0  # tokens the sequence has had, this one included
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes a compiled step is built for: powers of two below max_batch, then max_batch."""
+    return [b for b in (1 << i for i in range(max_batch.bit_length())) if b < max_batch] + [max_batch]
+
+
+class BatchEngine:
+    """Owns a model's slot cache and steps every running sequence together (see the module docstring).
+
+    Not thread-safe: one thread (the server's scheduler) calls add, abort and step."""
+
+    def __init__(self, model: Any, max_batch: int = 32, max_len: int | None = None, prefill_chunk: int = 512,
+                 compile: bool = False) -> None:
+        context = model.config.max_position_embeddings
+        self.max_len = min(max_len or context, context)
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.cache = StaticCache.for_model(model, max_batch, self.max_len)  # (R, nkv, L, D) per layer
+        self.scratch = StaticCache.for_model(model, 1, self.max_len)  # the prompt being prefilled
+        self.device = self.cache.keys[0].device
+        self.running: list[Sequence] = []  # running[i] owns cache row i
+        self.waiting: deque[list[Sequence]] = deque()  # groups sharing one prompt (n > 1)
+        self.prefilling: list[Sequence] | None = None
+        self.prefilled = 0  # prompt tokens of `prefilling` already in the scratch cache
+        self._aborted: set[int] = set()
+        # compile: inductor's step (CPU) over all L slots and a bucketed batch, so that a handful of shapes serve
+        self.compiled = compile and self.device.type == "cpu"
+        self.buckets = batch_buckets(max_batch)
+        self.last_batch = 0  # rows in the latest decode step (metrics)
+
+    # ---- the caller's side -------------------------------------------------------------------------------
+    def add(self, group: list[Sequence]) -> None:
+        """Queue sequences that share one prompt (n choices): prefilled once, then a row each."""
+        if not group or len({tuple(s.prompt) for s in group}) != 1:
+            raise ValueError("a group is one or more sequences with the same prompt")
+        if len(group) > self.max_batch:
+            raise ValueError(f"n={len(group)} choices exceed the batch of {self.max_batch} rows")
+        need = len(group[0].prompt) + max(s.params.max_tokens for s in group)
+        if not group[0].prompt or need > self.max_len:
+            raise ValueError(f"the prompt ({len(group[0].prompt)} tokens) plus max_tokens must fit in {self.max_len}")
+        for s in group:
+            if s.params.seed is not None and s.params.do_sample:
+                s.generator = torch.Generator(device=self.device).manual_seed(s.params.seed)
+        self.waiting.append(group)
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence at the next step: its row is freed then, and step() reports it with "abort"."""
+        self._aborted.add(seq.id)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.prefilling or self._aborted)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(g) for g in self.waiting) + len(self.prefilling or ())
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """Drop aborted sequences, prefill up to ~prefill_chunk prompt tokens, decode one token for every running
+        row; returns what each sequence got, in order."""
+        events = self._drop_aborted()
+        events += self._prefill()
+        if self.running:
+            events += self._decode()
+        return events
+
+    def _drop_aborted(self) -> list[TokenEvent]:
+        if not self._aborted:
+            return []
+        gone = [s for group in self.waiting for s in group if s.id in self._aborted]
+        self.waiting = deque(kept for kept in ([s for s in g if s.id not in self._aborted] for g in self.waiting)
+                             if kept)
+        if self.prefilling is not None:
+            gone += [s for s in self.prefilling if s.id in self._aborted]
+            self.prefilling = [s for s in self.prefilling if s.id not in self._aborted] or None
+            if self.prefilling is None:
+                self.prefilled = 0
+        rows = [i for i, s in enumerate(self.running) if s.id in self._aborted]
+        gone += [self.running[i] for i in rows]
+        self._free_rows(rows)
+        self._aborted.clear()
+        for s in gone:
+            s.finish_reason = "abort"
+        return [TokenEvent(s, None, len(s.output), finish_reason="abort") for s in gone]
+
+    def _prefill(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        done = 0
+        while True:
+            if self.prefilling is None:
+                if not self.waiting or len(self.running) + len(self.waiting[0]) > self.max_batch:
+                    break  # first come, first served: a group waits for rows rather than being overtaken
+                self.prefilling, self.prefilled = self.waiting.popleft(), 0
+            prompt = self.prefilling[0].prompt
+            piece = min(self.prefill_chunk, len(prompt) - self.prefilled)
+            if done and done + piece > self.prefill_chunk:
+                break  # this step's share of prompt tokens is used: decode first
+            logits = self._prefill_piece(prompt, self.prefilled, piece)
+            self.prefilled += piece
+            done += piece
+            if self.prefilled == len(prompt):
+                group, self.prefilling = self.prefilling, None
+                for s in group:  # each choice samples its own first token from the shared logits
+                    row = len(self.running)
+                    self.cache.copy_row(self.scratch, 0, row, len(prompt))
+                    self.running.append(s)
+                    events.append(self._choose(s, logits))
+                self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])
+        return events
+
+    def _prefill_piece(self, prompt: list[int], start: int, n: int) -> torch.Tensor:
+        """Prompt tokens [start, start + n) into the scratch cache; (1, V) logits of the last."""
+        ids = torch.tensor([prompt[start:start + n]], device=self.device)  # (1, n)
+        slots = torch.arange(start, start + n, device=self.device)  # (n,)
+        window = self.model.config.sliding_window
+        plain = start == 0 and (window is None or n <= window)  # as generate()'s prefill: no mask needed
+        return forward_last(self.model, ids, slots[None], slots, None, self.scratch.rows(slice(0, 1), start + n),
+                            plain, start + n)
+
+    def _decode(self) -> list[TokenEvent]:
+        b = len(self.running)
+        self.last_batch = b
+        last = [s.output[-1] for s in self.running]
+        pos = [s.cached for s in self.running]
+        if self.compiled:  # a bucket's shape: rows past b repeat row 0 (so route to the same experts) into free rows
+            rows = next(x for x in self.buckets if x >= b)
+            length = self.max_len
+            last, pos = last + last[:1] * (rows - b), pos + pos[:1] * (rows - b)
+            step: Callable[..., torch.Tensor] = compiled_forward_last(self.model)
+        else:  # attention over the slots in use, rounded up so that views of few lengths are made
+            rows, step = b, forward_last
+            length = min(self.max_len, -(-(max(pos) + 1) // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET)
+        ids = torch.tensor(last, device=self.device)[:, None]  # (rows, 1)
+        positions = torch.tensor(pos, device=self.device)[:, None]  # (rows, 1): slot = position
+        logits = step(self.model, ids, positions, positions, None, self.cache.rows(slice(0, rows), length), False,
+                      length)[:b]  # (B, V)
+        # one argmax for the rows that are plain greedy: a single read-back rather than one per row
+        plain = [not s.params.do_sample and s.params.repetition_penalty == 1.0 for s in self.running]
+        argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
+        events = [self._choose(s, logits[i:i + 1], argmax[i] if plain[i] else None)
+                  for i, s in enumerate(self.running)]
+        self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])
+        return events
+
+    def _choose(self, s: Sequence, logits: torch.Tensor, token: int | None = None) -> TokenEvent:
+        """Sample s's next token from its (1, V) logits, as generate() does for a batch of one (token: the argmax,
+        already known)."""
+        p = s.params
+        if token is None:
+            seen = (torch.tensor([s.prompt + s.output], device=self.device) if p.repetition_penalty != 1.0
+                    else logits.new_empty(1, 0, dtype=torch.long))  # (1, T): only the penalty reads it
+            processed = process_logits(logits, seen, do_sample=p.do_sample, temperature_=p.temperature,
+                                       top_k_=p.top_k, top_p_=p.top_p, min_p_=p.min_p,
+                                       repetition_penalty_=p.repetition_penalty)
+            token = int(select_next(processed, p.do_sample, s.generator))
+        s.output.append(token)
+        event = TokenEvent(s, token, len(s.output))
+        if p.logprobs is not None:  # of the model's distribution, before penalties and sampling filters
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            event.logprob = float(logprobs[token])
+            if p.logprobs > 0:
+                top = torch.topk(logprobs, p.logprobs)
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        if token in p.stop_token_ids:
+            s.finish_reason = "stop"
+        elif len(s.output) >= p.max_tokens:
+            s.finish_reason = "length"
+        event.finish_reason = s.finish_reason
+        return event
+
+    def _free_rows(self, rows: list[int]) -> None:
+        """Remove running[i] for i in rows; the last running row moves into each freed row (highest first, so
+        that the row moved is always one that stays)."""
+        for i in sorted(rows, reverse=True):
+            last = len(self.running) - 1
+            if i != last:
+                self.cache.copy_row(self.cache, last, i, self.running[last].cached)
+                self.running[i] = self.running[last]
+            self.running.pop()

@@ -1,0 +1,29 @@
+"""`mixtral serve`: an OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra)."""
+
+from __future__ import annotations
+
+import logging
+
+from .app import ServeSettings, create_app
+
+__all__ = ["ServeSettings", "create_app", "run_server"]
+
+
+def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+               shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM: then stop taking connections, let running requests finish for up to
+    shutdown_timeout seconds (abort the rest), and return."""
+    import signal
+
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+    # uvicorn re-raises the signal it shut down on, once its own handlers are gone: a handler of ours then takes
+    # SIGTERM, so that a graceful stop exits 0 (SIGINT stays KeyboardInterrupt: the CLI's 130)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,534 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the scheduler (see scheduler.py, engine.py).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (503 until the model is
+loaded), GET /metrics (Prometheus), POST /tokenize, POST /detokenize. Every error is OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generation.engine import BatchEngine, SamplingParams, Sequence
+from .metrics import Metrics
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
+                       TokenizeRequest, error_body)
+from .scheduler import Job, QueueFull, Scheduler
+from .text import ChoiceText, chat_logprobs, completion_logprobs
+
+log = logging.getLogger("mixtral.serve")
+ROLES = ("system", "user", "assistant")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class ServeSettings:
+    """`mixtral serve`'s options."""
+
+    model: str | None = None  # checkpoint folder or .gguf; None: the demo model
+    served_model_name: str | None = None  # the name clients pass as `model` (default: the folder's name)
+    dtype: str = "auto"
+    device: str | None = None
+    quantize: str | None = None
+    compile: bool = False
+    max_batch: int = 32  # rows of the slot cache: sequences decoded together
+    max_waiting: int = 256  # sequences that may wait for a row; beyond, 429
+    max_model_len: int | None = None  # prompt + completion tokens per sequence (default: see slot_cache_length)
+    kv_cache_gib: float = 4.0  # the slot cache's size when max_model_len is not given
+    prefill_chunk: int = 512  # prompt tokens prefilled per step
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20  # request bodies larger than this are refused (413)
+
+
+def slot_cache_length(model: Any, rows: int, budget_gib: float) -> int:
+    """The model's context, or less so that `rows` rows of slots fit in budget_gib (a multiple of 256)."""
+    c = model.config
+    p = next(model.parameters())
+    item = p.element_size() if p.is_floating_point() else 4
+    per_slot = rows * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_size * item
+    fits = int(budget_gib * 2**30 // per_slot) // 256 * 256
+    return max(256, min(c.max_position_embeddings, fits))
+
+
+class ServerState:
+    """The model, once loaded, and what serves it."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.scheduler: Scheduler | None = None
+        self.eos: tuple[int, ...] = ()
+        self.name = settings.served_model_name or "mixtral"
+        self.created = int(time.time())
+        self.metrics = Metrics(running=lambda: self.scheduler.running if self.scheduler else 0,
+                               waiting=lambda: self.scheduler.waiting if self.scheduler else 0,
+                               batch=lambda: self.scheduler.engine.last_batch if self.scheduler else 0)
+
+    def load(self) -> None:
+        import os
+
+        from ..pipeline import load_model_and_tokenizer
+
+        s = self.settings
+        try:
+            model, tok = load_model_and_tokenizer(s.model, dtype=s.dtype, device=s.device, quantize=s.quantize)
+            model.eval()
+            length = s.max_model_len or slot_cache_length(model, s.max_batch, s.kv_cache_gib)
+            engine = BatchEngine(model, s.max_batch, length, s.prefill_chunk, compile=s.compile)
+            cfg = getattr(model, "generation_config", None)
+            eos = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else tok.eos_token_id
+            self.eos = tuple([] if eos is None else [eos] if isinstance(eos, int) else eos)
+            if s.served_model_name is None:
+                self.name = os.path.basename(os.path.normpath(s.model)) if s.model else "demo-smollm2-135m-moe"
+            self.model, self.tokenizer = model, tok
+            self.scheduler = Scheduler(engine, s.max_waiting, on_step=self._count_tokens)
+            self.scheduler.start()
+            log.info("serving %s: %d rows x %d slots (%.2f GiB of KV cache)", self.name, s.max_batch, length,
+                     engine.cache.nbytes() / 2**30)
+            self.ready.set()
+        except Exception as e:  # noqa: BLE001 - /health reports it; the process stays up to say why
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("loading the model failed: %s", self.load_error)
+
+    def _count_tokens(self, engine: BatchEngine, events: list[Any]) -> None:
+        m = self.metrics
+        for ev in events:
+            if ev.token is not None:
+                m.generation_tokens.inc()
+                if ev.count == 1:
+                    m.prompt_tokens.inc(len(ev.seq.prompt))
+            if ev.finish_reason is not None:
+                m.finished.labels(ev.finish_reason).inc()
+
+    @property
+    def max_len(self) -> int:
+        assert self.scheduler is not None
+        return self.scheduler.engine.max_len
+
+
+# ---- requests in -----------------------------------------------------------------------------------------------
+async def read_json(request: Request, model: type[M], limit: int) -> M:
+    """The body as `model`: 413 past `limit` bytes, 400 for bad JSON or fields (naming the field)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        # pydantic names the member of a union it tried ("str", "list[int]", "TextPart"): not a field
+        param = ".".join(str(p) for p in first["loc"] if not _UNION_MEMBER.match(str(p))) or None
+        message = UNION_MESSAGES.get(param or "", first["msg"]) if len(e.errors()) > 1 else first["msg"]
+        raise APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value") from None
+
+
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|\w+\[.*\])$")
+UNION_MESSAGES = {"prompt": "must be a string, a list of strings, a list of token ids or a list of lists of ids",
+                  "stop": "must be a string or a list of strings"}
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.name:
+        raise APIError(404, f"the model `{name}` does not exist; this server serves `{state.name}`", param="model",
+                       code="model_not_found")
+
+
+def _encode_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    """A completion's prompt (a string, strings, token ids, lists of ids) as token id lists."""
+    tok = state.tokenizer
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    out = []
+    vocab = state.model.config.vocab_size
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(tok.encode(p, split_special_tokens=True))  # text stays text: no control tokens from users
+        else:
+            if any(not 0 <= i < vocab for i in p):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
+                               code="invalid_value")
+            out.append(list(p))
+    return out
+
+
+def _chat_prompt(state: ServerState, messages: list[Any], add_generation_prompt: bool = True) -> list[int]:
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise APIError(400, f"messages[{i}].role {m.role!r} is not one of {ROLES}", param=f"messages.{i}.role",
+                           code="invalid_value")
+    try:
+        ids = state.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                  add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                  split_special_tokens=True)
+    except Exception as e:  # noqa: BLE001 - the template's own complaint (raise_exception) is the client's to fix
+        raise APIError(400, f"the chat template refused the messages: {e}", param="messages",
+                       code="invalid_value") from None
+    return list(ids)
+
+
+def _sampling(state: ServerState, req: SamplingFields, prompt_len: int, max_tokens: int | None,
+              logprobs: int | None, index: int) -> SamplingParams:
+    room = state.max_len - prompt_len
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than "
+                       f"the {state.max_len} tokens of this server's context", param="max_tokens",
+                       code="context_length_exceeded")
+    temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default: sample
+    seed = None if req.seed is None else req.seed + index  # each choice its own draws, reproducible
+    return SamplingParams(max_tokens=max_tokens or room, do_sample=temperature > 0,
+                          temperature=temperature if temperature > 0 else 1.0, top_k=max(req.top_k or 0, 0),
+                          top_p=req.top_p or 1.0, min_p=req.min_p or 0.0,
+                          repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop_token_ids=state.eos,
+                          logprobs=logprobs)
+
+
+def _job(state: ServerState, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
+         logprobs: int | None) -> Job:
+    if req.n > state.settings.max_batch:
+        raise APIError(400, f"n={req.n} is more than the {state.settings.max_batch} rows of this server", param="n",
+                       code="invalid_value")
+    groups = [[Sequence(p, _sampling(state, req, len(p), max_tokens, logprobs, j)) for j in range(req.n)]
+              for p in prompts]
+    job = Job(groups, asyncio.get_running_loop())
+    assert state.scheduler is not None
+    if state.scheduler.error is not None:
+        raise APIError(503, f"the engine stopped: {state.scheduler.error!r}", type="server_error")
+    try:
+        state.scheduler.submit(job)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy: {e}; retry shortly", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    return job
+
+
+# ---- results out -----------------------------------------------------------------------------------------------
+class JobOutput:
+    """A job's choices as their events arrive, in OpenAI's choice order (prompt-major, then n)."""
+
+    def __init__(self, state: ServerState, job: Job, stops: list[str]) -> None:
+        self.state, self.job = state, job
+        self.seqs = job.sequences
+        self.choices = {s.id: ChoiceText(state.tokenizer, stops) for s in self.seqs}
+        self.last_token: dict[int, float] = {}
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices.values())
+
+    async def next_events(self) -> list[Any]:
+        """Wait for the next step's events and apply them; a choice cut by a stop string has its row aborted."""
+        events = await self.job.events.get()
+        now, m = time.monotonic(), self.state.metrics
+        cut = []
+        for ev in events:
+            choice = self.choices[ev.seq.id]
+            if ev.token is not None:
+                if self.job.first_token is None:
+                    self.job.first_token = now
+                    m.ttft.observe(now - self.job.created)
+                if ev.seq.id in self.last_token:
+                    m.tpot.observe(now - self.last_token[ev.seq.id])
+                self.last_token[ev.seq.id] = now
+            if choice.push(ev):
+                cut.append(ev.seq)
+        if cut:
+            self.abort(cut)
+        if self.done:
+            m.e2e.observe(now - self.job.created)
+        return events
+
+    def abort(self, seqs: list[Sequence] | None = None) -> None:
+        assert self.state.scheduler is not None
+        self.state.scheduler.abort(self.seqs if seqs is None else seqs)
+
+    def finish_reason(self, choice: ChoiceText) -> str:
+        if choice.finish_reason == "abort":
+            raise APIError(503, "the request was aborted: the server is shutting down", type="server_error")
+        return choice.finish_reason or "length"
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(len(g[0].prompt) for g in self.job.groups)
+        completion = sum(c.tokens for c in self.choices.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+
+
+async def _collect(request: Request, out: JobOutput) -> bool:
+    """Wait for every choice to finish: True; False when the client went away first (its rows are aborted)."""
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        while not out.done:
+            getter = asyncio.ensure_future(out.next_events())
+            finished, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in finished:
+                getter.cancel()
+                out.abort()
+                return False
+        return True
+    finally:
+        watcher.cancel()
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(settings: ServeSettings, load_in_background: bool = True) -> FastAPI:
+    """The app; its model loads when it starts (in a thread, so that /health answers 503 meanwhile)."""
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=state.load, name="mixtral-load", daemon=True)
+        loader.start()
+        if not load_in_background:
+            await asyncio.get_running_loop().run_in_executor(None, loader.join)
+        yield
+        if state.scheduler is not None:
+            state.scheduler.stop()
+
+    app = FastAPI(title="mixtral", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.mixtral = state
+    app.add_middleware(V1Gate, state=state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(e.detail), code=e.status_code), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ready.is_set() and state.scheduler is not None and state.scheduler.error is None:
+            return JSONResponse({"status": "ok"})
+        problem = state.load_error or (state.scheduler and state.scheduler.error and repr(state.scheduler.error))
+        return JSONResponse({"status": "error" if problem else "loading", "detail": problem}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
+                                            "owned_by": "mixtral", "max_model_len": state.max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await read_json(request, CompletionRequest, settings.max_body_bytes)
+        _check_model(state, req.model)
+        prompts = _encode_prompts(state, req.prompt)
+        out = JobOutput(state, _job(state, req, prompts, req.max_tokens, req.logprobs), req.stop_strings)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "text_completion", "created": created, "model": state.name}
+        offsets = {s.id: 0 for s in out.seqs}
+
+        def logprobs_of(seq: Sequence, choice: ChoiceText, entries: list[Any]) -> dict[str, Any] | None:
+            if req.logprobs is None:
+                return None
+            lp = completion_logprobs(state.tokenizer, entries, offsets[seq.id])
+            offsets[seq.id] += sum(len(t) for t in lp["tokens"])
+            return lp
+
+        if req.stream:
+            async def stream() -> AsyncIterator[str]:
+                try:
+                    while not out.done:
+                        events = await out.next_events()
+                        for i, s in enumerate(out.seqs):
+                            if not any(ev.seq is s for ev in events):
+                                continue
+                            c = out.choices[s.id]
+                            text, finish = c.pending(), c.finish_reason
+                            entries = c.new_logprobs()
+                            if text or entries or finish:
+                                yield _sse({**base, "choices": [{
+                                    "index": i, "text": text, "logprobs": logprobs_of(s, c, entries),
+                                    "finish_reason": None if finish is None else out.finish_reason(c)}],
+                                    **({"usage": None} if req.include_usage else {})})
+                    if req.include_usage:
+                        yield _sse({**base, "choices": [], "usage": out.usage()})
+                    yield "data: [DONE]\n\n"
+                except APIError as e:
+                    yield _sse(e.body())
+                finally:
+                    if not out.done:  # the client went away (or the loop was cancelled): free the rows now
+                        out.abort()
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        if not await _collect(request, out):
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
+        choices = []
+        for i, s in enumerate(out.seqs):
+            c = out.choices[s.id]
+            choices.append({"index": i, "text": c.text, "logprobs": logprobs_of(s, c, c.logprobs),
+                            "finish_reason": out.finish_reason(c)})
+        return JSONResponse({**base, "choices": choices, "usage": out.usage()})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await read_json(request, ChatCompletionRequest, settings.max_body_bytes)
+        _check_model(state, req.model)
+        prompt = _chat_prompt(state, req.messages)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        out = JobOutput(state, _job(state, req, [prompt], max_tokens, logprobs), req.stop_strings)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "created": created, "model": state.name}
+
+        if req.stream:
+            async def stream() -> AsyncIterator[str]:
+                chunk = {**base, "object": "chat.completion.chunk"}
+                usage = {"usage": None} if req.include_usage else {}
+                try:
+                    for i in range(len(out.seqs)):
+                        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}], **usage})
+                    while not out.done:
+                        events = await out.next_events()
+                        for i, s in enumerate(out.seqs):
+                            if not any(ev.seq is s for ev in events):
+                                continue
+                            c = out.choices[s.id]
+                            text, finish, entries = c.pending(), c.finish_reason, c.new_logprobs()
+                            if text or entries or finish:
+                                yield _sse({**chunk, "choices": [{
+                                    "index": i, "delta": {"content": text} if text else {},
+                                    "logprobs": chat_logprobs(state.tokenizer, entries) if logprobs is not None
+                                    else None,
+                                    "finish_reason": None if finish is None else out.finish_reason(c)}], **usage})
+                    if req.include_usage:
+                        yield _sse({**chunk, "choices": [], "usage": out.usage()})
+                    yield "data: [DONE]\n\n"
+                except APIError as e:
+                    yield _sse(e.body())
+                finally:
+                    if not out.done:
+                        out.abort()
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        if not await _collect(request, out):
+            return Response(status_code=499)
+        choices = [{"index": i, "message": {"role": "assistant", "content": out.choices[s.id].text},
+                    "logprobs": chat_logprobs(state.tokenizer, out.choices[s.id].logprobs) if logprobs is not None
+                    else None, "finish_reason": out.finish_reason(out.choices[s.id])}
+                   for i, s in enumerate(out.seqs)]
+        return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": out.usage()})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = await read_json(request, TokenizeRequest, settings.max_body_bytes)
+        _ready(state)
+        _check_model(state, req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt", code="invalid_value")
+        if req.messages is not None:
+            ids = _chat_prompt(state, req.messages, req.add_generation_prompt)
+        else:
+            ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens,
+                                         split_special_tokens=True)
+        return JSONResponse({"count": len(ids), "max_model_len": state.max_len, "tokens": ids})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await read_json(request, DetokenizeRequest, settings.max_body_bytes)
+        _ready(state)
+        _check_model(state, req.model)
+        vocab = state.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
+        return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
+
+    return app
+
+
+V1_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+class V1Gate:
+    """ASGI middleware on /v1 routes: the API key (401 without it, compared in constant time), 503 while the model
+    loads, and the requests counter by route and status. Plain ASGI rather than BaseHTTPMiddleware, so that
+    streamed responses and client disconnects pass through untouched."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        state, key = self.state, self.state.settings.api_key
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        if key is not None and not hmac.compare_digest(given, f"Bearer {key}".encode()):
+            reply: Any = JSONResponse(error_body("a valid API key is needed: Authorization: Bearer KEY",
+                                                 code="invalid_api_key"), status_code=401)
+        elif not state.ready.is_set():
+            reply = JSONResponse(error_body(state.load_error or "the model is loading", "server_error"),
+                                 status_code=503)
+        else:
+            reply = self.app
+        try:
+            await reply(scope, receive, send_and_note)
+        finally:
+            state.metrics.requests.labels(path if path in V1_ROUTES else "other", str(status)).inc()
+
+
+def _ready(state: ServerState) -> None:
+    if not state.ready.is_set():
+        raise APIError(503, state.load_error or "the model is loading", type="server_error")

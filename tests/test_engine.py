@@ -1,0 +1,187 @@
+"""BatchEngine (continuous batching over a slot cache): every sequence equals generate() on its prompt alone, token
+for token, whatever runs beside it, joins or leaves; rows are independent; long prompts do not stall the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from mixtral import MixtralForCausalLM
+from mixtral.cache import StaticCache, write_slots
+from mixtral.generation.engine import BatchEngine, SamplingParams, Sequence, batch_buckets
+
+KW = dict(vocab_size=256, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+          max_position_embeddings=128)
+
+
+def _build(tmp_path_factory, window: int | None) -> MixtralForCausalLM:
+    torch.manual_seed(0)
+    tm = transformers.MixtralForCausalLM(transformers.MixtralConfig(**KW, sliding_window=window))
+    with torch.no_grad():
+        tm.lm_head.weight.mul_(20)  # peaked logits: greedy choices are not near-ties
+    path = tmp_path_factory.mktemp("engine")
+    tm.save_pretrained(path)
+    return MixtralForCausalLM.from_pretrained(path, progress=False).eval()
+
+
+@pytest.fixture(scope="module", params=[None, 6], ids=["no-window", "window6"])
+def model(request, tmp_path_factory):
+    return _build(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    return _build(tmp_path_factory, 6)
+
+
+def _prompts(n: int, seed: int = 0, longest: int = 40) -> list[tuple[list[int], int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(3, 256, (int(torch.randint(1, longest, (1,), generator=g)),), generator=g).tolist(),
+             int(torch.randint(1, 30, (1,), generator=g))) for _ in range(n)]
+
+
+def _alone(model, prompt: list[int], n: int, eos=None, **kw) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=eos, pad_token_id=0, **kw)
+    out = out[0, len(prompt):].tolist()
+    return out[:out.index(eos) + 1] if eos is not None and eos in out else out
+
+
+def _run(engine: BatchEngine, max_steps: int = 2000) -> int:
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < max_steps, "the engine did not finish"
+    return steps
+
+
+def test_every_sequence_equals_generate_alone(model):
+    """12 sequences through 4 rows, prompts longer than the prefill chunk among them, some joining mid-run."""
+    work = _prompts(12)
+    engine = BatchEngine(model, max_batch=4, prefill_chunk=16)
+    seqs = [Sequence(p, SamplingParams(max_tokens=n)) for p, n in work]
+    for s in seqs[:6]:
+        engine.add([s])
+    for _ in range(5):
+        engine.step()
+    for s in seqs[6:]:
+        engine.add([s])
+    _run(engine)
+    assert engine.running == [] and engine.num_waiting == 0
+    for s, (p, n) in zip(seqs, work):
+        assert s.output == _alone(model, p, n), f"prompt of {len(p)} tokens"
+        assert s.finish_reason == "length"
+
+
+def test_eos_ends_a_row_and_others_go_on(model):
+    work = _prompts(6, seed=3)
+    eos = _alone(model, work[0][0], 5)[2]  # a token that sequence 0 produces: it stops there
+    engine = BatchEngine(model, max_batch=6)
+    seqs = [Sequence(p, SamplingParams(max_tokens=n + 10, stop_token_ids=(eos,))) for p, n in work]
+    for s in seqs:
+        engine.add([s])
+    _run(engine)
+    assert seqs[0].finish_reason == "stop" and seqs[0].output[-1] == eos
+    for s, (p, n) in zip(seqs, work):
+        assert s.output == _alone(model, p, n + 10, eos=eos)
+
+
+def test_n_choices_share_one_prefill(model):
+    prompt, _ = _prompts(1, seed=5)[0]
+    engine = BatchEngine(model, max_batch=4)
+    greedy = [Sequence(prompt, SamplingParams(max_tokens=8)) for _ in range(2)]
+    sampled = [Sequence(prompt, SamplingParams(max_tokens=8, do_sample=True, temperature=0.8, seed=7 + j))
+               for j in range(2)]
+    engine.add(greedy)
+    engine.add(sampled)
+    _run(engine)
+    ref = _alone(model, prompt, 8)
+    assert [s.output for s in greedy] == [ref, ref]
+    for j, s in enumerate(sampled):  # a seeded choice draws what generate(seed=...) draws alone
+        assert s.output == _alone(model, prompt, 8, do_sample=True, temperature=0.8, top_k=0, seed=7 + j)
+    assert sampled[0].output != sampled[1].output
+
+
+def test_abort_frees_the_row_at_the_next_step(model):
+    work = _prompts(4, seed=9)
+    engine = BatchEngine(model, max_batch=3)
+    seqs = [Sequence(p, SamplingParams(max_tokens=25)) for p, _ in work]
+    for s in seqs:
+        engine.add([s])
+    engine.step()
+    assert len(engine.running) == 3 and engine.num_waiting == 1
+    engine.abort(seqs[0])
+    events = engine.step()
+    assert [e.finish_reason for e in events if e.seq is seqs[0]] == ["abort"]
+    assert seqs[0] not in engine.running and seqs[3] in engine.running  # the freed row went to the waiting one
+    _run(engine)
+    for s, (p, _) in zip(seqs[1:], work[1:]):
+        assert s.output == _alone(model, p, 25)
+    engine.abort(seqs[1])  # aborting a finished sequence is harmless
+    engine.step()
+
+
+def test_long_prompts_do_not_stall_running_rows(model):
+    """While a 100-token prompt is prefilled 16 tokens a step, the running row gets a token every step."""
+    engine = BatchEngine(model, max_batch=2, prefill_chunk=16)
+    short = Sequence([5, 6, 7], SamplingParams(max_tokens=20))
+    engine.add([short])
+    engine.step()
+    long = Sequence(list(range(3, 103)), SamplingParams(max_tokens=3))
+    engine.add([long])
+    for k in range(7):  # ceil(100 / 16) steps of prefill
+        before = len(short.output)
+        engine.step()
+        assert len(short.output) == before + 1
+        assert (len(long.output) > 0) == (k == 6)
+    _run(engine)
+    assert long.output == _alone(model, long.prompt, 3)
+
+
+def test_compiled_step_equals_eager(windowed):
+    """--compile: inductor's step over bucketed batches (padding rows repeat row 0) gives the same tokens."""
+    model = windowed
+    work = _prompts(3, seed=11)
+    engine = BatchEngine(model, max_batch=3, compile=True)
+    assert engine.compiled and engine.buckets == [1, 2, 3]
+    seqs = [Sequence(p, SamplingParams(max_tokens=n)) for p, n in work]
+    for s in seqs:
+        engine.add([s])
+    _run(engine)
+    for s, (p, n) in zip(seqs, work):
+        assert s.output == _alone(model, p, n)
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+
+
+def test_rows_write_their_own_slots():
+    """A (B, S) cache_position writes row b's tokens at its own slots, nothing else."""
+    buf = torch.zeros(3, 2, 10, 4)
+    new = torch.randn(3, 2, 2, 4)
+    pos = torch.tensor([[0, 1], [5, 6], [8, 9]])
+    write_slots(buf, new, pos)
+    expected = torch.zeros(3, 2, 10, 4)
+    for b in range(3):
+        for s in range(2):
+            expected[b, :, pos[b, s]] = new[b, :, s]
+    assert torch.equal(buf, expected)
+    cache = StaticCache(1, 3, 10, 2, 4, torch.float32, "cpu")
+    cache.keys[0].copy_(buf)
+    cache.copy_row(cache, 2, 0, 10)
+    assert torch.equal(cache.keys[0][0], buf[2]) and torch.equal(cache.keys[0][2], buf[2])
+
+
+def test_bad_groups(model):
+    engine = BatchEngine(model, max_batch=2, max_len=64)
+    with pytest.raises(ValueError, match="must fit in 64"):
+        engine.add([Sequence([3] * 60, SamplingParams(max_tokens=5))])
+    with pytest.raises(ValueError, match="exceed the batch"):
+        engine.add([Sequence([3], SamplingParams(max_tokens=1)) for _ in range(3)])
+    with pytest.raises(ValueError, match="same prompt"):
+        engine.add([Sequence([3], SamplingParams(max_tokens=1)), Sequence([4], SamplingParams(max_tokens=1))])
