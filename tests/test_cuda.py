@@ -158,3 +158,33 @@ def test_graphed_decoding_interleaved_generations(tmp_path):
         eager = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
         assert torch.equal(eager[:, ids.shape[1]:], torch.stack(tokens, dim=1))
     assert not any(step.in_use for step in ours._graphed_steps[1].values())
+
+
+def test_batch_engine_graphs_equal_eager(tmp_path):
+    """The server's engine with compile=True on CUDA replays one graph per batch bucket over its slot cache: the
+    same tokens as the eager engine and as generate() alone, for sequences that join and leave, with a window."""
+    from mixtral.generation.engine import BatchEngine, SamplingParams, Sequence
+
+    if not _grouped_on_this_gpu():
+        pytest.skip("this GPU has no grouped GEMM kernel (Hopper or Blackwell)")
+    _pair(tmp_path, scale=8.0, sliding_window=6)
+    ours = MixtralForCausalLM.from_pretrained(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False).eval()
+    g = torch.Generator().manual_seed(0)
+    work = [(torch.randint(3, KW["vocab_size"], (int(torch.randint(1, 30, (1,), generator=g)),),
+                           generator=g).tolist(), int(torch.randint(1, 25, (1,), generator=g))) for _ in range(10)]
+    outputs = []
+    for compile in (False, True):
+        engine = BatchEngine(ours, max_batch=4, max_len=128, prefill_chunk=16, compile=compile)
+        assert bool(engine.graphs) == compile and engine.compiled == compile
+        seqs = [Sequence(p, SamplingParams(max_tokens=n)) for p, n in work]
+        for s in seqs:
+            engine.add([s])
+        for _ in range(1000):
+            if not engine.has_work():
+                break
+            engine.step()
+        outputs.append([s.output for s in seqs])
+    assert outputs[0] == outputs[1]
+    for out, (p, n) in zip(outputs[1], work):
+        alone = ours.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, eos_token_id=None)
+        assert out == alone[0, len(p):].tolist()

@@ -140,6 +140,26 @@ def test_long_prompts_do_not_stall_running_rows(model):
     assert long.output == _alone(model, long.prompt, 3)
 
 
+def test_short_prompts_are_packed_into_one_prefill(model):
+    """Waiting prompts share one prefill forward while they fit in prefill_chunk, each attending only to itself:
+    the last piece of a long prompt and three short ones join in one step, and every output equals generate()."""
+    engine = BatchEngine(model, max_batch=8, prefill_chunk=16)
+    long = Sequence(list(range(3, 23)), SamplingParams(max_tokens=9))  # 20 tokens: pieces of 16 and 4
+    shorts = [Sequence(p, SamplingParams(max_tokens=12)) for p in ([9, 8, 7], [40, 41, 42, 43], [70, 5, 71, 6, 72])]
+    later = Sequence(list(range(100, 110)), SamplingParams(max_tokens=7))  # 10 more do not fit in the budget
+    for s in [long, *shorts, later]:
+        engine.add([s])
+    engine.step()
+    assert engine.running == [] and engine.prefilled == 16
+    engine.step()  # 4 + 3 + 4 + 5 = 16 tokens
+    assert engine.running == [long, *shorts] and all(len(s.output) == 2 for s in engine.running)
+    engine.step()
+    assert engine.running[-1] is later
+    _run(engine)
+    for s in [long, *shorts, later]:
+        assert s.output == _alone(model, s.prompt, s.params.max_tokens), f"prompt of {len(s.prompt)} tokens"
+
+
 def test_compiled_step_equals_eager(windowed):
     """--compile: inductor's step over bucketed batches (padding rows repeat row 0) gives the same tokens."""
     model = windowed

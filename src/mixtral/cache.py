@@ -106,11 +106,11 @@ class StaticCache:
         """Batch rows `rows` of this cache (and their first `length` slots) as a cache of their own."""
         return StaticCacheView(self, rows, self.max_len if length is None else length)
 
-    def copy_row(self, src: "StaticCache", src_row: int, dst_row: int, length: int) -> None:
-        """Slots [0, length) of row src_row of `src` into row dst_row of this cache (a prefilled prompt joining a
-        batch, or a finished row's place taken by another)."""
+    def copy_row(self, src: "StaticCache", src_row: int, dst_row: int, length: int, src_start: int = 0) -> None:
+        """Slots [src_start, src_start + length) of row src_row of `src` into slots [0, length) of row dst_row of
+        this cache (a prefilled prompt joining a batch, or a finished row's place taken by another)."""
         for mine, theirs in zip(self.keys + self.values, src.keys + src.values):
-            mine[dst_row, :, :length].copy_(theirs[src_row, :, :length])
+            mine[dst_row, :, :length].copy_(theirs[src_row, :, src_start:src_start + length])
 
 
 def write_slots(buffer: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor | None) -> None:

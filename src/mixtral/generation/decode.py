@@ -36,14 +36,26 @@ def forward_last(model: Any, ids: torch.Tensor, position_ids: torch.Tensor, cach
 
     plain_causal: no padding, no window that bites and cache slots = positions, so attention needs no mask
     (sdpa's is_causal, which skips the blocks above the diagonal). kv_mask None: no padding, `slots` attended."""
+    mask = None if plain_causal else static_mask(kv_mask, cache_position, model.config.sliding_window, slots)
+    x = run_layers(model, ids, position_ids, cache_position, mask, cache)
+    return logits_at(model, x[:, -1:])[:, -1]  # only the last position feeds the next token
+
+
+def run_layers(model: Any, ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
+               mask: torch.Tensor | None, cache: StaticCache | StaticCacheView) -> torch.Tensor:
+    """ids (B, S) through the embedding and every decoder layer, writing the cache: (B, S, H) before the final
+    norm. mask: (B|1, 1, S, L) bool, or None for plain causal attention."""
     backbone = model.model
     x = backbone.embed_tokens(ids)  # (B, S, H)
     cos, sin = backbone.rotary_emb(position_ids, x.dtype)
-    mask = None if plain_causal else static_mask(kv_mask, cache_position, model.config.sliding_window, slots)
     for layer in backbone.layers:
         x, _, _ = layer(x, cos, sin, mask, cache, False, cache_position)
-    x = backbone.norm(x[:, -1:])  # only the last position feeds the next token
-    return model.lm_head(x)[:, -1].float()
+    return x
+
+
+def logits_at(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (..., V) of hidden states (..., H) that run_layers returned."""
+    return model.lm_head(model.model.norm(hidden)).float()
 
 
 # Cache lengths are rounded up to this for compiled decoding: the step's shapes, hence its compiled graph, then
@@ -117,15 +129,9 @@ class GraphedStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.kv_mask = torch.ones(batch, slots, dtype=torch.bool, device=device)
-        args = (model, self.ids, self.positions, self.cache_position, self.kv_mask, self.cache)
-        side = torch.cuda.Stream(device)  # warm up off the capture (lazy cuBLAS handles, workspaces), as torch asks
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step(*args)  # writes slot 0 of the fresh cache: the prefill overwrites it
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step(*args)  # (B, V) fp32, rewritten by every replay
+        # the warm-up run writes slot 0 of the fresh cache: the prefill overwrites it
+        self.graph, self.logits = record_graph(
+            lambda: step(model, self.ids, self.positions, self.cache_position, self.kv_mask, self.cache), device)
         self.in_use = False  # a generate() is decoding with it: set by graphed_step, cleared by the generation
 
     def __call__(self, model: Any, ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
@@ -138,17 +144,37 @@ class GraphedStep:
         return self.logits
 
 
+def record_graph(step: Callable[[], torch.Tensor], device: torch.device) -> tuple[Any, torch.Tensor]:
+    """(a CUDA graph of step(), the output tensor that each replay rewrites). step() runs once before the capture,
+    on a side stream (lazy cuBLAS handles, workspaces), as torch asks: it must be harmless to run."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def graphable(model: Any) -> bool:
+    """Whether the decode step can be a CUDA graph: on a GPU with no host sync, which the experts do only in bf16
+    with torch's grouped GEMM kernel (Experts.runs_grouped)."""
+    from ..model.moe import Experts
+
+    p = next(model.parameters())
+    probe = torch.empty(1, model.config.hidden_size, dtype=p.dtype, device=p.device)
+    return all(m.runs_grouped(probe) for m in model.modules() if isinstance(m, Experts))
+
+
 def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:
     """The model's GraphedStep for this shape (recorded on first use, kept for later calls while the model is
     unchanged), marked in use; None with a warning where the step cannot be a graph (it must run on a GPU with no
     host sync, which the experts do only in bf16 with torch's grouped GEMM kernel: Experts.runs_grouped), and None
     without one while another generation uses this shape's graph."""
-    from ..model.moe import Experts
-
-    p = next(model.parameters())
-    probe = torch.empty(1, model.config.hidden_size, dtype=p.dtype, device=p.device)
-    if not all(m.runs_grouped(probe) for m in model.modules() if isinstance(m, Experts)):
-        warnings.warn(f"compile=True on {p.device} records the decode step as a CUDA graph, which needs bf16 experts "
+    if not graphable(model):
+        warnings.warn(f"compile=True on {model.device} records the decode step as a CUDA graph, which needs bf16 experts "
                       "and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): decoding eagerly", stacklevel=3)
         return None
     signature = _signature(model)

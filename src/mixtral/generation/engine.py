@@ -5,10 +5,10 @@ length: a sequence's token at position p sits in slot p of its row, so rows need
 Rows [0, B) are the running sequences, in order; one that finishes gives its row to the last one (a copy of that
 row's slots), so that every decode step runs over a contiguous prefix of the rows.
 
-A prompt is prefilled alone, into a one-row scratch cache, in pieces of at most `prefill_chunk` tokens (a shorter
-prompt in one piece: the very computation generate() does), then copied into a free row. Each step prefills at most
-about prefill_chunk prompt tokens and then decodes one token for every running row, so that streams keep producing
-while long prompts come in. The decode step is forward_last with per-row positions, generate()'s own step.
+Prompts are prefilled into a one-row scratch cache, then copied into free rows. Each step runs one prefill forward
+of at most about `prefill_chunk` prompt tokens (a long prompt goes in pieces; short ones are packed together, each
+attending only to itself; a prompt alone in one piece is the very computation generate() does), then decodes one
+token for every running row, so that streams keep producing while long prompts come in. The decode step is forward_last with per-row positions, generate()'s own step.
 
 Shapes: B running rows, R rows, L slots per row, V vocabulary.
 """
@@ -16,6 +16,7 @@ Shapes: B running rows, R rows, L slots per row, V vocabulary.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,7 +24,8 @@ from typing import Any, Callable
 import torch
 
 from ..cache import StaticCache
-from .decode import COMPILED_CACHE_BUCKET, compiled_forward_last, forward_last
+from .decode import (COMPILED_CACHE_BUCKET, compiled_forward_last, forward_last, graphable, logits_at, record_graph,
+                     run_layers, static_mask)
 from .sampling import process_logits, select_next
 
 
@@ -99,9 +101,22 @@ class BatchEngine:
         self.prefilling: list[Sequence] | None = None
         self.prefilled = 0  # prompt tokens of `prefilling` already in the scratch cache
         self._aborted: set[int] = set()
-        # compile: inductor's step (CPU) over all L slots and a bucketed batch, so that a handful of shapes serve
-        self.compiled = compile and self.device.type == "cpu"
+        # compile: the step over all L slots and a bucketed batch, so that a handful of shapes serve every batch:
+        # inductor's on CPU; on CUDA one graph per bucket, recorded now, while no row holds a sequence yet
         self.buckets = batch_buckets(max_batch)
+        self.graphs: dict[int, GraphedRows] = {}
+        if compile and self.device.type == "cuda":
+            if graphable(model):
+                try:
+                    self.graphs = {b: GraphedRows(model, self.cache, b) for b in self.buckets}
+                except Exception as e:  # noqa: BLE001 - an op that cannot be captured: decode eagerly
+                    warnings.warn(f"recording the batched decode step as CUDA graphs failed, decoding eagerly: "
+                                  f"{type(e).__name__}: {e}", stacklevel=2)
+            else:
+                warnings.warn("compile=True on CUDA records the decode step as CUDA graphs, which needs bf16 experts "
+                              "and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): decoding eagerly",
+                              stacklevel=2)
+        self.compiled = compile and (self.device.type == "cpu" or bool(self.graphs))
         self.last_batch = 0  # rows in the latest decode step (metrics)
 
     # ---- the caller's side -------------------------------------------------------------------------------
@@ -161,38 +176,64 @@ class BatchEngine:
         return [TokenEvent(s, None, len(s.output), finish_reason="abort") for s in gone]
 
     def _prefill(self) -> list[TokenEvent]:
-        events: list[TokenEvent] = []
-        done = 0
-        while True:
-            if self.prefilling is None:
-                if not self.waiting or len(self.running) + len(self.waiting[0]) > self.max_batch:
-                    break  # first come, first served: a group waits for rows rather than being overtaken
-                self.prefilling, self.prefilled = self.waiting.popleft(), 0
-            prompt = self.prefilling[0].prompt
-            piece = min(self.prefill_chunk, len(prompt) - self.prefilled)
-            if done and done + piece > self.prefill_chunk:
-                break  # this step's share of prompt tokens is used: decode first
-            logits = self._prefill_piece(prompt, self.prefilled, piece)
-            self.prefilled += piece
-            done += piece
-            if self.prefilled == len(prompt):
-                group, self.prefilling = self.prefilling, None
-                for s in group:  # each choice samples its own first token from the shared logits
-                    row = len(self.running)
-                    self.cache.copy_row(self.scratch, 0, row, len(prompt))
-                    self.running.append(s)
-                    events.append(self._choose(s, logits))
-                self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])
-        return events
+        """One forward over the scratch row with up to ~prefill_chunk prompt tokens: the next piece of the prompt
+        being prefilled (always from slot 0), then whole waiting prompts packed after it while they fit, each in
+        slots of its own and attending only to itself. Packed, the experts see many prompts' tokens at once: their
+        GEMMs get rows enough to run near the machine's peak (a 64-token prompt alone gives each expert ~16)."""
+        segments: list[tuple[list[Sequence], int, int, int]] = []  # (group, first position, tokens, first slot)
+        budget, end, rows = self.prefill_chunk, 0, len(self.running)
+        if self.prefilling is not None:
+            n = min(budget, len(self.prefilling[0].prompt) - self.prefilled)
+            segments.append((self.prefilling, self.prefilled, n, 0))
+            budget, end, rows = budget - n, self.prefilled + n, rows + len(self.prefilling)
+        # first come, first served: a group waits for rows rather than being overtaken
+        while self.waiting and rows + len(self.waiting[0]) <= self.max_batch:
+            length = len(self.waiting[0][0].prompt)
+            if segments and (length > budget or end + length > self.max_len):
+                break  # only the first segment may be a piece of a longer prompt
+            group, n = self.waiting.popleft(), min(budget, length)
+            segments.append((group, 0, n, end))
+            budget, end, rows = budget - n, end + n, rows + len(group)
+        if not segments:
+            return []
 
-    def _prefill_piece(self, prompt: list[int], start: int, n: int) -> torch.Tensor:
-        """Prompt tokens [start, start + n) into the scratch cache; (1, V) logits of the last."""
-        ids = torch.tensor([prompt[start:start + n]], device=self.device)  # (1, n)
-        slots = torch.arange(start, start + n, device=self.device)  # (n,)
+        ids: list[int] = []
+        positions: list[int] = []
+        first: list[int] = []  # per token: the first slot of its own prompt
+        picks: list[int] = []  # per prompt that ends here: its last token's index in the pack
+        for group, start, n, base in segments:
+            ids += group[0].prompt[start:start + n]
+            positions += range(start, start + n)
+            first += [base] * n
+            if start + n == len(group[0].prompt):
+                picks.append(len(ids) - 1)
         window = self.model.config.sliding_window
-        plain = start == 0 and (window is None or n <= window)  # as generate()'s prefill: no mask needed
-        return forward_last(self.model, ids, slots[None], slots, None, self.scratch.rows(slice(0, 1), start + n),
-                            plain, start + n)
+        pos = torch.tensor(positions, device=self.device)  # (S,)
+        slots = pos + torch.tensor(first, device=self.device)  # (S,): prompt j's token at position p in base_j + p
+        group, start, n, _ = segments[0]
+        if len(segments) == 1 and start == 0 and (window is None or n <= window):
+            mask = None  # a prompt alone, in one piece: plain causal, the very computation generate() does
+        else:  # causal within each prompt, blind to the others: (1, 1, S, end)
+            seen = torch.arange(end, device=self.device)
+            mask = static_mask(None, slots, window, end) & (seen >= slots.new_tensor(first)[:, None])
+        hidden = run_layers(self.model, torch.tensor([ids], device=self.device), pos[None], slots, mask,
+                            self.scratch.rows(slice(0, 1), end))  # (1, S, H)
+        logits = logits_at(self.model, hidden[0, picks])  # (K, V)
+
+        events: list[TokenEvent] = []
+        if start + n < len(group[0].prompt):
+            self.prefilling, self.prefilled = group, start + n
+            segments = segments[1:]
+        else:
+            self.prefilling, self.prefilled = None, 0
+        for k, (group, _, _, base) in enumerate(segments):
+            length = len(group[0].prompt)
+            for s in group:  # each choice samples its own first token from the shared logits
+                self.cache.copy_row(self.scratch, 0, len(self.running), length, src_start=base)
+                self.running.append(s)
+                events.append(self._choose(s, logits[k:k + 1]))
+        self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])
+        return events
 
     def _decode(self) -> list[TokenEvent]:
         b = len(self.running)
@@ -203,7 +244,7 @@ class BatchEngine:
             rows = next(x for x in self.buckets if x >= b)
             length = self.max_len
             last, pos = last + last[:1] * (rows - b), pos + pos[:1] * (rows - b)
-            step: Callable[..., torch.Tensor] = compiled_forward_last(self.model)
+            step: Callable[..., torch.Tensor] = self.graphs.get(rows) or compiled_forward_last(self.model)
         else:  # attention over the slots in use, rounded up so that views of few lengths are made
             rows, step = b, forward_last
             length = min(self.max_len, -(-(max(pos) + 1) // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET)
@@ -254,3 +295,24 @@ class BatchEngine:
                 self.cache.copy_row(self.cache, last, i, self.running[last].cached)
                 self.running[i] = self.running[last]
             self.running.pop()
+
+
+class GraphedRows:
+    """CUDA: the decode step over the first `rows` rows of a slot cache (all its slots), recorded once as a CUDA graph
+    and replayed with each step's ids and positions (see decode.GraphedStep for why). Called as forward_last is;
+    the cache view it was recorded on is its own."""
+
+    def __init__(self, model: Any, cache: StaticCache, rows: int) -> None:
+        device = cache.keys[0].device
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        view = cache.rows(slice(0, rows))
+        # the warm-up run writes slot 0 of rows that hold no sequence yet: prompts copied in overwrite it
+        self.graph, self.logits = record_graph(lambda: forward_last(
+            model, self.ids, self.positions, self.positions, None, view, False, cache.max_len), device)
+
+    def __call__(self, model: Any, ids: torch.Tensor, positions: torch.Tensor, *_: Any) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
