@@ -2,12 +2,13 @@
 with generate() and (b) llama-cpp-python's OpenAI server on the same weights (GGUF), in one run.
 
     python benchmarks/serve.py [--dtype bf16] [--requests 32] [--prompt-tokens 64] [--max-tokens 64]
-                               [--clients 1 8 32] [--engines ours generate llama.cpp] [--compile]
+                               [--clients 1 8 32] [--engines ours generate llama.cpp steps] [--compile]
 
 The bench config's checkpoint (benchmarks/out/bench-model, built once) gets Mixtral's real tokenizer (from the
 mistral-common package) in a folder beside it, benchmarks/out/serve-model/, with its GGUF. Every engine gets the same
 `--requests` requests: prompts of about --prompt-tokens tokens of English text, --max-tokens new tokens each, greedy,
-streamed. A level of C clients runs C loops that each send requests until the requests are used up. Measured per
+streamed. `steps`: the engine's decode step alone at 1 and 8 rows, and the experts its rows route to (what bounds
+TPOT as clients are added: a memory-bound step reads the experts it routes to). A level of C clients runs C loops that each send requests until the requests are used up. Measured per
 request: time to first token (TTFT) and time per output token after it (TPOT = (last - first) / (tokens - 1));
 per level: aggregate output tokens/s = all output tokens / wall time. Each server is its own process with the
 machine's cores; one runs at a time. Writes benchmarks/out/serve.json and benchmarks/serve.png.
@@ -27,6 +28,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -133,11 +135,14 @@ def _free_port() -> int:
 def start_server(cmd: list[str], port: int, health: str) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=C.worker_env())
+    # its log goes to a file: a pipe nobody reads fills up, and a chatty server (llama.cpp's) then blocks on it
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=C.worker_env())
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-500:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited {proc.returncode}: {log.read()[-500:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=2).status_code == 200:
                 return proc
@@ -204,6 +209,46 @@ def sequential_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return summarize(results, time.perf_counter() - start)
 
 
+def steps_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """The engine's decode step alone (no prompt coming in) at each of spec["rows"] running rows, alternated for
+    `rounds` rounds of `steps` steps (median ms a step), and the experts a step's rows route to (distinct per layer,
+    counted with a hook on the routers): what a step must read."""
+    import statistics
+
+    import torch
+
+    from mixtral import MixtralForCausalLM, MixtralTokenizer
+    from mixtral.generation.engine import BatchEngine, SamplingParams, Sequence
+    from mixtral.model.moe import Router
+
+    model = MixtralForCausalLM.from_pretrained(spec["model"], dtype=spec["torch_dtype"], progress=False).eval()
+    tok = MixtralTokenizer.from_pretrained(spec["model"])
+    seen: list[int] = []
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.register_forward_hook(lambda _m, _i, out: seen.append(int(out[2].unique().numel())))
+    engines = {}
+    for b in spec["rows"]:
+        engine = BatchEngine(model, max_batch=b, max_len=1024)
+        for p in spec["prompts"][:b]:
+            engine.add([Sequence(tok.encode(p), SamplingParams(max_tokens=500))])
+        while len(engine.running) < b:
+            engine.step()
+        engines[b] = engine
+    times: dict[int, list[float]] = {b: [] for b in engines}
+    experts: dict[int, list[int]] = {b: [] for b in engines}
+    for _ in range(spec["rounds"]):
+        for b, engine in engines.items():
+            seen.clear()
+            start = time.perf_counter()
+            for _ in range(spec["steps"]):
+                engine.step()
+            times[b].append((time.perf_counter() - start) / spec["steps"])
+            experts[b] += seen
+    return {str(b): {"step_ms": statistics.median(times[b]) * 1e3,
+                     "experts_per_layer": sum(experts[b]) / len(experts[b])} for b in engines}
+
+
 def plot(data: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -242,12 +287,13 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--engines", nargs="+", default=["ours", "generate", "llama.cpp"])
+    ap.add_argument("--engines", nargs="+", default=["ours", "generate", "llama.cpp", "steps"])
     ap.add_argument("--compile", action="store_true", help="mixtral serve --compile")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(sequential_worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(steps_worker(spec) if "rows" in spec else sequential_worker(spec)))
         return
 
     folder, gguf = ensure_serve_model(args.dtype)
@@ -263,6 +309,14 @@ def main() -> None:
         if "error" not in seq:
             print(f"  {seq['tok_per_s']:.1f} tok/s, TTFT p50 {seq['ttft_p50']:.3f}s, "
                   f"TPOT p50 {seq['tpot_p50'] * 1e3:.1f} ms", flush=True)
+    if "steps" in args.engines:
+        print("the engine's decode step alone, 1 and 8 rows, alternated ...", flush=True)
+        steps = C.run_worker(__file__, {"model": folder, "torch_dtype": torch_dtype, "prompts": prompts,
+                                        "rows": [1, 8], "rounds": 7, "steps": 10}, timeout=1800)
+        data["decode_step_alone"] = steps
+        for b, r in steps.items():
+            print(f"  {b} rows: {r['step_ms']:.1f} ms a step, {r['experts_per_layer']:.2f} experts a layer"
+                  if isinstance(r, dict) else f"  {b}: {r}", flush=True)
     if "ours" in args.engines:
         port = _free_port()
         cmd = [sys.executable, "-m", "mixtral", "serve", "--model", folder, "--port", str(port), "--dtype",
@@ -290,7 +344,8 @@ def main() -> None:
     data["bandwidth_GBps_after"] = C.measure_bandwidth()["bandwidth_GBps"]
     report(data)
     C.write_json(os.path.join(C.OUT_DIR, "serve.json"), data)
-    plot(data, os.path.join(HERE, "serve.png"))
+    if data["servers"]:
+        plot(data, os.path.join(HERE, "serve.png"))
 
 
 def report(data: dict[str, Any]) -> None:

@@ -166,3 +166,33 @@ def padded_batch(batch: int, seq: int, vocab: int, pads: list[int], side: str = 
 @pytest.fixture(scope="session")
 def make_batch():
     return padded_batch
+
+
+@pytest.fixture(scope="session")
+def sp_model() -> str:
+    """Mixtral's real sentencepiece tokenizer, as the mistral-common package ships it."""
+    mistral_common = pytest.importorskip("mistral_common")
+    import os
+
+    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_folder(tmp_path_factory, sp_model) -> str:
+    """A tiny random Mixtral checkpoint (vocab 32000, 2 layers, 4 experts) with the real tokenizer, in a folder."""
+    import shutil
+
+    from mixtral import MixtralConfig, MixtralForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-sp")
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    model = MixtralForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # peaked logits: greedy choices are not near-ties
+    model.save_pretrained(path)
+    shutil.copy(sp_model, path / "tokenizer.model")
+    return str(path)
+

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,26 +9,15 @@ import pytest
 import torch
 
 import mixtral
-from mixtral import MixtralConfig, MixtralForCausalLM, MixtralTokenizer, pipeline
+from mixtral import MixtralForCausalLM, MixtralTokenizer, pipeline
 from mixtral.cli import main
 
-mistral_common = pytest.importorskip("mistral_common")
-SP_MODEL = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+pytest.importorskip("mistral_common")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           max_position_embeddings=256)
-    model = MixtralForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(50)  # peaked logits: greedy choices are not near-ties
-    model.save_pretrained(path)
-    shutil.copy(SP_MODEL, path / "tokenizer.model")
-    return str(path)
+def folder(tiny_sp_folder):
+    return tiny_sp_folder
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from mixtral import MixtralConfig, MixtralForCausalLM, MixtralTokenizer
+from mixtral import MixtralForCausalLM, MixtralTokenizer
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -29,18 +28,8 @@ START_TIMEOUT = 120  # seconds for a server process to answer /health with 200
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve-tiny")
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    model = MixtralForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(50)  # peaked logits: greedy choices are not near-ties
-    model.save_pretrained(path)
-    shutil.copy(SP_MODEL, path / "tokenizer.model")
-    return str(path)
+def folder(tiny_sp_folder):
+    return tiny_sp_folder
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -306,6 +306,34 @@ async def _collect(request: Request, out: JobOutput) -> bool:
         watcher.cancel()
 
 
+async def _sse_stream(out: JobOutput, head: list[dict[str, Any]],
+                      chunk_of: Callable[[int, Sequence, ChoiceText, str, list[Any]], dict[str, Any]],
+                      tail: Callable[[], dict[str, Any]] | None) -> AsyncIterator[str]:
+    """A streamed job's SSE body: the `head` chunks, then chunk_of(choice index, sequence, its text, new text, new
+    logprob entries) whenever a choice has something new, then tail() (the usage chunk) and [DONE]. A client that
+    goes away (the generator closed early) aborts the job: its rows are freed at the next step."""
+    try:
+        for c in head:
+            yield _sse(c)
+        while not out.done:
+            events = await out.next_events()
+            for i, s in enumerate(out.seqs):
+                if not any(ev.seq is s for ev in events):
+                    continue
+                c = out.choices[s.id]
+                text, entries = c.pending(), c.new_logprobs()
+                if text or entries or c.finish_reason:
+                    yield _sse(chunk_of(i, s, c, text, entries))
+        if tail is not None:
+            yield _sse(tail())
+        yield "data: [DONE]\n\n"
+    except APIError as e:
+        yield _sse(e.body())
+    finally:
+        if not out.done:
+            out.abort()
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -375,31 +403,15 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
             return lp
 
         if req.stream:
-            async def stream() -> AsyncIterator[str]:
-                try:
-                    while not out.done:
-                        events = await out.next_events()
-                        for i, s in enumerate(out.seqs):
-                            if not any(ev.seq is s for ev in events):
-                                continue
-                            c = out.choices[s.id]
-                            text, finish = c.pending(), c.finish_reason
-                            entries = c.new_logprobs()
-                            if text or entries or finish:
-                                yield _sse({**base, "choices": [{
-                                    "index": i, "text": text, "logprobs": logprobs_of(s, c, entries),
-                                    "finish_reason": None if finish is None else out.finish_reason(c)}],
-                                    **({"usage": None} if req.include_usage else {})})
-                    if req.include_usage:
-                        yield _sse({**base, "choices": [], "usage": out.usage()})
-                    yield "data: [DONE]\n\n"
-                except APIError as e:
-                    yield _sse(e.body())
-                finally:
-                    if not out.done:  # the client went away (or the loop was cancelled): free the rows now
-                        out.abort()
+            def chunk_of(i: int, s: Sequence, c: ChoiceText, text: str, entries: list[Any]) -> dict[str, Any]:
+                return {**base, "choices": [{
+                    "index": i, "text": text, "logprobs": logprobs_of(s, c, entries),
+                    "finish_reason": None if c.finish_reason is None else out.finish_reason(c)}],
+                    **({"usage": None} if req.include_usage else {})}
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            stream = _sse_stream(out, [], chunk_of, (lambda: {**base, "choices": [], "usage": out.usage()})
+                                 if req.include_usage else None)
+            return StreamingResponse(stream, media_type="text/event-stream")
 
         if not await _collect(request, out):
             return Response(status_code=499)  # nobody reads it: the client closed the connection
@@ -424,36 +436,21 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         base = {"id": rid, "created": created, "model": state.name}
 
         if req.stream:
-            async def stream() -> AsyncIterator[str]:
-                chunk = {**base, "object": "chat.completion.chunk"}
-                usage = {"usage": None} if req.include_usage else {}
-                try:
-                    for i in range(len(out.seqs)):
-                        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}], **usage})
-                    while not out.done:
-                        events = await out.next_events()
-                        for i, s in enumerate(out.seqs):
-                            if not any(ev.seq is s for ev in events):
-                                continue
-                            c = out.choices[s.id]
-                            text, finish, entries = c.pending(), c.finish_reason, c.new_logprobs()
-                            if text or entries or finish:
-                                yield _sse({**chunk, "choices": [{
-                                    "index": i, "delta": {"content": text} if text else {},
-                                    "logprobs": chat_logprobs(state.tokenizer, entries) if logprobs is not None
-                                    else None,
-                                    "finish_reason": None if finish is None else out.finish_reason(c)}], **usage})
-                    if req.include_usage:
-                        yield _sse({**chunk, "choices": [], "usage": out.usage()})
-                    yield "data: [DONE]\n\n"
-                except APIError as e:
-                    yield _sse(e.body())
-                finally:
-                    if not out.done:
-                        out.abort()
+            chunk = {**base, "object": "chat.completion.chunk"}
+            usage = {"usage": None} if req.include_usage else {}
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            def chat_chunk_of(i: int, s: Sequence, c: ChoiceText, text: str, entries: list[Any]) -> dict[str, Any]:
+                return {**chunk, "choices": [{
+                    "index": i, "delta": {"content": text} if text else {},
+                    "logprobs": chat_logprobs(state.tokenizer, entries) if logprobs is not None else None,
+                    "finish_reason": None if c.finish_reason is None else out.finish_reason(c)}], **usage}
+
+            roles = [{**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], **usage}
+                     for i in range(len(out.seqs))]
+            stream = _sse_stream(out, roles, chat_chunk_of, (lambda: {**chunk, "choices": [], "usage": out.usage()})
+                                 if req.include_usage else None)
+            return StreamingResponse(stream, media_type="text/event-stream")
 
         if not await _collect(request, out):
             return Response(status_code=499)
