@@ -84,7 +84,9 @@ class StaticCache:
         c = model.config
         p = next(model.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
-        return cls(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_size, dtype, p.device)
+        # a tensor-parallel rank holds fewer kv heads than the config: its attention modules know how many
+        kv_heads = next((m.n_kv_heads for m in model.modules() if hasattr(m, "n_kv_heads")), c.num_key_value_heads)
+        return cls(c.num_hidden_layers, batch_size, max_len, kv_heads, c.head_size, dtype, p.device)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,31 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     from .pipeline import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    tp, ep = getattr(args, "tp", 1), getattr(args, "ep", 1)
+    if tp < 1 or ep < 1:
+        raise ValueError(f"--tp and --ep must be >= 1, got {tp} and {ep}")
+    if tp == 1 and ep == 1:
+        return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    # one process per rank under torchrun: the world size and the config's split checked before any weight is read;
+    # the sharding needs floating-point weights, so --quantize applies after it
+    from .auto import AutoConfig
+    from .demo import demo_model_path
+    from .parallel import launch
+
+    rank, world = launch.init_distributed(tp, ep, args.device)
+    launch.check_config(AutoConfig.from_pretrained(args.model or demo_model_path()), tp, ep)
+    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, progress=rank == 0)
+    launch.parallelize(model, tp, ep)
+    if rank == 0:
+        shards = sum(p.numel() for p in model.parameters())
+        print(f"{'tensor' if tp > 1 else 'expert'} parallel over {world} ranks: {shards:,} parameters on each",
+              file=sys.stderr)
+    if args.quantize:
+        from .quantize import quantize
+
+        quantize(model, args.quantize, progress=rank == 0)
+    args.rank, args.seed = rank, launch.shared_seed(args.seed) if args.do_sample else args.seed
+    return model, tok
 
 
 def _reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, stream: bool) -> str:
@@ -55,6 +79,7 @@ def _reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, strea
 
     from .generation import TextStreamer
 
+    stream = stream and getattr(args, "rank", 0) == 0  # under torchrun, rank 0 speaks for all
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     input_ids = torch.tensor([ids], device=model.device)
     out = model.generate(input_ids, streamer=streamer, pad_token_id=tok.pad_token_id, **_generation_kwargs(args))
@@ -70,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tok.encode(args.prompt)
     text = _reply(model, tok, ids, args, stream=not args.no_stream)
-    if args.no_stream:
+    if args.no_stream and getattr(args, "rank", 0) == 0:
         print(text)
     return 0
 
@@ -214,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--no-stream", action="store_true", help="print the continuation at the end")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel over N processes (under torchrun "
+                   "--nproc-per-node N; gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel over N processes (under torchrun)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the chat template; keeps the conversation")
