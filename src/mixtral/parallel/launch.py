@@ -3,6 +3,7 @@ weight is read, and the sharding applied to the loaded model."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any
@@ -34,6 +35,9 @@ def init_distributed(tp: int, ep: int, device: str | None = None) -> tuple[int, 
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 300)))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
+        # a process group left to the interpreter's exit can abort it ("terminate called without an active
+        # exception" from gloo's threads): tear it down first
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dist.get_rank(), world
 
 
