@@ -44,8 +44,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             original = getattr(dist, name)
 
             def counted(*args: Any, _original=original, _name=name, **kwargs: Any) -> Any:
-                out = args[1] if _name == "all_to_all_single" else args[1] if _name == "all_gather" else args[0]
-                sent["bytes"] += out.numel() * out.element_size()  # what this rank puts on the wire (its input)
+                given = args[0] if _name == "all_reduce" else args[1]  # this rank's input: what it puts on the wire
+                sent["bytes"] += given.numel() * given.element_size()
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)

@@ -5,13 +5,14 @@ with generate() and (b) llama-cpp-python's OpenAI server on the same weights (GG
                                [--clients 1 8 32] [--engines ours generate llama.cpp steps] [--compile]
 
 The bench config's checkpoint (benchmarks/out/bench-model, built once) gets Mixtral's real tokenizer (from the
-mistral-common package) in a folder beside it, benchmarks/out/serve-model/, with its GGUF. Every engine gets the same
-`--requests` requests: prompts of about --prompt-tokens tokens of English text, --max-tokens new tokens each, greedy,
-streamed. `steps`: the engine's decode step alone at 1 and 8 rows, and the experts its rows route to (what bounds
-TPOT as clients are added: a memory-bound step reads the experts it routes to). A level of C clients runs C loops that each send requests until the requests are used up. Measured per
-request: time to first token (TTFT) and time per output token after it (TPOT = (last - first) / (tokens - 1));
-per level: aggregate output tokens/s = all output tokens / wall time. Each server is its own process with the
-machine's cores; one runs at a time. Writes benchmarks/out/serve.json and benchmarks/serve.png.
+mistral-common package) in a folder beside it, benchmarks/out/serve-model/, with its GGUF. Every engine gets the
+same `--requests` requests: prompts of about --prompt-tokens tokens of English text, --max-tokens new tokens each,
+greedy, streamed. `steps`: the engine's decode step alone at 1 and 8 rows, and the experts its rows route to (what
+bounds TPOT as clients are added: a memory-bound step reads the experts it routes to). A level of C clients runs C
+loops that each send requests until the requests are used up. Measured per request: time to first token (TTFT) and
+time per output token after it (TPOT = (last - first) / (tokens - 1)); per level: aggregate output tokens/s = all
+output tokens / wall time. Each server is its own process with the machine's cores; one runs at a time. Writes
+benchmarks/out/serve.json and benchmarks/serve.png.
 
 llama-cpp-python's server decodes one request at a time (a lock around its model; it has no parallel slots), and by
 default a new request interrupts the one streaming: it runs with --interrupt_requests False so that they queue.

@@ -174,8 +174,9 @@ def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:
     host sync, which the experts do only in bf16 with torch's grouped GEMM kernel: Experts.runs_grouped), and None
     without one while another generation uses this shape's graph."""
     if not graphable(model):
-        warnings.warn(f"compile=True on {model.device} records the decode step as a CUDA graph, which needs bf16 experts "
-                      "and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): decoding eagerly", stacklevel=3)
+        warnings.warn(f"compile=True on {model.device} records the decode step as a CUDA graph, which needs bf16 "
+                      "experts and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): decoding eagerly",
+                      stacklevel=3)
         return None
     signature = _signature(model)
     kept = getattr(model, "_graphed_steps", None)

@@ -8,7 +8,8 @@ row's slots), so that every decode step runs over a contiguous prefix of the row
 Prompts are prefilled into a one-row scratch cache, then copied into free rows. Each step runs one prefill forward
 of at most about `prefill_chunk` prompt tokens (a long prompt goes in pieces; short ones are packed together, each
 attending only to itself; a prompt alone in one piece is the very computation generate() does), then decodes one
-token for every running row, so that streams keep producing while long prompts come in. The decode step is forward_last with per-row positions, generate()'s own step.
+token for every running row, so that streams keep producing while long prompts come in. The decode step is
+forward_last with per-row positions, generate()'s own step.
 
 Shapes: B running rows, R rows, L slots per row, V vocabulary.
 """
@@ -209,13 +210,14 @@ class BatchEngine:
                 picks.append(len(ids) - 1)
         window = self.model.config.sliding_window
         pos = torch.tensor(positions, device=self.device)  # (S,)
-        slots = pos + torch.tensor(first, device=self.device)  # (S,): prompt j's token at position p in base_j + p
+        base = torch.tensor(first, device=self.device)  # (S,)
+        slots = pos + base  # (S,): prompt j's token at position p sits in slot base_j + p
         group, start, n, _ = segments[0]
         if len(segments) == 1 and start == 0 and (window is None or n <= window):
             mask = None  # a prompt alone, in one piece: plain causal, the very computation generate() does
         else:  # causal within each prompt, blind to the others: (1, 1, S, end)
             seen = torch.arange(end, device=self.device)
-            mask = static_mask(None, slots, window, end) & (seen >= slots.new_tensor(first)[:, None])
+            mask = static_mask(None, slots, window, end) & (seen >= base[:, None])
         hidden = run_layers(self.model, torch.tensor([ids], device=self.device), pos[None], slots, mask,
                             self.scratch.rows(slice(0, 1), end))  # (1, S, H)
         logits = logits_at(self.model, hidden[0, picks])  # (K, V)

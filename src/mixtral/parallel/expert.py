@@ -24,10 +24,11 @@ def check_expert_parallel(config: Any, world: int) -> None:
         raise ValueError(f"expert parallel over {world} ranks needs num_local_experts ({e}) divisible by {world}")
 
 
-def _share(t: int, world: int, rank: int) -> tuple[int, int]:
-    """Tokens [lo, hi) of T that `rank` dispatches: ceil(T/N) each, the last ranks possibly fewer or none."""
+def _share(t: int, world: int, rank: int) -> tuple[int, int, int]:
+    """(lo, hi, size): `rank` dispatches tokens [lo, hi) of T; shares are size = ceil(T/N), the last ranks' possibly
+    shorter or empty."""
     size = -(-t // world)
-    return min(t, rank * size), min(t, (rank + 1) * size)
+    return min(t, rank * size), min(t, (rank + 1) * size), size
 
 
 class ExpertParallelMoe(nn.Module):
@@ -58,7 +59,7 @@ class ExpertParallelMoe(nn.Module):
         x_TH = x.reshape(-1, h)
         logits_TE, weights_TK, experts_TK = self.gate(x_TH)  # the same on every rank
         t, k = experts_TK.shape
-        lo, hi = _share(t, self.world, self.rank)
+        lo, hi, size = _share(t, self.world, self.rank)
         experts_P = experts_TK[lo:hi].reshape(-1)  # P = T_r * K pairs, (token, k) order
         owner_P = experts_P // self.per_rank
         order_P = torch.argsort(owner_P, stable=True)  # pairs grouped by the rank that owns their expert
@@ -77,7 +78,7 @@ class ExpertParallelMoe(nn.Module):
         y_P = self._exchange(y_in, recv_splits, send_splits)  # back to the ranks that sent them
         y_TH = torch.empty_like(y_P).index_copy_(0, order_P, y_P).view(hi - lo, k, h).sum(dim=1)  # (T_r, H)
 
-        size = -(-t // self.world)  # all_gather wants equal shares: pad to ceil(T/N)
+        # all_gather wants equal shares: pad to size
         mine = torch.cat([y_TH, y_TH.new_zeros(size - (hi - lo), h)])
         shares = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(shares, mine, group=self.group)

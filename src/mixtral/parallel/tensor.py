@@ -65,7 +65,9 @@ def tensor_parallel(model: nn.Module, group: Any = None) -> nn.Module:
     require_distributed("tensor_parallel")
     if getattr(model, "tp_world_size", 1) != 1:
         raise ValueError("this model is already tensor parallel")
-    if any(type(m).__name__ == "ExpertParallelMoe" for m in model.modules()):
+    from .expert import ExpertParallelMoe  # here: expert.py imports this module
+
+    if any(isinstance(m, ExpertParallelMoe) for m in model.modules()):
         raise NotImplementedError("tensor_parallel on an expert-parallel model (a 2-D mesh) is not supported yet")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     config = model.config
@@ -76,11 +78,11 @@ def tensor_parallel(model: nn.Module, group: Any = None) -> nn.Module:
     heads = _part(nh, world, rank)
     kv = _part(nkv, world, rank) if nkv % world == 0 else slice(rank // (world // nkv), rank // (world // nkv) + 1)
     inter = _part(i, world, rank)
+    rows = lambda s: slice(s.start * d, s.stop * d)  # noqa: E731 - heads -> rows of a projection
     for layer in backbone.layers:
         attn, experts = layer.self_attn, layer.mlp.experts
         if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter):
             raise ValueError("tensor_parallel needs floating-point experts: apply it before quantize()")
-        rows = lambda s: slice(s.start * d, s.stop * d)  # noqa: E731 - heads -> rows of a projection
         keep_slice(attn.q_proj, "weight", attn.q_proj.weight[rows(heads)])  # (nh/N * D, H)
         keep_slice(attn.k_proj, "weight", attn.k_proj.weight[rows(kv)])  # (nkv/N * D, H)
         keep_slice(attn.v_proj, "weight", attn.v_proj.weight[rows(kv)])
