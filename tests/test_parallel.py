@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -29,30 +30,49 @@ def _checkpoint(path, window: int | None) -> MixtralForCausalLM:
     return model
 
 
-def _run_ranks(tmp_path, folder, world: int, inputs: dict, mode: str) -> list[dict]:
-    torch.save(inputs, tmp_path / "inputs.pt")
+def _run_ranks(tmp_path, folder, tp: int, ep: int, inputs: dict | None = None, sharded: bool = False,
+               **extra) -> list[tuple[int, dict]]:
+    """Start tp x ep worker processes; (exit code, what each saved) per rank."""
+    world = tp * ep
+    if inputs is not None:
+        torch.save(inputs, tmp_path / "inputs.pt")
     procs = []
     for rank in range(world):
         spec = {"folder": str(folder), "init": str(tmp_path / "rendezvous"), "rank": rank, "world": world,
-                "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / f"out{rank}.pt"), "mode": mode}
+                "inputs": str(tmp_path / "inputs.pt") if inputs is not None else None,
+                "out": str(tmp_path / f"out{rank}.pt"), "tp": tp, "ep": ep, "sharded": sharded, **extra}
         procs.append(subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+    failing = extra.get("fail", {}).get("rank")  # a stopped rank never ends: wait for the others, then kill it
+    printed: dict[int, str] = {}
     try:
-        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+        for rank, p in enumerate(procs):
+            if rank != failing:
+                printed[rank] = p.communicate(timeout=TIMEOUT)[0]
     finally:
         for p in procs:
             p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-3000:]}"
-    return [torch.load(tmp_path / f"out{rank}.pt", weights_only=True) for rank in range(world)]
+    if failing is not None:
+        printed[failing] = procs[failing].communicate()[0]
+    results = []
+    for rank, p in enumerate(procs):
+        log = printed[rank]
+        path = tmp_path / f"out{rank}.pt"
+        results.append((p.returncode, torch.load(path, weights_only=True) if path.exists() else {"log": log}))
+        if not extra.get("fail"):
+            assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-3000:]}"
+    return results
 
 
-@pytest.mark.parametrize("mode,world,window", [("tp", 2, None), ("tp", 4, 5), ("ep", 2, 5), ("ep", 4, None)],
-                         ids=["tp2", "tp4-kv-replicated-window5", "ep2-window5", "ep4"])
-def test_parallel_equals_one_process(tmp_path, mode, world, window):
-    """Padded batch, logits and greedy generate() (static cache, past the window): every rank equals one process.
-    TP at 4 ranks: fewer kv heads (2) than ranks, each rank keeps the kv head its query heads read. EP at 4 ranks:
-    one expert each; decoding 2 rows gives the last ranks no tokens to dispatch and some experts no pairs."""
+@pytest.mark.parametrize("tp,ep,window,sharded", [(2, 1, None, False), (4, 1, 5, True), (1, 2, 5, False),
+                                                  (1, 4, None, True), (2, 2, 5, True)],
+                         ids=["tp2", "tp4-kv-replicated-window5-sharded-load", "ep2-window5", "ep4-sharded-load",
+                              "tp2xep2-window5-sharded-load"])
+def test_parallel_equals_one_process(tmp_path, tp, ep, window, sharded):
+    """Padded batch, logits and greedy generate() (static cache, past the window): every rank equals one process,
+    whether it sharded the whole model or read only its slices (from_pretrained(tp=, ep=)). TP at 4 ranks: fewer
+    kv heads (2) than ranks, each rank keeps the kv head its query heads read. EP at 4 ranks: one expert each;
+    decoding 2 rows gives the last ranks no tokens to dispatch and some experts no pairs. TP x EP: a 2 x 2 mesh."""
     folder = tmp_path / "ckpt"
     model = _checkpoint(folder, window)
     g = torch.Generator().manual_seed(1)
@@ -62,7 +82,7 @@ def test_parallel_equals_one_process(tmp_path, mode, world, window):
     with torch.no_grad():
         ref_logits = model(ids, attention_mask=mask).logits
     ref_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
-    outs = _run_ranks(tmp_path, folder, world, {"ids": ids, "mask": mask}, mode)
+    outs = [out for _, out in _run_ranks(tmp_path, folder, tp, ep, {"ids": ids, "mask": mask}, sharded)]
     full = sum(p.numel() for p in model.parameters())
     for rank, out in enumerate(outs):
         real = mask.bool()
@@ -70,8 +90,52 @@ def test_parallel_equals_one_process(tmp_path, mode, world, window):
         assert torch.equal(out["tokens"], ref_tokens), f"rank {rank}"
         assert out["parameters"] < full  # each rank holds a slice of attention and experts
     assert all(o["parameters"] == outs[0]["parameters"] for o in outs)
-    if mode == "ep" and world == 4:
+    if ep == 4:
         assert any(o["idle"] > 0 for o in outs)  # the path where a rank's experts get nothing ran
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
+def test_sharded_loading_reads_only_the_share(tmp_path, tp, ep):
+    """from_pretrained(tp=, ep=) on a sharded checkpoint: each rank's weights are its share (replicated embeddings,
+    norms and router; half of the experts, and for TP half of attention), its peak memory while loading about that share, where
+    loading the whole model and then sharding it peaks at the whole model (measured in the same process)."""
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=256, hidden_size=256, intermediate_size=2048, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8)
+    model = MixtralForCausalLM(config)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="8MB")
+    total = sum(p.numel() * 4 for p in model.parameters())
+    split = sum(p.numel() * 4 for n, p in model.named_parameters()  # TP: attention and experts; EP: experts
+                if "experts" in n or ("self_attn" in n and tp > 1))
+    share = total - split + split // 2
+    del model
+    for _, out in _run_ranks(tmp_path, tmp_path / "ckpt", tp, ep, sharded=True, control=True):
+        assert out["equal"]  # the same share as sharding the whole model
+        assert out["weight_bytes"] == share
+        assert out["load_peak"] < 1.15 * share, (out["load_peak"], share)
+        assert out["control_peak"] > 0.95 * total, (out["control_peak"], total)
+
+
+@pytest.mark.parametrize("how", ["die", "hang"])
+def test_a_failed_rank_is_named_by_the_others(tmp_path, how):
+    """3 tensor-parallel ranks; rank 2 exits (or stops, SIGSTOP) mid-generate(): ranks 0 and 1 raise RankFailure
+    naming rank 2, within the collective timeout (5 s) plus the check-in wait (3 s), rather than hang."""
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=3, num_local_experts=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    os.environ["MIXTRAL_DIST_CHECK_IN"] = "3"
+    try:
+        start = time.monotonic()
+        results = _run_ranks(tmp_path, tmp_path / "ckpt", 3, 1, timeout=5, fail={"rank": 2, "how": how})
+    finally:
+        del os.environ["MIXTRAL_DIST_CHECK_IN"]
+    assert time.monotonic() - start < 60
+    for rank in (0, 1):
+        code, out = results[rank]
+        assert code == 17, (rank, code, out)
+        assert out["ranks"] == [2] and "rank 2 of 3 died or stopped responding" in out["error"], out["error"]
+    assert results[2][0] != 0
 
 
 def test_bad_splits_fail_before_loading():
@@ -122,5 +186,5 @@ def test_torchrun_misuse_is_a_clear_error(tiny_sp_folder):
     assert alone.returncode == 1 and "torchrun --nproc-per-node 2 -m mixtral" in alone.stderr
     ranks = _mixtral(args + ["--tp", "4"], nproc=2)
     assert ranks.returncode != 0 and "--tp 4 needs 4 processes, torchrun started 2" in ranks.stderr
-    both = _mixtral(args + ["--tp", "2", "--ep", "2"])
-    assert both.returncode == 1 and "not supported yet" in both.stderr
+    both = _mixtral(args + ["--tp", "2", "--ep", "2"], nproc=2)
+    assert both.returncode != 0 and "--tp 2 --ep 2 needs 4 processes, torchrun started 2" in both.stderr

@@ -52,26 +52,32 @@ def _load(args: argparse.Namespace):
         raise ValueError(f"--tp and --ep must be >= 1, got {tp} and {ep}")
     if tp == 1 and ep == 1:
         return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    # one process per rank under torchrun: the world size and the config's split checked before any weight is read;
-    # the sharding needs floating-point weights, so --quantize applies after it
+    rank = start_ranks(args)
+    # each rank reads only its slices; the sharding needs floating-point weights, so --quantize applies after it
+    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, progress=rank == 0,
+                                          quantize=args.quantize, tp=tp, ep=ep)
+    from .parallel import launch
+
+    if rank == 0:
+        print(launch.describe(model, tp, ep), file=sys.stderr)
+    args.rank, args.seed = rank, launch.shared_seed(args.seed) if args.do_sample else args.seed
+    return model, tok
+
+
+def start_ranks(args: argparse.Namespace) -> int:
+    """Under torchrun: the process group, then the world size and the config's split checked before any weight
+    is read. This process's rank."""
     from .auto import AutoConfig
     from .demo import demo_model_path
     from .parallel import launch
 
-    rank, world = launch.init_distributed(tp, ep, args.device)
-    launch.check_config(AutoConfig.from_pretrained(args.model or demo_model_path()), tp, ep)
-    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, progress=rank == 0)
-    launch.parallelize(model, tp, ep)
-    if rank == 0:
-        shards = sum(p.numel() for p in model.parameters())
-        print(f"{'tensor' if tp > 1 else 'expert'} parallel over {world} ranks: {shards:,} parameters on each",
-              file=sys.stderr)
-    if args.quantize:
-        from .quantize import quantize
-
-        quantize(model, args.quantize, progress=rank == 0)
-    args.rank, args.seed = rank, launch.shared_seed(args.seed) if args.do_sample else args.seed
-    return model, tok
+    rank, _ = launch.init_distributed(args.tp, args.ep, args.device)
+    if args.model is None:  # the demo model is built on first use: by rank 0 alone, the others wait for it
+        if rank == 0:
+            demo_model_path()
+        launch.barrier()
+    launch.check_config(AutoConfig.from_pretrained(args.model or demo_model_path()), args.tp, args.ep)
+    return rank
 
 
 def _reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, stream: bool) -> str:

@@ -16,9 +16,11 @@ def _is_chat(x: Any) -> bool:
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
-                             device: str | None = None, progress: bool = True, quantize: str | None = None):
+                             device: str | None = None, progress: bool = True, quantize: str | None = None,
+                             tp: int = 1, ep: int = 1):
     """(model, tokenizer) from a checkpoint folder or .gguf file; None means the built-in demo model.
-    quantize="int8" | "int4" quantizes each weight as it is loaded (from_pretrained's quantization=)."""
+    quantize="int8" | "int4" quantizes each weight as it is loaded (from_pretrained's quantization=); tp / ep:
+    this rank's share of a tensor / expert parallel model (under torchrun)."""
     from .model import MixtralForCausalLM
     from .tokenizer import MixtralTokenizer
 
@@ -28,7 +30,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch
         model = demo_model_path()
     path = os.fspath(model)
     lm = MixtralForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress,
-                                            quantization=quantize or None)
+                                            quantization=quantize or None, tp=tp, ep=ep)
     if path.endswith(".gguf"):  # the tokenizer rides in the GGUF's metadata: rebuild its files, then load them
         from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
 

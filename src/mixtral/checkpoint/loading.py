@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..config import MixtralConfig, parse_dtype
 from .hub import hub_recipes, is_hub_folder, open_hub_folder
 from .mistral import is_mistral_folder, mistral_recipes, open_mistral_folder
+from .slices import Sharding, box_of, full_box, intersect, shift
 from .source import CheckpointError
 from .transforms import Part, Recipe
 
@@ -62,9 +63,10 @@ def _target_dtype(dtype: str | torch.dtype | None, config: MixtralConfig, source
 
 
 def _assemble(recipe: Recipe, shape: torch.Size, source: Any, dtype: torch.dtype, device: torch.device,
-              name: str) -> torch.Tensor:
-    """Build one parameter from its parts, checking each part's shape before reading it."""
-    target = torch.empty(shape, device="meta")
+              name: str, sharding: Sharding | None = None) -> torch.Tensor:
+    """Build one parameter from its parts, checking each part's shape before reading it. With a sharding (a
+    parallel rank's share of the parameter), only the boxes of each checkpoint tensor that the share holds are read."""
+    target = torch.empty(sharding.full if sharding else shape, device="meta")
     for part in recipe.parts:
         want, got = tuple(target[part.index].shape), source.shape(part.key)
         if want != got:
@@ -74,9 +76,35 @@ def _assemble(recipe: Recipe, shape: torch.Size, source: Any, dtype: torch.dtype
     # such alias would keep the whole shard mapped, its page cache counted in RSS, for the model's lifetime.
     out = torch.empty(shape, dtype=dtype, device=device)
     for part in recipe.parts:
-        t = source.load(part.key)
-        out[part.index].copy_(part.transform(t) if part.transform else t)
+        if sharding is None:
+            t = source.load(part.key)
+            out[part.index].copy_(part.transform(t) if part.transform else t)
+            continue
+        box, dropped = box_of(part.index, target.shape)  # where this checkpoint tensor lands in the full parameter
+        for dst, src in sharding.pieces:
+            common = intersect(box, src)
+            if common is not None:
+                inside = shift(common, box, full_box(target.shape))  # the box, in the part's own coordinates
+                t = _read(source, part, tuple(s for d, s in enumerate(inside) if d not in dropped))
+                where = shift(common, src, dst)
+                out[where].copy_(t.reshape(out[where].shape))
     return out
+
+
+def _read(source: Any, part: Part, index: tuple[slice, ...]) -> torch.Tensor:
+    """A box of one checkpoint tensor: read alone where the source can (safetensors), else sliced once read. A
+    transform (the q/k row permutation) needs the whole tensor: those are read whole (one H x H matrix)."""
+    if part.transform is not None:
+        t = part.transform(source.load(part.key))[index]
+    elif hasattr(source, "load_slice"):
+        t = source.load_slice(part.key, index)
+    else:
+        t = source.load(part.key)[index]
+    # unmapped at once: the file pages a slice touched (all of them, for a slice of columns) would otherwise stay
+    # in RSS until the shard's last tensor is read, several of them at a time
+    for file in _files(Recipe([part]), source):
+        source.release(file)
+    return t
 
 
 def _row_blocks(recipe: Recipe, ndim: int) -> list[tuple[tuple, Recipe]] | None:
@@ -131,7 +159,7 @@ def _malloc_trim() -> Any:
 
 
 def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, progress, config_overrides,
-                    quantization=None):
+                    quantization=None, tp=1, ep=1):
     """See MixtralPreTrainedModel.from_pretrained."""
     from ..model.attention import check_attn_implementation
     from ..model.mixtral import MixtralForCausalLM, MixtralModel
@@ -158,10 +186,17 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     config._attn_implementation = check_attn_implementation(attn_implementation or config._attn_implementation)
     device = torch.device(device) if device is not None else torch.device("cpu")
 
+    shardings: dict[str, Sharding] = {}
     with torch.device("meta"):
         model = cls(config)
         saved, quantizer = config.extra.pop("quantization_config", None), None
-        if saved or quantization is not None:  # swap in empty quantized modules, which loading then fills
+        if tp * ep > 1:  # each rank builds its share of the model, then reads only that share's slices
+            if saved:
+                raise CheckpointError(f"{folder} is quantized: tp/ep shard float weights (quantize after loading)")
+            from ..parallel.launch import shard_before_loading
+
+            shardings = shard_before_loading(model, tp, ep, device)
+        elif saved or quantization is not None:  # swap in empty quantized modules, which loading then fills
             from ..quantize import load_quantizer
 
             quantizer = load_quantizer(model, quantization, saved)
@@ -170,6 +205,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     own = dict(quantizer.float_state if quantizer else model.state_dict(keep_vars=True))
     if cls is MixtralModel:
         own = {f"model.{k}": p for k, p in own.items()}
+        shardings = {f"model.{k}": v for k, v in shardings.items()}
     tied = config.tie_word_embeddings and "lm_head.weight" in own
     if tied:
         del own["lm_head.weight"]
@@ -210,7 +246,8 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
             state.update(_assemble_quantized(quantizer, name, recipes[key], param.shape, source, dtype, device))
         else:
             keep = not param.is_floating_point() or _QUANT_SCALES.fullmatch(key)  # int codes, fp32 scales as saved
-            state[name] = _assemble(recipes[key], param.shape, source, param.dtype if keep else dtype, device, key)
+            state[name] = _assemble(recipes[key], param.shape, source, param.dtype if keep else dtype, device, key,
+                                    shardings.get(key))
         for shard in _files(recipes[key], source) if quantizer else [f for f, k in last_use.items() if k == key]:
             source.release(shard)
     model.load_state_dict(state, strict=False, assign=True)
@@ -225,6 +262,11 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         from ..generation.config import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
+    if tp * ep > 1 and quantization is not None:  # the sharding needs float weights: quantize the share after it
+        from ..quantize import quantize
+
+        scheme = quantization if isinstance(quantization, dict) else {"scheme": quantization}
+        quantize(model, scheme["scheme"], scheme.get("group_size"), progress=progress)
     return model.eval()
 
 

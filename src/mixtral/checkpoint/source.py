@@ -69,6 +69,15 @@ class SafetensorsSource:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {key!r} from {path} (truncated or corrupt?): {e}") from None
 
+    def load_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """Only the elements of `index` (one slice per dim), read from the memory map: the rest of the tensor's
+        pages are never touched."""
+        path = self.weight_map[key]
+        try:
+            return self._slice(key)[index]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {key!r} from {path} (truncated or corrupt?): {e}") from None
+
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 

@@ -98,6 +98,8 @@ class MixtralPreTrainedModel(nn.Module):
         progress: bool = True,
         torch_dtype: str | torch.dtype | None = None,
         quantization: str | dict[str, Any] | None = None,
+        tp: int = 1,
+        ep: int = 1,
         **config_overrides: Any,
     ):
         """Load a Hub folder (single or sharded safetensors), Mistral's consolidated format, or a repo id.
@@ -105,12 +107,14 @@ class MixtralPreTrainedModel(nn.Module):
         Built on the meta device and filled from memory-mapped files: no random init, no second copy.
         quantization="int8" | "int4" (or {"scheme": "int4", "group_size": 32}) quantizes each weight as it is
         read, as mixtral.quantize would after loading, so that the float model never exists whole.
+        tp=N / ep=M (under torchrun, N x M processes): tensor / expert parallel, on a 2-D mesh when both; each rank
+        reads only its slices of the memory-mapped safetensors, so that its memory is about its share of the weights.
         """
         from ..checkpoint.loading import load_pretrained
 
         return load_pretrained(cls, path, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
                                attn_implementation=attn_implementation, config=config, progress=progress,
-                               config_overrides=config_overrides, quantization=quantization)
+                               config_overrides=config_overrides, quantization=quantization, tp=tp, ep=ep)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         progress: bool = True) -> None:

@@ -4,7 +4,9 @@ dispatches its own share of the tokens: the (token, expert) pairs go to the rank
 all_to_all_single (the split sizes exchanged first), come back computed, are combined in token order, and an
 all_gather gives every rank every token's output.
 
-Inference only. Shapes: N ranks, T tokens (T_r this rank's share), K experts a token, P pairs, H hidden.
+On a tensor-parallel model (a 2-D mesh: `group` holds the ranks with the same tensor-parallel rank), each rank's
+experts are already split on I: the results are partial sums, which the all-reduce over the tensor-parallel group
+completes. Inference only. Shapes: N ranks, T tokens (T_r this rank's share), K experts a token, P pairs, H hidden.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .tensor import keep_slice, require_distributed
+from . import comm
+from .tensor import all_reduce_first, keep_slice, require_distributed
 
 
 def check_expert_parallel(config: Any, world: int) -> None:
@@ -40,15 +43,15 @@ class ExpertParallelMoe(nn.Module):
         self.gate, self.experts = block.gate, block.experts
         self.per_rank = self.experts.num_experts // self.world
         first = self.rank * self.per_rank
-        keep_slice(self.experts, "gate_up_proj", self.experts.gate_up_proj[first:first + self.per_rank])
-        keep_slice(self.experts, "down_proj", self.experts.down_proj[first:first + self.per_rank])
+        keep_slice(self.experts, "gate_up_proj", (slice(first, first + self.per_rank),))
+        keep_slice(self.experts, "down_proj", (slice(first, first + self.per_rank),))
         self.experts.num_experts = self.per_rank
         self.idle_steps = 0  # forwards in which no pair came to this rank's experts
         self.train(block.training)
 
     def _exchange(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         recv = send.new_empty(sum(recv_splits), *send.shape[1:])
-        dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
+        comm.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
         return recv
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +68,7 @@ class ExpertParallelMoe(nn.Module):
         order_P = torch.argsort(owner_P, stable=True)  # pairs grouped by the rank that owns their expert
         send_counts = torch.bincount(owner_P, minlength=self.world)  # (N,)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # split sizes first
+        comm.all_to_all_single(recv_counts, send_counts, group=self.group)  # split sizes first
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()  # one host sync a layer
 
         x_in = self._exchange(x_TH[lo:hi][order_P // k], send_splits, recv_splits)  # (P_in, H)
@@ -81,7 +84,7 @@ class ExpertParallelMoe(nn.Module):
         # all_gather wants equal shares: pad to size
         mine = torch.cat([y_TH, y_TH.new_zeros(size - (hi - lo), h)])
         shares = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(shares, mine, group=self.group)
+        comm.all_gather(shares, mine, group=self.group)
         return torch.cat(shares)[:t].view(b, s, h), logits_TE
 
 
@@ -89,8 +92,6 @@ def expert_parallel(model: nn.Module, group: Any = None) -> nn.Module:
     """Spread the experts of `model` (MixtralModel or a model with one) in place over the ranks of `group`
     (default: the whole world). Every rank calls it and then runs the same calls with the same inputs."""
     require_distributed("expert_parallel")
-    if getattr(model, "tp_world_size", 1) != 1:
-        raise NotImplementedError("expert_parallel on a tensor-parallel model (a 2-D mesh) is not supported yet")
     world = dist.get_world_size(group)
     check_expert_parallel(model.config, world)
     backbone = getattr(model, "model", model)
@@ -100,4 +101,6 @@ def expert_parallel(model: nn.Module, group: Any = None) -> nn.Module:
         if not isinstance(getattr(layer.mlp.experts, "gate_up_proj", None), nn.Parameter):
             raise ValueError("expert_parallel needs floating-point experts: apply it before quantize()")
         layer.mlp = ExpertParallelMoe(layer.mlp, group)
+        if getattr(model, "tp_world_size", 1) != 1:  # the block it replaces carried the MoE's all-reduce
+            layer.mlp.register_forward_hook(all_reduce_first(model.tp_group))
     return model

@@ -7,6 +7,9 @@ and one all-reduce after attention and one after the MoE per layer sum the ranks
 - Router, norms, embeddings and the LM head are replicated: after each all-reduce every rank holds the same hidden
   states, bit for bit, so every rank routes every token to the same experts.
 
+Applied to a meta-device model (from_pretrained(tp=N) does so), it only records each slice: loading then reads just
+those slices of the checkpoint. On an expert-parallel model (a 2-D mesh), it splits the experts each rank kept.
+
 Inference only (the all-reduce is in place, outside autograd). Shapes: N ranks, r this rank, nh / nkv heads, D head
 size, E experts, I intermediate, H hidden.
 """
@@ -18,6 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..checkpoint.slices import Sharding, box_of
+from . import comm
 
 
 def _part(n: int, world: int, rank: int) -> slice:
@@ -39,9 +45,22 @@ def check_tensor_parallel(config: Any, world: int) -> None:
         raise ValueError(f"tensor parallel over {world} ranks needs intermediate_size ({i}) divisible by {world}")
 
 
-def keep_slice(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace a parameter by a slice of it, copied: the full tensor's memory goes with the old parameter."""
-    setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=False))
+def keep_slice(module: nn.Module, name: str, index: tuple, *more: tuple, dim: int = 0) -> None:
+    """Replace a parameter by the slice `index` of it (several: concatenated along `dim`), copied: the full tensor's
+    memory goes with the old parameter. module.shardings[name] records where the slice's elements come from in the
+    full parameter, for loading."""
+    p = getattr(module, name)
+    boxes = [box_of(i, p.shape)[0] for i in (index, *more)]
+    shardings = module.__dict__.setdefault("shardings", {})
+    shardings[name] = shardings.get(name, Sharding.whole(p.shape)).take(boxes, dim)
+    value = torch.cat([p[b] for b in boxes], dim) if more else p[boxes[0]].clone()
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+def shardings(model: nn.Module) -> dict[str, Sharding]:
+    """Every sliced parameter of `model`, by its state_dict name."""
+    return {f"{prefix}.{name}" if prefix else name: sharding for prefix, module in model.named_modules()
+            for name, sharding in module.__dict__.get("shardings", {}).items()}
 
 
 def require_distributed(what: str) -> None:
@@ -50,9 +69,10 @@ def require_distributed(what: str) -> None:
                            "torch.distributed.init_process_group) on every rank")
 
 
-def _all_reduce_first(group: Any):
+def all_reduce_first(group: Any):
+    """A forward hook that sums the module's first output (the ranks' partial (B, S, H) sums) over `group`."""
     def hook(_module: nn.Module, _args: Any, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        dist.all_reduce(out[0], group=group)  # the ranks' partial (B, S, H) sums
+        comm.all_reduce(out[0], group=group)
         return out
 
     return hook
@@ -65,10 +85,6 @@ def tensor_parallel(model: nn.Module, group: Any = None) -> nn.Module:
     require_distributed("tensor_parallel")
     if getattr(model, "tp_world_size", 1) != 1:
         raise ValueError("this model is already tensor parallel")
-    from .expert import ExpertParallelMoe  # here: expert.py imports this module
-
-    if any(isinstance(m, ExpertParallelMoe) for m in model.modules()):
-        raise NotImplementedError("tensor_parallel on an expert-parallel model (a 2-D mesh) is not supported yet")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     config = model.config
     check_tensor_parallel(config, world)
@@ -83,15 +99,16 @@ def tensor_parallel(model: nn.Module, group: Any = None) -> nn.Module:
         attn, experts = layer.self_attn, layer.mlp.experts
         if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter):
             raise ValueError("tensor_parallel needs floating-point experts: apply it before quantize()")
-        keep_slice(attn.q_proj, "weight", attn.q_proj.weight[rows(heads)])  # (nh/N * D, H)
-        keep_slice(attn.k_proj, "weight", attn.k_proj.weight[rows(kv)])  # (nkv/N * D, H)
-        keep_slice(attn.v_proj, "weight", attn.v_proj.weight[rows(kv)])
-        keep_slice(attn.o_proj, "weight", attn.o_proj.weight[:, rows(heads)])  # (H, nh/N * D)
+        keep_slice(attn.q_proj, "weight", (rows(heads),))  # (nh/N * D, H)
+        keep_slice(attn.k_proj, "weight", (rows(kv),))  # (nkv/N * D, H)
+        keep_slice(attn.v_proj, "weight", (rows(kv),))
+        keep_slice(attn.o_proj, "weight", (slice(None), rows(heads)))  # (H, nh/N * D)
         attn.n_heads, attn.n_kv_heads = heads.stop - heads.start, kv.stop - kv.start
-        gate, up = experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:]  # (E, I, H) each
-        keep_slice(experts, "gate_up_proj", torch.cat([gate[:, inter], up[:, inter]], dim=1))  # (E, 2I/N, H)
-        keep_slice(experts, "down_proj", experts.down_proj[:, :, inter])  # (E, H, I/N)
-        attn.register_forward_hook(_all_reduce_first(group))
-        layer.mlp.register_forward_hook(_all_reduce_first(group))
-    model.tp_world_size = world
+        every = slice(None)  # E: all experts, or the ones this rank keeps on a 2-D mesh
+        keep_slice(experts, "gate_up_proj", (every, inter), (every, slice(i + inter.start, i + inter.stop)),
+                   dim=1)  # (E, 2I/N, H): gate's rows, then up's
+        keep_slice(experts, "down_proj", (every, every, inter))  # (E, H, I/N)
+        attn.register_forward_hook(all_reduce_first(group))
+        layer.mlp.register_forward_hook(all_reduce_first(group))
+    model.tp_world_size, model.tp_group = world, group
     return model
