@@ -167,17 +167,19 @@ def _mixtral(args: list[str], nproc: int | None = None) -> subprocess.CompletedP
     return subprocess.run(launcher + args, capture_output=True, text=True, timeout=TIMEOUT, env=env)
 
 
-@pytest.mark.parametrize("flag", ["--tp", "--ep"])
-def test_torchrun_generate_prints_what_one_process_does(tiny_sp_folder, flag):
+@pytest.mark.parametrize("flags", [["--tp", "2"], ["--ep", "2"], ["--tp", "2", "--ep", "2"]],
+                         ids=["tp2", "ep2", "tp2xep2"])
+def test_torchrun_generate_prints_what_one_process_does(tiny_sp_folder, flags):
     args = ["generate", "The capital of France is", "--model", tiny_sp_folder, "--max-new-tokens", "12",
             "--no-stream"]
     alone = _mixtral(args)
     assert alone.returncode == 0, alone.stderr
-    ranks = _mixtral(args + [flag, "2"], nproc=2)
+    ranks = _mixtral(args + flags, nproc=2 * (len(flags) // 2))
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert ranks.stdout == alone.stdout and alone.stdout.strip()  # rank 0 prints, once
-    kind = {"--tp": "tensor", "--ep": "expert"}[flag]
-    assert ranks.stderr.count(f"{kind} parallel over 2 ranks") == 1
+    kinds = " x ".join(f"{kind} parallel over 2 ranks" for kind, flag in (("tensor", "--tp"), ("expert", "--ep"))
+                       if flag in flags)
+    assert ranks.stderr.count(kinds + ":") == 1
 
 
 def test_torchrun_misuse_is_a_clear_error(tiny_sp_folder):

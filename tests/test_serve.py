@@ -65,11 +65,15 @@ class Server:
 
 
 @contextmanager
-def serving(folder: str, *args: str):
+def serving(folder: str, *args: str, nproc: int | None = None):
+    """`mixtral serve` in a process of its own (nproc: under torchrun, that many ranks), healthy."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mixtral", "serve", "--model", folder, "--port", str(port),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MIXTRAL_API_KEY": ""})
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                if nproc else [sys.executable])
+    proc = subprocess.Popen([*launcher, "-m", "mixtral", "serve", "--model", folder, "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "MIXTRAL_API_KEY": "", "OMP_NUM_THREADS": "1"} if nproc else
+                            {**os.environ, "MIXTRAL_API_KEY": ""})
     server = Server(proc, port)
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -85,7 +89,7 @@ def serving(folder: str, *args: str):
         yield server
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks too
         proc.wait(timeout=30)
 
 
@@ -401,6 +405,60 @@ def test_sigterm_finishes_running_requests_and_exits_0(folder):
         assert s.proc.wait(timeout=30) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(s.url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("flags", [["--tp", "2"], ["--ep", "2"]], ids=["tp2", "ep2"])
+def test_torchrun_serve_equals_generate(folder, loaded, flags):
+    """`torchrun --nproc-per-node 2 -m mixtral serve --tp 2` (and --ep 2): rank 0 answers HTTP, rank 1 runs the same
+    steps; concurrent greedy requests equal generate() alone; seeded sampling equals generate(seed=); unseeded
+    sampling (a seed from rank 0) keeps the ranks in step; SIGTERM to rank 0 finishes the running request, then
+    every rank exits 0."""
+    tok = loaded[1]
+    with serving(folder, *flags, "--max-batch", "8", "--shutdown-timeout", "20", nproc=2) as s:
+        name = server_folder_name(s)
+        jobs = [(p, 4 + 5 * i) for i, p in enumerate(PROMPTS)]
+        refs = [_text(loaded, _reference(loaded, tok.encode(p), n)) for p, n in jobs]
+
+        def run(job):
+            p, n = job
+            return s.client().completions.create(model=name, prompt=p, max_tokens=n, temperature=0).choices[0].text
+
+        def sample(seed):
+            return s.client().completions.create(model=name, prompt="Once upon a time", max_tokens=12, n=2,
+                                                 temperature=1.0, seed=seed)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = pool.map(run, jobs, timeout=300)
+            sampled = [pool.submit(sample, seed) for seed in (7, None)]
+            assert list(answers) == refs
+            seeded, unseeded = (f.result(timeout=300) for f in sampled)
+        ids = tok.encode("Once upon a time")
+        for j, choice in enumerate(seeded.choices):
+            ref = _reference(loaded, ids, 12, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=7 + j)
+            assert choice.text == _text(loaded, ref)
+        assert all(c.finish_reason for c in unseeded.choices)
+        assert run(jobs[0]) == refs[0]  # the ranks are still in step after the sampled requests
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "Hello", "max_tokens": 60, "temperature": 0, "stream": True}) as r:
+            lines = iter(r.iter_lines())
+            next(lines)
+            os.kill(_rank_zero(s.proc.pid), signal.SIGTERM)
+            rest = [ln for ln in lines if ln]
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"  # it ran to its end
+        assert s.proc.wait(timeout=60) == 0, s.proc.stdout.read()[-3000:]  # rank 1 returned when rank 0 stopped
+
+
+def _rank_zero(torchrun: int) -> int:
+    """The pid of the rank-0 process that torchrun (pid `torchrun`) started."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == torchrun and b"RANK=0" in env:
+            return int(pid)
+    raise AssertionError("torchrun's rank 0 not found")
 
 
 def test_health_is_503_while_loading():

@@ -36,6 +36,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         "inductor's cache after), so it pays off on long generations")
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel over N ranks (under torchrun: "
+                   "--nproc-per-node tp x ep; gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel over N ranks (with --tp: a 2-D mesh)")
+
+
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only what the user set: the rest comes from the checkpoint's generation_config.json."""
     given = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None, temperature=args.temperature,
@@ -226,11 +232,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         quantize=args.quantize, compile=args.compile, max_batch=args.max_batch, max_waiting=args.max_waiting,
         max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, prefill_chunk=args.prefill_chunk,
-        api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY") or None, max_body_bytes=args.max_body_bytes)
-    for name in ("max_batch", "max_waiting", "prefill_chunk", "max_body_bytes"):
+        api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY") or None, max_body_bytes=args.max_body_bytes,
+        tp=args.tp, ep=args.ep)
+    for name in ("max_batch", "max_waiting", "prefill_chunk", "max_body_bytes", "tp", "ep"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.tp * args.ep > 1 and start_ranks(args) != 0:
+        return _follow_server(settings)
     run_server(settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+def _follow_server(settings: Any) -> int:
+    """A rank other than 0 under `torchrun ... mixtral serve --tp/--ep`: no HTTP, the same engine steps as rank 0's,
+    until rank 0 stops. Signals are rank 0's to act on (torchrun sends them to every rank): rank 0 finishes the
+    running requests, then tells the others to return."""
+    import signal
+
+    from .parallel.mirror import follow
+    from .serve.app import load_engine
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    follow(load_engine(settings)[2])
     return 0
 
 
@@ -245,9 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--no-stream", action="store_true", help="print the continuation at the end")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel over N processes (under torchrun "
-                   "--nproc-per-node N; gloo on CPU, NCCL on CUDA)")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel over N processes (under torchrun)")
+    _add_parallel_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the chat template; keeps the conversation")
@@ -275,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds for running requests to finish before they are aborted")
     p.add_argument("--compile", action="store_true", help="compile the batched decode step (torch.compile on CPU; "
                    "one compile per batch-size bucket, on first use)")
+    _add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="config summary, parameter counts (total/active), dtype, size on disk")

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -53,6 +54,20 @@ class ServeSettings:
     prefill_chunk: int = 512  # prompt tokens prefilled per step
     api_key: str | None = None
     max_body_bytes: int = 4 << 20  # request bodies larger than this are refused (413)
+    tp: int = 1  # under torchrun: this process is one rank of tp x ep, rank 0 serves HTTP
+    ep: int = 1
+
+
+def load_engine(s: ServeSettings) -> tuple[Any, Any, BatchEngine]:
+    """(model, tokenizer, engine) as the settings say: under torchrun, this rank's share and its slot cache (the
+    same rows and slots on every rank)."""
+    from ..pipeline import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(s.model, dtype=s.dtype, device=s.device, quantize=s.quantize, tp=s.tp,
+                                          ep=s.ep, progress=os.environ.get("RANK", "0") == "0")
+    model.eval()
+    length = s.max_model_len or slot_cache_length(model, s.max_batch, s.kv_cache_gib)
+    return model, tok, BatchEngine(model, s.max_batch, length, s.prefill_chunk, compile=s.compile)
 
 
 def slot_cache_length(model: Any, rows: int, budget_gib: float) -> int:
@@ -83,16 +98,13 @@ class ServerState:
                                batch=lambda: self.scheduler.engine.last_batch if self.scheduler else 0)
 
     def load(self) -> None:
-        import os
-
-        from ..pipeline import load_model_and_tokenizer
-
         s = self.settings
         try:
-            model, tok = load_model_and_tokenizer(s.model, dtype=s.dtype, device=s.device, quantize=s.quantize)
-            model.eval()
-            length = s.max_model_len or slot_cache_length(model, s.max_batch, s.kv_cache_gib)
-            engine = BatchEngine(model, s.max_batch, length, s.prefill_chunk, compile=s.compile)
+            model, tok, engine = load_engine(s)
+            if s.tp * s.ep > 1:  # the other ranks run the same steps (mixtral.parallel.mirror.follow)
+                from ..parallel.mirror import Leader
+
+                engine = Leader(engine)
             cfg = getattr(model, "generation_config", None)
             eos = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else tok.eos_token_id
             self.eos = tuple([] if eos is None else [eos] if isinstance(eos, int) else eos)
@@ -101,8 +113,8 @@ class ServerState:
             self.model, self.tokenizer = model, tok
             self.scheduler = Scheduler(engine, s.max_waiting, on_step=self._count_tokens)
             self.scheduler.start()
-            log.info("serving %s: %d rows x %d slots (%.2f GiB of KV cache)", self.name, s.max_batch, length,
-                     engine.cache.nbytes() / 2**30)
+            log.info("serving %s: %d rows x %d slots (%.2f GiB of KV cache)", self.name, s.max_batch,
+                     engine.max_len, engine.cache.nbytes() / 2**30)
             self.ready.set()
         except Exception as e:  # noqa: BLE001 - /health reports it; the process stays up to say why
             self.load_error = f"{type(e).__name__}: {e}"

@@ -80,13 +80,17 @@ class Scheduler:
     def _run(self) -> None:
         engine = self.engine
         try:
+            # a leader of other ranks (mixtral.parallel.mirror) wants a heartbeat while idle: they wait on it
+            heartbeat = getattr(engine, "heartbeat_s", None)
             while not self._stopping.is_set():
+                idle = not engine.has_work()
                 try:  # block while idle; otherwise take whatever has arrived and step
-                    self._apply(self._commands.get(timeout=None if not engine.has_work() else 0))
+                    self._apply(self._commands.get(timeout=heartbeat if idle else 0))
                     while True:
                         self._apply(self._commands.get_nowait())
                 except queue.Empty:
-                    pass
+                    if idle and not engine.has_work() and heartbeat is not None:
+                        engine.heartbeat()
                 if engine.has_work() and not self._stopping.is_set():
                     self._deliver(engine.step())
         except BaseException as e:  # noqa: BLE001 - reported to every request rather than lost with the thread
@@ -98,6 +102,8 @@ class Scheduler:
                 s.finish_reason = s.finish_reason or "abort"
             self._deliver([TokenEvent(s, None, len(s.output), finish_reason="abort") for s in seqs])
             self._drain_after_stop()
+            if hasattr(engine, "close") and self.error is None:  # the other ranks return too
+                engine.close()
 
     def _apply(self, command: tuple[str, Any]) -> None:
         kind, arg = command
