@@ -7,9 +7,8 @@ Runs one process (TP=1), then TP=2 and EP=2 as 2 processes each (a file:// rende
 Measured on rank 0: decode tok/s (greedy generate(), --new-tokens after a 16-token prompt, per batch size), prefill
 tok/s (one forward of --prompt tokens), bytes each rank sends through collectives per generated token per layer
 (counted by wrapping torch.distributed's all_reduce / all_to_all_single / all_gather) against the TP formula
-(2 all-reduces of batch x hidden x element size), and every rank's peak RSS. Writes benchmarks/out/parallel.json.
-Each rank still loads the whole checkpoint before keeping its slices (sharded loading is not built yet): its peak
-RSS shows that.
+(2 all-reduces of batch x hidden x element size), each rank's weights and its peak RSS. Each rank loads with
+from_pretrained(tp=, ep=): it reads only its slices of the checkpoint. Writes benchmarks/out/parallel.json.
 """
 
 from __future__ import annotations
@@ -40,19 +39,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         dist.init_process_group("gloo", init_method=f"file://{spec['init']}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=600))
-        for name in ("all_reduce", "all_to_all_single", "all_gather"):
-            original = getattr(dist, name)
+        from mixtral.parallel import comm
+
+        for name in ("all_reduce", "all_to_all_single", "all_gather"):  # every collective the model makes
+            original = getattr(comm, name)
 
             def counted(*args: Any, _original=original, _name=name, **kwargs: Any) -> Any:
                 given = args[0] if _name == "all_reduce" else args[1]  # this rank's input: what it puts on the wire
                 sent["bytes"] += given.numel() * given.element_size()
                 return _original(*args, **kwargs)
 
-            setattr(dist, name, counted)
-        from mixtral.parallel import expert_parallel, tensor_parallel
-    model = MixtralForCausalLM.from_pretrained(spec["model"], dtype=spec["torch_dtype"], progress=False).eval()
-    if world > 1:
-        {"tp": tensor_parallel, "ep": expert_parallel}[mode](model)
+            setattr(comm, name, counted)
+    split = {"tp": world, "ep": 1} if mode == "tp" else {"tp": 1, "ep": world}
+    model = MixtralForCausalLM.from_pretrained(spec["model"], dtype=spec["torch_dtype"], progress=False,
+                                               **split).eval()
     layers = model.config.num_hidden_layers
     out: dict[str, Any] = {"decode": {}}
     g = torch.Generator().manual_seed(0)
@@ -79,6 +79,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["prefill_tok_per_s"] = spec["prompt"] / (time.perf_counter() - t0)
     out["peak_rss_GB"] = C.peak_rss_bytes() / C.GB
     out["parameters_on_rank"] = sum(p.numel() for p in model.parameters())
+    out["weights_GB_on_rank"] = sum(p.numel() * p.element_size() for p in model.parameters()) / C.GB
     if world > 1:
         rss = torch.tensor([out["peak_rss_GB"]])
         every = [torch.zeros(1) for _ in range(world)]
@@ -129,7 +130,7 @@ def main() -> None:
     base = data["runs"]["TP=1"]
     for label, r in data["runs"].items():
         if "error" in r:
-            rows.append([label, r["error"]] + [""] * 6)
+            rows.append([label, r["error"]] + [""] * 7)
             continue
         for b in args.batch:
             d = r["decode"][str(b)]
@@ -137,11 +138,11 @@ def main() -> None:
             rows.append([label, b, C.fmt(d["tok_per_s"]),
                          C.fmt(d["tok_per_s"] / base["decode"][str(b)]["tok_per_s"], 2) if "decode" in base else "",
                          C.fmt(r["prefill_tok_per_s"]), C.fmt(d["bytes_per_token_per_layer"]),
-                         C.fmt(formula) if formula else "",
+                         C.fmt(formula) if formula else "", C.fmt(r["weights_GB_on_rank"], 2),
                          " / ".join(C.fmt(x, 2) for x in r.get("peak_rss_GB_per_rank", [r["peak_rss_GB"]]))])
     print()
     print(C.format_table(["run", "batch", "decode tok/s", "x TP=1", "prefill tok/s", "bytes sent/token/layer",
-                          "TP formula", "peak RSS GB per rank"], rows))
+                          "TP formula", "weights GB a rank", "peak RSS GB per rank"], rows))
     C.write_json(os.path.join(C.OUT_DIR, "parallel.json"), data)
 
 

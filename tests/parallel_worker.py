@@ -32,7 +32,11 @@ def reset_peak() -> None:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{spec['init']}", rank=spec["rank"],
+    backend, device = spec.get("backend", "gloo"), "cpu"
+    if backend == "nccl":  # a GPU a rank
+        device = f"cuda:{spec['rank']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{spec['init']}", rank=spec["rank"],
                             world_size=spec["world"], timeout=datetime.timedelta(seconds=spec.get("timeout", 60)))
     tp, ep, out = spec["tp"], spec["ep"], {}
     if spec["sharded"]:  # from_pretrained(tp=, ep=): only this rank's slices are read
@@ -45,7 +49,7 @@ def main() -> None:
             del whole
         reset_peak()
         before = rss()[0]
-        model = MixtralForCausalLM.from_pretrained(spec["folder"], progress=False, tp=tp, ep=ep)
+        model = MixtralForCausalLM.from_pretrained(spec["folder"], progress=False, tp=tp, ep=ep, device=device)
         out["load_peak"] = rss()[1] - before
         if spec.get("control"):
             out["equal"] = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), control))
@@ -54,11 +58,11 @@ def main() -> None:
     out["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     out["parameters"] = sum(p.numel() for p in model.parameters())
     if spec["inputs"]:
-        inputs = torch.load(spec["inputs"], weights_only=True)
+        inputs = {k: v.to(device) for k, v in torch.load(spec["inputs"], weights_only=True).items()}
         with torch.no_grad():
-            out["logits"] = model(inputs["ids"], attention_mask=inputs["mask"]).logits
+            out["logits"] = model(inputs["ids"], attention_mask=inputs["mask"]).logits.cpu()
         out["tokens"] = model.generate(inputs["ids"], attention_mask=inputs["mask"], max_new_tokens=10,
-                                       pad_token_id=0, eos_token_id=None)
+                                       pad_token_id=0, eos_token_id=None).cpu()
     if spec.get("fail"):  # one rank dies or hangs in its 5th layer call; the others must say which
         fail, calls = spec["fail"], []
 

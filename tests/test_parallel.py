@@ -94,6 +94,25 @@ def test_parallel_equals_one_process(tmp_path, tp, ep, window, sharded):
         assert any(o["idle"] > 0 for o in outs)  # the path where a rank's experts get nothing ran
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
+def test_nccl_equals_one_process(tmp_path, tp, ep):
+    """The same equality on GPUs with NCCL, a GPU a rank, loading sharded, against one process on a GPU (fp32;
+    torch runs fp32 GEMMs without TF32 unless told to)."""
+    folder = tmp_path / "ckpt"
+    model = _checkpoint(folder, 5).to("cuda:0")
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        ref_logits = model(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+    ref_tokens = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=10, pad_token_id=0,
+                                eos_token_id=None).cpu()
+    for _, out in _run_ranks(tmp_path, folder, tp, ep, {"ids": ids, "mask": mask}, sharded=True, backend="nccl"):
+        assert (out["logits"] - ref_logits)[mask.bool()].abs().max() <= 1e-5
+        assert torch.equal(out["tokens"], ref_tokens)
+
+
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
 def test_sharded_loading_reads_only_the_share(tmp_path, tp, ep):
     """from_pretrained(tp=, ep=) on a sharded checkpoint: each rank's weights are its share (replicated embeddings,
