@@ -94,6 +94,35 @@ def test_parallel_equals_one_process(tmp_path, tp, ep, window, sharded):
         assert any(o["idle"] > 0 for o in outs)  # the path where a rank's experts get nothing ran
 
 
+@pytest.mark.parametrize("fmt,tp,ep", [("mistral", 2, 1), ("gguf", 2, 1), ("gguf", 1, 2)],
+                         ids=["mistral-tp2", "gguf-tp2", "gguf-ep2"])
+def test_sharded_loading_of_other_formats(tmp_path, fmt, tp, ep):
+    """from_pretrained(tp=, ep=) of Mistral's consolidated format and of GGUF (q/k rows permuted on the way in,
+    stacked GGUF experts): each rank's share gives the single-process outputs."""
+    from mixtral.checkpoint.gguf import save_gguf
+    from mixtral.checkpoint.mistral import save_mistral_checkpoint
+
+    model = _checkpoint(tmp_path / "hub", None)
+    path = tmp_path / ("m.gguf" if fmt == "gguf" else "mistral")
+    if fmt == "gguf":
+        save_gguf(model, path, dtype="f32", progress=False)
+    else:
+        save_mistral_checkpoint(model, path)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    ref_tokens = model.generate(ids, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
+    for _, out in _run_ranks(tmp_path, path, tp, ep, {"ids": ids, "mask": mask}, sharded=True):
+        assert (out["logits"] - ref_logits).abs().max() <= 1e-5
+        assert torch.equal(out["tokens"], ref_tokens)
+
+
+def test_sharded_loading_needs_ranks(tiny_sp_folder):
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2"):
+        MixtralForCausalLM.from_pretrained(tiny_sp_folder, tp=2, progress=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
 def test_nccl_equals_one_process(tmp_path, tp, ep):
