@@ -49,7 +49,8 @@ def main() -> None:
             del whole
         reset_peak()
         before = rss()[0]
-        model = MixtralForCausalLM.from_pretrained(spec["folder"], progress=False, tp=tp, ep=ep, device=device)
+        model = MixtralForCausalLM.from_pretrained(spec["folder"], progress=False, tp=tp, ep=ep, device=device,
+                                                   quantization=spec.get("quantize"))
         out["load_peak"] = rss()[1] - before
         if spec.get("control"):
             out["equal"] = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), control))

@@ -118,6 +118,28 @@ def test_sharded_loading_of_other_formats(tmp_path, fmt, tp, ep):
         assert torch.equal(out["tokens"], ref_tokens)
 
 
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
+def test_quantized_shares(tmp_path, tp, ep):
+    """from_pretrained(tp=, ep=, quantization="int8"): each rank quantizes its float share. EP keeps whole experts,
+    so it equals one int8 process; TP's o_proj and down_proj rows are split, so each rank's per-row scales cover
+    its half of a row: as close to the float model as one int8 process is, and the ranks agree."""
+    from mixtral.quantize import quantize
+
+    model = _checkpoint(tmp_path / "ckpt", None)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+        int8 = quantize(model, "int8", progress=False)(ids).logits
+    outs = [out for _, out in _run_ranks(tmp_path, tmp_path / "ckpt", tp, ep, {"ids": ids, "mask": torch.ones_like(
+        ids)}, sharded=True, quantize="int8")]
+    for out in outs:
+        if ep > 1:
+            assert (out["logits"] - int8).abs().max() <= 1e-5
+        else:
+            assert 0 < (out["logits"] - ref).abs().max() <= 2 * (int8 - ref).abs().max()
+        assert torch.equal(out["tokens"], outs[0]["tokens"])
+
+
 def test_sharded_loading_needs_ranks(tiny_sp_folder):
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2"):
         MixtralForCausalLM.from_pretrained(tiny_sp_folder, tp=2, progress=False)
