@@ -49,24 +49,28 @@ broadcast = _guarded(dist.broadcast)
 
 def broadcast_bytes(data: bytes | None, group: Any = None) -> bytes:
     """Rank 0's bytes on every rank of `group` (data is ignored elsewhere): the length, then the payload."""
+    src = 0 if group is None else dist.get_global_rank(group, 0)
     size = torch.tensor([len(data) if data is not None else 0])
-    broadcast(size, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None and len(data)
+    broadcast(size, src=src, group=group)
+    if not int(size):
+        return b""
+    buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None
               else torch.empty(int(size), dtype=torch.uint8))
-    if int(size):
-        broadcast(buffer, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    broadcast(buffer, src=src, group=group)
     return bytes(buffer.numpy())
 
 
 def _diagnose(error: BaseException) -> RankFailure:
     rank, world = dist.get_rank(), dist.get_world_size()
     store = dist.distributed_c10d._get_default_store()  # the rendezvous store: it outlives the process group
-    # every survivor uses the same key whatever it failed in: a rank fails once, its error ends the process
-    dist.destroy_process_group()
+    try:  # closes this rank's connections: survivors blocked on it fail now rather than at their timeout
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a broken group may fail to tear down; the check-in below still works
+        pass
     wait = float(os.environ.get(CHECK_IN_ENV, 10))
     cause = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])  # gloo's source location off
     cause = cause.split(". This is typically")[0][:200]
-    try:
+    try:  # one key a rank: a rank fails once, its error ends the process
         store.set(f"mixtral/alive/{rank}", "1")
         missing, deadline = list(range(world)), time.monotonic() + wait
         while missing and time.monotonic() < deadline:
