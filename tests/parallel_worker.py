@@ -14,7 +14,7 @@ import torch.distributed as dist
 from mixtral import MixtralForCausalLM
 from mixtral.parallel.comm import RankFailure
 from mixtral.parallel.expert import ExpertParallelMoe
-from mixtral.parallel.launch import parallelize
+from mixtral.parallel import parallelize
 
 
 def rss() -> tuple[int, int]:

@@ -258,5 +258,7 @@ def test_torchrun_misuse_is_a_clear_error(tiny_sp_folder):
     assert alone.returncode == 1 and "torchrun --nproc-per-node 2 -m mixtral" in alone.stderr
     ranks = _mixtral(args + ["--tp", "4"], nproc=2)
     assert ranks.returncode != 0 and "--tp 4 needs 4 processes, torchrun started 2" in ranks.stderr
+    serve = _mixtral(["serve", "--model", tiny_sp_folder, "--ep", "2"])
+    assert serve.returncode == 1 and "torchrun --nproc-per-node 2 -m mixtral" in serve.stderr
     both = _mixtral(args + ["--tp", "2", "--ep", "2"], nproc=2)
     assert both.returncode != 0 and "--tp 2 --ep 2 needs 4 processes, torchrun started 2" in both.stderr

@@ -1,6 +1,12 @@
-"""Parallelism over torch.distributed, applied to a model (the only package that imports torch.distributed)."""
+"""Parallelism over torch.distributed, applied to a model (the only package that imports torch.distributed).
 
+tensor_parallel(model, group) and expert_parallel(model, group) shard a model in place over a process group;
+parallelize(model, tp, ep) lays the world out as an (ep, tp) mesh and applies both; RankFailure is what a rank
+raises when another one died or hung."""
+
+from .comm import RankFailure
 from .expert import expert_parallel
+from .launch import parallelize
 from .tensor import tensor_parallel
 
-__all__ = ["expert_parallel", "tensor_parallel"]
+__all__ = ["RankFailure", "expert_parallel", "parallelize", "tensor_parallel"]

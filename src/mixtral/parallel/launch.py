@@ -81,9 +81,10 @@ def mesh(tp: int, ep: int) -> Any:
     return init_device_mesh("cuda" if backend == "nccl" else "cpu", (ep, tp), mesh_dim_names=("ep", "tp"))
 
 
-def parallelize(model: nn.Module, tp: int, ep: int) -> nn.Module:
-    """Shard `model` tp x ep ways: experts spread over the "ep" dim of the mesh, then attention and each rank's
-    experts split over its "tp" dim. With one of them 1, the plain 1-D tensor_parallel / expert_parallel."""
+def parallelize(model: nn.Module, tp: int = 1, ep: int = 1) -> nn.Module:
+    """Shard `model` in place tp x ep ways over the world (tp x ep ranks, every one calling this): experts spread
+    over the "ep" dim of the mesh, then attention and each rank's experts split over its "tp" dim. With one of them
+    1, the plain tensor_parallel / expert_parallel over the world."""
     if tp > 1 and ep > 1:
         m = mesh(tp, ep)
         expert_parallel(model, m.get_group("ep"))
