@@ -158,6 +158,11 @@ def record_graph(step: Callable[[], torch.Tensor], device: torch.device) -> tupl
     return graph, out
 
 
+# why graphable() can say no, for the warnings that then decode eagerly
+NOT_GRAPHABLE = ("which needs bf16 experts and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): "
+                 "decoding eagerly")
+
+
 def graphable(model: Any) -> bool:
     """Whether the decode step can be a CUDA graph: on a GPU with no host sync, which the experts do only in bf16
     with torch's grouped GEMM kernel (Experts.runs_grouped)."""
@@ -174,8 +179,7 @@ def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:
     host sync, which the experts do only in bf16 with torch's grouped GEMM kernel: Experts.runs_grouped), and None
     without one while another generation uses this shape's graph."""
     if not graphable(model):
-        warnings.warn(f"compile=True on {model.device} records the decode step as a CUDA graph, which needs bf16 "
-                      "experts and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): decoding eagerly",
+        warnings.warn(f"compile=True on {model.device} records the decode step as a CUDA graph, {NOT_GRAPHABLE}",
                       stacklevel=3)
         return None
     signature = _signature(model)

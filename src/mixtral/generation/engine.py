@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from ..cache import StaticCache
-from .decode import (COMPILED_CACHE_BUCKET, compiled_forward_last, forward_last, graphable, logits_at, record_graph,
-                     run_layers, static_mask)
+from .decode import (COMPILED_CACHE_BUCKET, NOT_GRAPHABLE, compiled_forward_last, forward_last, graphable,
+                     logits_at, record_graph, run_layers, static_mask)
 from .sampling import process_logits, select_next
 
 
@@ -114,8 +114,7 @@ class BatchEngine:
                     warnings.warn(f"recording the batched decode step as CUDA graphs failed, decoding eagerly: "
                                   f"{type(e).__name__}: {e}", stacklevel=2)
             else:
-                warnings.warn("compile=True on CUDA records the decode step as CUDA graphs, which needs bf16 experts "
-                              "and torch's grouped GEMM kernel (Hopper or Blackwell GPUs): decoding eagerly",
+                warnings.warn(f"compile=True on CUDA records the decode step as CUDA graphs, {NOT_GRAPHABLE}",
                               stacklevel=2)
         self.compiled = compile and (self.device.type == "cpu" or bool(self.graphs))
         self.last_batch = 0  # rows in the latest decode step (metrics)

@@ -61,10 +61,10 @@ class Leader:
 
     def close(self) -> None:
         """Tell the followers to return (the server is stopping)."""
-        comm.broadcast_bytes(json.dumps({"stop": True}).encode(), control_group())
+        self._send(step=False, stop=True)
 
-    def _send(self, step: bool) -> None:
-        message = {"ops": self._ops, "chosen": self._chosen, "step": step}
+    def _send(self, **what: bool) -> None:
+        message = {"ops": self._ops, "chosen": self._chosen, **what}
         comm.broadcast_bytes(json.dumps(message).encode(), control_group())
         self._ops, self._chosen = [], []
 
