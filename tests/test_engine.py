@@ -205,3 +205,99 @@ def test_bad_groups(model):
         engine.add([Sequence([3], SamplingParams(max_tokens=1)) for _ in range(3)])
     with pytest.raises(ValueError, match="same prompt"):
         engine.add([Sequence([3], SamplingParams(max_tokens=1)), Sequence([4], SamplingParams(max_tokens=1))])
+
+
+def test_a_failing_sequence_ends_alone(model, monkeypatch):
+    """A sequence whose sampling raises, one that cannot be added, and the sequences of a forward that raises end
+    with "error" (the exception kept); every other sequence still equals generate() alone, and the engine goes on."""
+    from mixtral.generation import engine as engine_module
+    from mixtral.generation.engine import SequenceError
+
+    work = _prompts(6, seed=5)
+    engine = BatchEngine(model, max_batch=3, prefill_chunk=16)
+    seqs = [Sequence(p, SamplingParams(max_tokens=n)) for p, n in work]
+    poisoned = seqs[1]
+    real_sample, real_forward = BatchEngine._sample, engine_module.forward_last
+
+    def sample(self, s, logits):
+        if s is poisoned and len(s.output) == 2:
+            raise RuntimeError("injected sampling failure")
+        return real_sample(self, s, logits)
+
+    monkeypatch.setattr(BatchEngine, "_sample", sample)
+    poisoned.params.repetition_penalty = 1.1  # not plain greedy: its tokens are sampled, so the fault reaches it
+    for s in seqs[:4]:
+        engine.add([s])
+    _run(engine)
+    assert poisoned.finish_reason == "error" and isinstance(poisoned.error, SequenceError)
+    assert "sampling" in str(poisoned.error) and "injected" in str(poisoned.error.__cause__)
+    assert len(poisoned.output) == 2
+    for s, (p, n) in zip(seqs, work):
+        if s is not poisoned and s.finish_reason is not None:
+            assert s.output == _alone(model, p, n)
+
+    # one decode forward fails: the rows in it end with "error", their rows are freed, the next step goes on
+    calls = {"n": 0}
+
+    def forward_last(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected forward failure")
+        return real_forward(*args)
+
+    monkeypatch.setattr(engine_module, "forward_last", forward_last)
+    late = [Sequence(p, SamplingParams(max_tokens=10)) for p in ([5, 6, 7], [8, 9, 10, 11])]  # one packed prefill
+    for s in late:
+        engine.add([s])
+    errors = []
+    while engine.has_work():
+        engine.step()
+        errors.append(engine.step_error)
+    assert [s.finish_reason for s in late] == ["error", "error"]  # both rows were in the third decode step
+    assert sum(e is not None for e in errors) == 1 and not engine.running
+    assert all("decode forward" in str(s.error) for s in late)
+    # and afterwards the engine serves as before
+    again = Sequence(work[0][0], SamplingParams(max_tokens=work[0][1]))
+    engine.add([again])
+    _run(engine)
+    assert again.output == _alone(model, *work[0]) and engine.step_error is None
+
+
+def test_logit_bias_penalties_and_prompt_logprobs(model):
+    """logit_bias and OpenAI's presence/frequency penalties against a hand-written greedy loop on the model's
+    logits; prompt log-probabilities (over prefill pieces) against one forward of the whole prompt; max_tokens=0
+    runs the prompt alone."""
+    prompt = _prompts(1, seed=3, longest=40)[0][0] + list(range(10, 40))  # longer than the 16-token chunk
+    bias = ((7, 4.0), (9, -100.0))
+
+    def by_hand(steps: int, presence: float, frequency: float) -> list[int]:
+        ids, out = list(prompt), []
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+            for t, b in bias:
+                logits[t] += b
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+            logits = logits - frequency * counts - presence * (counts > 0).float()
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+        return out
+
+    engine = BatchEngine(model, max_batch=2, prefill_chunk=16)
+    cases = [(0.0, 0.0), (2.0, 0.0), (0.0, 2.0), (-2.0, 2.0)]
+    seqs = [Sequence(prompt, SamplingParams(max_tokens=8, logit_bias=bias, presence_penalty=pp,
+                                            frequency_penalty=fp)) for pp, fp in cases]
+    scored = Sequence(prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))
+    for s in [*seqs, scored]:
+        engine.add([s])
+    _run(engine)
+    for s, (pp, fp) in zip(seqs, cases):
+        assert s.output == by_hand(8, pp, fp), (pp, fp)
+    assert len(set(tuple(s.output) for s in seqs)) > 1  # the penalties changed something
+    assert scored.output == [] and scored.finish_reason == "length"
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)  # (T, V)
+    assert len(scored.prompt_logprobs) == len(prompt) - 1
+    for i, (lp, top) in enumerate(scored.prompt_logprobs):
+        assert lp == pytest.approx(full[i, prompt[i + 1]].item(), abs=1e-4)
+        assert [t for t, _ in top] == full[i].topk(3).indices.tolist()

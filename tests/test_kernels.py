@@ -275,7 +275,8 @@ def test_attention(dtype, b, nh, nkv, s, t, d, masking):
     out = kernels.attention(q, k, v, None if masking == "causal" else mask, d**-0.5)
     assert out.shape == q.shape and out.dtype == dtype
     ref, spread = _attention_reference(q, k, v, causal if masking == "causal" else mask, d**-0.5)
-    rounded_probs = dtype == torch.bfloat16 and s > kernels.MAX_ROWS
+    # the prompt kernel rounds the probabilities to bf16, as sdpa does (the path without the kernels); attend does not
+    rounded_probs = dtype == torch.bfloat16 and (s > kernels.MAX_ROWS or not kernels.available())
     assert_matches(out, ref, 2**-8 * spread if rounded_probs else 0.0)
 
 

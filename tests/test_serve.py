@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -44,9 +45,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, port: int) -> None:
-        self.proc, self.port = proc, port
+    def __init__(self, proc: subprocess.Popen, port: int, log) -> None:
+        self.proc, self.port, self._log = proc, port, log
         self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        """What the server printed so far (a file, not a pipe: a full pipe would block the server)."""
+        self._log.seek(0)
+        return self._log.read()
 
     def client(self, api_key: str = "unused", **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
@@ -65,20 +71,22 @@ class Server:
 
 
 @contextmanager
-def serving(folder: str, *args: str, nproc: int | None = None):
-    """`mixtral serve` in a process of its own (nproc: under torchrun, that many ranks), healthy."""
+def serving(folder: str, *args: str, nproc: int | None = None, entry: tuple[str, ...] = ("-m", "mixtral")):
+    """`mixtral serve` in a process of its own (nproc: under torchrun, that many ranks; entry: what python runs,
+    given the CLI's arguments), healthy."""
     port = _free_port()
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                 if nproc else [sys.executable])
-    proc = subprocess.Popen([*launcher, "-m", "mixtral", "serve", "--model", folder, "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([*launcher, *entry, "serve", "--model", folder, "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "MIXTRAL_API_KEY": "", "OMP_NUM_THREADS": "1"} if nproc else
                             {**os.environ, "MIXTRAL_API_KEY": ""})
-    server = Server(proc, port)
+    server = Server(proc, port, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            assert proc.poll() is None, f"the server exited: {proc.stdout.read()}"
+            assert proc.poll() is None, f"the server exited: {server.log()}"
             try:
                 if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                     break
@@ -91,6 +99,7 @@ def serving(folder: str, *args: str, nproc: int | None = None):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks too
         proc.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +310,7 @@ def test_bad_inputs_are_4xx_and_the_server_goes_on(server):
         ("/v1/completions", {**ok, "max_tokens": "many"}, 400, "max_tokens"),
         ("/v1/completions", {**ok, "temperature": "hot"}, 400, "temperature"),
         ("/v1/completions", {**ok, "model": "gpt-4"}, 404, "model"),
-        ("/v1/completions", {**ok, "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/chat/completions", {**chat, "max_tokens": 0}, 400, "max_tokens"),  # completions: 0 scores the prompt
         ("/v1/completions", {**ok, "max_tokens": -5}, 400, "max_tokens"),
         ("/v1/completions", {**ok, "n": 0}, 400, "n"),
         ("/v1/completions", {**ok, "top_p": 0}, 400, "top_p"),
@@ -320,7 +329,7 @@ def test_bad_inputs_are_4xx_and_the_server_goes_on(server):
          400, None),
         ("/v1/chat/completions", {**chat, "top_logprobs": 2}, 400, "top_logprobs"),
         ("/v1/chat/completions", {**chat, "n": 1000}, 400, "n"),
-        ("/v1/completions", {**ok, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+        ("/v1/completions", {**ok, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ]
     for path, body, status, param in cases:
         r = server.post(path, content=body) if isinstance(body, str) else server.post(path, body)
@@ -445,7 +454,7 @@ def test_torchrun_serve_equals_generate(folder, loaded, flags):
             os.kill(_rank_zero(s.proc.pid), signal.SIGTERM)
             rest = [ln for ln in lines if ln]
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"  # it ran to its end
-        assert s.proc.wait(timeout=60) == 0, s.proc.stdout.read()[-3000:]  # rank 1 returned when rank 0 stopped
+        assert s.proc.wait(timeout=60) == 0, s.log()[-3000:]  # rank 1 returned when rank 0 stopped
 
 
 def _rank_zero(torchrun: int) -> int:

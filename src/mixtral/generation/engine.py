@@ -11,6 +11,11 @@ attending only to itself; a prompt alone in one piece is the very computation ge
 token for every running row, so that streams keep producing while long prompts come in. The decode step is
 forward_last with per-row positions, generate()'s own step.
 
+A failure ends only what it touches: one sequence's sampling that raises finishes that sequence with "error"; a
+forward that raises finishes every sequence in it with "error" (their rows are freed, so the cache left behind holds
+no sequence that read a half-written slot) and the next step goes on. `step_error` tells the caller that a step's
+forward failed, for it to decide when failures that repeat are fatal.
+
 Shapes: B running rows, R rows, L slots per row, V vocabulary.
 """
 
@@ -27,23 +32,37 @@ import torch
 from ..cache import StaticCache
 from .decode import (COMPILED_CACHE_BUCKET, NOT_GRAPHABLE, compiled_forward_last, forward_last, graphable,
                      logits_at, record_graph, run_layers, static_mask)
-from .sampling import process_logits, select_next
+from .sampling import logit_bias, presence_frequency_penalty, process_logits, select_next
 
 
 @dataclass
 class SamplingParams:
     """How one sequence chooses its tokens and when it stops (generate()'s arguments, per request)."""
 
-    max_tokens: int  # new tokens at most
+    max_tokens: int  # new tokens at most; 0: only the prompt is run (for prompt_logprobs)
     do_sample: bool = False  # greedy unless asked
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's, over the tokens generated so far
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     seed: int | None = None  # a generator of its own, seeded: the same draws whatever else runs beside it
     stop_token_ids: tuple[int, ...] = ()  # end of sequence: finish_reason "stop"
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (Sequence.prompt_logprobs)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the model's logits, untouched."""
+        return not (self.do_sample or self.repetition_penalty != 1.0 or self.presence_penalty or
+                    self.frequency_penalty or self.logit_bias)
+
+
+class SequenceError(Exception):
+    """Why a sequence finished with "error": what failed for it (its __cause__ is the exception)."""
 
 
 @dataclass
@@ -54,8 +73,12 @@ class Sequence:
     params: SamplingParams
     tag: Any = None  # the caller's handle (the server's request and choice index)
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: SequenceError | None = None  # with finish_reason "error"
     generator: torch.Generator | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # params.logit_bias as (ids (K,), biases (K,))
+    # (log-probability, top) of prompt tokens 1.. given the ones before, when params.prompt_logprobs is set
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]] | None]] | None = None
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -118,6 +141,7 @@ class BatchEngine:
                               stacklevel=2)
         self.compiled = compile and (self.device.type == "cpu" or bool(self.graphs))
         self.last_batch = 0  # rows in the latest decode step (metrics)
+        self.step_error: BaseException | None = None  # what made the latest step's forward fail, if one did
 
     # ---- the caller's side -------------------------------------------------------------------------------
     def add(self, group: list[Sequence]) -> None:
@@ -132,11 +156,22 @@ class BatchEngine:
         for s in group:
             if s.params.seed is not None and s.params.do_sample:
                 s.generator = torch.Generator(device=self.device).manual_seed(s.params.seed)
+            if s.params.logit_bias:
+                ids, biases = zip(*s.params.logit_bias)
+                s.bias = (torch.tensor(ids, device=self.device), torch.tensor(biases, device=self.device))
         self.waiting.append(group)
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence at the next step: its row is freed then, and step() reports it with "abort"."""
         self._aborted.add(seq.id)
+
+    def fail(self, seqs: list[Sequence], what: str, cause: BaseException) -> list[TokenEvent]:
+        """Finish these sequences with "error" (`what` failed, because of `cause`); the caller frees their rows."""
+        error = SequenceError(f"{what}: {type(cause).__name__}: {cause}")
+        error.__cause__ = cause
+        for s in seqs:
+            s.finish_reason, s.error = "error", error
+        return [TokenEvent(s, None, len(s.output), finish_reason="error") for s in seqs]
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.prefilling or self._aborted)
@@ -149,7 +184,9 @@ class BatchEngine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Drop aborted sequences, prefill up to ~prefill_chunk prompt tokens, decode one token for every running
-        row; returns what each sequence got, in order."""
+        row; returns what each sequence got, in order. A forward that fails finishes its sequences with "error"
+        and sets step_error (None after a step whose forwards ran)."""
+        self.step_error = None
         events = self._drop_aborted()
         events += self._prefill()
         if self.running:
@@ -217,9 +254,18 @@ class BatchEngine:
         else:  # causal within each prompt, blind to the others: (1, 1, S, end)
             seen = torch.arange(end, device=self.device)
             mask = static_mask(None, slots, window, end) & (seen >= base[:, None])
-        hidden = run_layers(self.model, torch.tensor([ids], device=self.device), pos[None], slots, mask,
-                            self.scratch.rows(slice(0, 1), end))  # (1, S, H)
-        logits = logits_at(self.model, hidden[0, picks])  # (K, V)
+        try:
+            hidden = run_layers(self.model, torch.tensor([ids], device=self.device), pos[None], slots, mask,
+                                self.scratch.rows(slice(0, 1), end))  # (1, S, H)
+            logits = logits_at(self.model, hidden[0, picks])  # (K, V)
+            offset = 0
+            for scored, first_pos, length, _ in segments:
+                if scored[0].params.prompt_logprobs is not None:
+                    self._score_prompt(scored, first_pos, logits_at(self.model, hidden[0, offset:offset + length]))
+                offset += length
+        except Exception as e:  # noqa: BLE001 - these prompts fail; the scratch row holds nothing else
+            self.step_error, self.prefilling, self.prefilled = e, None, 0
+            return self.fail([s for g, *_ in segments for s in g], "the prefill forward", e)
 
         events: list[TokenEvent] = []
         if start + n < len(group[0].prompt):
@@ -230,11 +276,31 @@ class BatchEngine:
         for k, (group, _, _, base) in enumerate(segments):
             length = len(group[0].prompt)
             for s in group:  # each choice samples its own first token from the shared logits
+                if s.params.max_tokens == 0:  # the prompt was all it asked for
+                    s.finish_reason = "length"
+                    events.append(TokenEvent(s, None, finish_reason="length"))
+                    continue
                 self.cache.copy_row(self.scratch, 0, len(self.running), length, src_start=base)
                 self.running.append(s)
                 events.append(self._choose(s, logits[k:k + 1]))
         self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])
         return events
+
+    def _score_prompt(self, group: list[Sequence], start: int, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens after positions start.. (logits (n, V) at those positions)."""
+        prompt, k = group[0].prompt, group[0].params.prompt_logprobs or 0
+        targets = torch.tensor(prompt[start + 1:start + 1 + len(logits)], device=self.device)  # (n or n-1,)
+        logprobs = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top = torch.topk(logprobs, k) if k else None
+        entries = [(lp, None if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())))
+                   for i, lp in enumerate(chosen)]
+        if start == 0:
+            for s in group:
+                s.prompt_logprobs = []
+        for s in group:
+            assert s.prompt_logprobs is not None
+            s.prompt_logprobs += entries
 
     def _decode(self) -> list[TokenEvent]:
         b = len(self.running)
@@ -251,11 +317,17 @@ class BatchEngine:
             length = min(self.max_len, -(-(max(pos) + 1) // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET)
         ids = torch.tensor(last, device=self.device)[:, None]  # (rows, 1)
         positions = torch.tensor(pos, device=self.device)[:, None]  # (rows, 1): slot = position
-        logits = step(self.model, ids, positions, positions, None, self.cache.rows(slice(0, rows), length), False,
-                      length)[:b]  # (B, V)
-        # one argmax for the rows that are plain greedy: a single read-back rather than one per row
-        plain = [not s.params.do_sample and s.params.repetition_penalty == 1.0 for s in self.running]
-        argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
+        plain = [s.params.plain_greedy for s in self.running]
+        try:
+            logits = step(self.model, ids, positions, positions, None, self.cache.rows(slice(0, rows), length),
+                          False, length)[:b]  # (B, V)
+            # one argmax for the rows that are plain greedy: a single read-back rather than one per row
+            argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
+        except Exception as e:  # noqa: BLE001 - every row of the step fails and is freed
+            self.step_error = e
+            events = self.fail(self.running, "the decode forward", e)
+            self.running = []
+            return events
         events = [self._choose(s, logits[i:i + 1], argmax[i] if plain[i] else None)
                   for i, s in enumerate(self.running)]
         self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])
@@ -263,29 +335,41 @@ class BatchEngine:
 
     def _choose(self, s: Sequence, logits: torch.Tensor, token: int | None = None) -> TokenEvent:
         """Sample s's next token from its (1, V) logits, as generate() does for a batch of one (token: the argmax,
-        already known)."""
+        already known). One whose sampling raises finishes with "error"; the others go on."""
         p = s.params
-        if token is None:
-            seen = (torch.tensor([s.prompt + s.output], device=self.device) if p.repetition_penalty != 1.0
-                    else logits.new_empty(1, 0, dtype=torch.long))  # (1, T): only the penalty reads it
-            processed = process_logits(logits, seen, do_sample=p.do_sample, temperature_=p.temperature,
-                                       top_k_=p.top_k, top_p_=p.top_p, min_p_=p.min_p,
-                                       repetition_penalty_=p.repetition_penalty)
-            token = int(select_next(processed, p.do_sample, s.generator))
+        try:
+            if token is None:
+                token = self._sample(s, logits)
+            event = TokenEvent(s, token, len(s.output) + 1)
+            if p.logprobs is not None:  # of the model's distribution, before penalties and sampling filters
+                logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+                event.logprob = float(logprobs[token])
+                if p.logprobs > 0:
+                    top = torch.topk(logprobs, p.logprobs)
+                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        except Exception as e:  # noqa: BLE001 - this sequence fails alone
+            return self.fail([s], "sampling", e)[0]
         s.output.append(token)
-        event = TokenEvent(s, token, len(s.output))
-        if p.logprobs is not None:  # of the model's distribution, before penalties and sampling filters
-            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-            event.logprob = float(logprobs[token])
-            if p.logprobs > 0:
-                top = torch.topk(logprobs, p.logprobs)
-                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
         if token in p.stop_token_ids:
             s.finish_reason = "stop"
         elif len(s.output) >= p.max_tokens:
             s.finish_reason = "length"
         event.finish_reason = s.finish_reason
         return event
+
+    def _sample(self, s: Sequence, logits: torch.Tensor) -> int:
+        p = s.params
+        logits = logits.float()  # (1, V)
+        if s.bias is not None:
+            logits = logit_bias(logits, *s.bias)
+        if p.presence_penalty or p.frequency_penalty:
+            generated = torch.tensor([s.output], device=self.device, dtype=torch.long)  # (1, T)
+            logits = presence_frequency_penalty(logits, generated, p.presence_penalty, p.frequency_penalty)
+        seen = (torch.tensor([s.prompt + s.output], device=self.device) if p.repetition_penalty != 1.0
+                else logits.new_empty(1, 0, dtype=torch.long))  # (1, T): only the repetition penalty reads it
+        processed = process_logits(logits, seen, do_sample=p.do_sample, temperature_=p.temperature, top_k_=p.top_k,
+                                   top_p_=p.top_p, min_p_=p.min_p, repetition_penalty_=p.repetition_penalty)
+        return int(select_next(processed, p.do_sample, s.generator))
 
     def _free_rows(self, rows: list[int]) -> None:
         """Remove running[i] for i in rows; the last running row moves into each freed row (highest first, so

@@ -18,6 +18,21 @@ def repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: fl
     return logits.scatter(1, seen_ids, picked)
 
 
+def logit_bias(logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """OpenAI's logit_bias: bias (K,) added to the logits of token ids (K,) in every row."""
+    return logits.index_add(1, ids, bias.to(logits.dtype).expand(logits.shape[0], -1))
+
+
+def presence_frequency_penalty(logits: torch.Tensor, output_ids: torch.Tensor, presence: float,
+                               frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over the tokens generated so far (B, T): each token's logit minus frequency times its
+    count, minus presence if it occurs at all."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(1, output_ids, torch.ones_like(output_ids, dtype=logits.dtype))
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
     return logits if t == 1.0 else logits / t
 

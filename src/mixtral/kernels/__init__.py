@@ -68,9 +68,18 @@ def _kernels(x: torch.Tensor, *weights: torch.Tensor, experts: torch.Tensor | No
     return torch.ops.mixtral_kernels if available() else None
 
 
-def _per_expert(x_TK: torch.Tensor, experts_TJ: torch.Tensor, n: int,
+def _per_expert(x_TK: torch.Tensor, experts_TJ: torch.Tensor, num_experts: int, n: int,
                 linear_e: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-    """Torch path of the expert_* functions: one linear_e(x rows, e) per routed expert, over its tokens."""
+    """Torch path of the expert_* functions: one linear_e(x rows, e) per routed expert, over its tokens.
+
+    Compiled, every expert runs over every token and `where` keeps the routed ones (E/Kt times the reads): the loop
+    over the routed experts reads their ids back to the host, which a compiled step that skips guards
+    (decode.compiled_forward_last) would bake in, replaying the experts of the step it was traced on."""
+    if torch.compiler.is_compiling():
+        out_TJN = x_TK.new_zeros(*experts_TJ.shape, n)
+        for e in range(num_experts):
+            out_TJN = torch.where((experts_TJ == e)[..., None], linear_e(x_TK, e)[:, None], out_TJN)
+        return out_TJN
     out_TJN = x_TK.new_empty(*experts_TJ.shape, n)
     for e in experts_TJ.unique().tolist():  # a host sync; the kernels have none
         t, j = (experts_TJ == e).nonzero(as_tuple=True)
@@ -96,7 +105,7 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -> to
     """(T, K) x (E, N, K) routed by experts (T, Kt) -> (T, Kt, N): out[t, j] = w[experts[t, j]] @ x[t]."""
     ops = _kernels(x, w, experts=experts)
     if ops is None or x.dtype != w.dtype or experts.dtype != torch.long:
-        return _per_expert(x, experts, w.shape[1], lambda x_MK, e: F.linear(x_MK, w[e]))
+        return _per_expert(x, experts, w.shape[0], w.shape[1], lambda x_MK, e: F.linear(x_MK, w[e]))
     return ops.linear(x, w, experts, True)
 
 
@@ -140,7 +149,7 @@ def expert_linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     """expert_linear with int8 experts: qweight (E, N, K), scale (E, N) -> (T, Kt, N) in x's dtype."""
     ops = _kernels(x, qweight, scale, experts=experts)
     if ops is None or experts.dtype != torch.long:
-        return _per_expert(x, experts, qweight.shape[1],
+        return _per_expert(x, experts, *qweight.shape[:2],
                            lambda x_MK, e: _float_linear(x_MK, dequantize_int8(qweight[e], scale[e])))
     return ops.linear_int8(x, qweight, scale, experts)
 
@@ -193,7 +202,7 @@ def expert_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     ops = _kernels(x, packed, scales, zeros, experts=experts)
     group_size = _int4_group_size(packed, scales)
     if ops is None or group_size is None or experts.dtype != torch.long:
-        return _per_expert(x, experts, packed.shape[1],
+        return _per_expert(x, experts, *packed.shape[:2],
                            lambda x_MK, e: _float_linear(x_MK, dequantize_int4(packed[e], scales[e], zeros[e])))
     return ops.linear_int4(x, packed, scales, zeros, group_size, experts)
 

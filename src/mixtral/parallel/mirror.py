@@ -97,4 +97,5 @@ def follow(engine: BatchEngine) -> None:
 
 
 def _params(fields: dict[str, Any]) -> SamplingParams:
-    return SamplingParams(**{**fields, "stop_token_ids": tuple(fields["stop_token_ids"])})
+    return SamplingParams(**{**fields, "stop_token_ids": tuple(fields["stop_token_ids"]),
+                             "logit_bias": tuple(map(tuple, fields["logit_bias"]))})

@@ -1,40 +1,40 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the scheduler (see scheduler.py, engine.py).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (503 until the model is
-loaded), GET /metrics (Prometheus), POST /tokenize, POST /detokenize. Every error is OpenAI's error body.
+loaded, or once the engine failed), GET /metrics (Prometheus), POST /tokenize, POST /detokenize. Every error is
+OpenAI's error body: a 4xx for whatever the client sent (see http.py, protocol.py), a 500 only for a fault of ours,
+which ends the requests it touched and no other (see scheduler.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation.engine import BatchEngine, SamplingParams, Sequence
+from .http import V1Gate, read_json, short
 from .metrics import Metrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                        TokenizeRequest, error_body)
 from .scheduler import Job, QueueFull, Scheduler
-from .text import ChoiceText, chat_logprobs, completion_logprobs
+from .text import ChoiceText, TokenLogprob, chat_logprobs, completion_logprobs
 
 log = logging.getLogger("mixtral.serve")
-ROLES = ("system", "user", "assistant")
-M = TypeVar("M", bound=BaseModel)
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's -> ours
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing logits by less can overflow fp32
 
 
 @dataclass
@@ -90,6 +90,7 @@ class ServerState:
         self.model: Any = None
         self.tokenizer: Any = None
         self.scheduler: Scheduler | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None  # run_server's: stop serving, exit non-zero
         self.eos: tuple[int, ...] = ()
         self.name = settings.served_model_name or "mixtral"
         self.created = int(time.time())
@@ -111,7 +112,8 @@ class ServerState:
             if s.served_model_name is None:
                 self.name = os.path.basename(os.path.normpath(s.model)) if s.model else "demo-smollm2-135m-moe"
             self.model, self.tokenizer = model, tok
-            self.scheduler = Scheduler(engine, s.max_waiting, on_step=self._count_tokens)
+            self.scheduler = Scheduler(engine, s.max_waiting, on_step=self._count_tokens,
+                                       on_fatal=lambda e: self.on_fatal and self.on_fatal(e))
             self.scheduler.start()
             log.info("serving %s: %d rows x %d slots (%.2f GiB of KV cache)", self.name, s.max_batch,
                      engine.max_len, engine.cache.nbytes() / 2**30)
@@ -137,57 +139,29 @@ class ServerState:
 
 
 # ---- requests in -----------------------------------------------------------------------------------------------
-async def read_json(request: Request, model: type[M], limit: int) -> M:
-    """The body as `model`: 413 past `limit` bytes, 400 for bad JSON or fields (naming the field)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        # pydantic names the member of a union it tried ("str", "list[int]", "TextPart"): not a field
-        param = ".".join(str(p) for p in first["loc"] if not _UNION_MEMBER.match(str(p))) or None
-        message = UNION_MESSAGES.get(param or "", first["msg"]) if len(e.errors()) > 1 else first["msg"]
-        raise APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value") from None
-
-
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|\w+\[.*\])$")
-UNION_MESSAGES = {"prompt": "must be a string, a list of strings, a list of token ids or a list of lists of ids",
-                  "stop": "must be a string or a list of strings"}
-
-
 def _check_model(state: ServerState, name: str | None) -> None:
     if name is not None and name != state.name:
-        raise APIError(404, f"the model `{name}` does not exist; this server serves `{state.name}`", param="model",
-                       code="model_not_found")
+        raise APIError(404, f"the model {short(name)} does not exist; this server serves `{state.name}`",
+                       param="model", code="model_not_found")
+
+
+def _prompt_list(prompt: Any) -> list[Any]:
+    """A completion's prompt (a string, strings, token ids, lists of ids) as a list of prompts."""
+    return [prompt] if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt) else list(prompt)
 
 
 def _encode_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
-    """A completion's prompt (a string, strings, token ids, lists of ids) as token id lists."""
+    """A completion's prompts as token id lists."""
     tok = state.tokenizer
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
+    prompts = _prompt_list(prompt)
     out = []
     vocab = state.model.config.vocab_size
     for p in prompts:
         if isinstance(p, str):
-            out.append(tok.encode(p, split_special_tokens=True))  # text stays text: no control tokens from users
+            ids = tok.encode(p, split_special_tokens=True)  # text stays text: no control tokens from users
+            if not ids:
+                raise APIError(400, "the prompt is empty once tokenized", param="prompt", code="invalid_value")
+            out.append(ids)
         else:
             if any(not 0 <= i < vocab for i in p):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
@@ -199,10 +173,10 @@ def _encode_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
 def _chat_prompt(state: ServerState, messages: list[Any], add_generation_prompt: bool = True) -> list[int]:
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise APIError(400, f"messages[{i}].role {m.role!r} is not one of {ROLES}", param=f"messages.{i}.role",
-                           code="invalid_value")
+            raise APIError(400, f"messages.{i}.role: {short(m.role)} is not one of {tuple(ROLES)} (no tools here)",
+                           param=f"messages.{i}.role", code="invalid_value")
     try:
-        ids = state.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+        ids = state.tokenizer.apply_chat_template([{"role": ROLES[m.role], "content": m.text()} for m in messages],
                                                   add_generation_prompt=add_generation_prompt, tokenize=True,
                                                   split_special_tokens=True)
     except Exception as e:  # noqa: BLE001 - the template's own complaint (raise_exception) is the client's to fix
@@ -211,30 +185,50 @@ def _chat_prompt(state: ServerState, messages: list[Any], add_generation_prompt:
     return list(ids)
 
 
+def _logit_bias(state: ServerState, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    vocab = state.model.config.vocab_size
+    pairs = tuple(sorted((int(k), v) for k, v in (bias or {}).items() if v != 0))
+    if any(i >= vocab for i, _ in pairs):
+        raise APIError(400, f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias",
+                       code="invalid_value")
+    return pairs
+
+
 def _sampling(state: ServerState, req: SamplingFields, prompt_len: int, max_tokens: int | None,
-              logprobs: int | None, index: int) -> SamplingParams:
+              logprobs: int | None, index: int, prompt_logprobs: int | None = None) -> SamplingParams:
     room = state.max_len - prompt_len
-    if room < 1 or (max_tokens is not None and max_tokens > room):
+    if room < (1 if max_tokens is None else max_tokens):
         raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than "
                        f"the {state.max_len} tokens of this server's context", param="max_tokens",
                        code="context_length_exceeded")
     temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default: sample
+    sample = temperature >= GREEDY_BELOW
     seed = None if req.seed is None else req.seed + index  # each choice its own draws, reproducible
-    return SamplingParams(max_tokens=max_tokens or room, do_sample=temperature > 0,
-                          temperature=temperature if temperature > 0 else 1.0, top_k=max(req.top_k or 0, 0),
+    return SamplingParams(max_tokens=room if max_tokens is None else max_tokens, do_sample=sample,
+                          temperature=temperature if sample else 1.0, top_k=max(req.top_k or 0, 0),
                           top_p=req.top_p or 1.0, min_p=req.min_p or 0.0,
-                          repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop_token_ids=state.eos,
-                          logprobs=logprobs)
+                          repetition_penalty=req.repetition_penalty or 1.0,
+                          presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                          logit_bias=_logit_bias(state, req.logit_bias), seed=seed, stop_token_ids=state.eos,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def _job(state: ServerState, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
-         logprobs: int | None) -> Job:
-    if req.n > state.settings.max_batch:
-        raise APIError(400, f"n={req.n} is more than the {state.settings.max_batch} rows of this server", param="n",
+         logprobs: int | None, request_id: str, per_prompt: int | None = None,
+         prompt_logprobs: int | None = None) -> Job:
+    """The request's sequences, per_prompt (n, or best_of) for each prompt, submitted to the scheduler. A request
+    that could never be admitted is a 400; one that finds the queue full, a 429."""
+    per, field = (req.n, "n") if per_prompt is None else (per_prompt, "best_of")
+    if per > state.settings.max_batch:
+        raise APIError(400, f"{field}={per} is more than the {state.settings.max_batch} rows of this server",
+                       param=field, code="invalid_value")
+    if per * len(prompts) > state.settings.max_waiting:
+        raise APIError(400, f"the request asks for {per * len(prompts)} sequences ({len(prompts)} prompts x {field}="
+                       f"{per}); this server queues at most {state.settings.max_waiting}", param=field,
                        code="invalid_value")
-    groups = [[Sequence(p, _sampling(state, req, len(p), max_tokens, logprobs, j)) for j in range(req.n)]
-              for p in prompts]
-    job = Job(groups, asyncio.get_running_loop())
+    groups = [[Sequence(p, _sampling(state, req, len(p), max_tokens, logprobs, j, prompt_logprobs))
+               for j in range(per)] for p in prompts]
+    job = Job(groups, asyncio.get_running_loop(), request_id)
     assert state.scheduler is not None
     if state.scheduler.error is not None:
         raise APIError(503, f"the engine stopped: {state.scheduler.error!r}", type="server_error")
@@ -244,6 +238,11 @@ def _job(state: ServerState, req: SamplingFields, prompts: list[list[int]], max_
         raise APIError(429, f"the server is busy: {e}; retry shortly", type="rate_limit_error", code="queue_full",
                        headers={"Retry-After": "1"}) from None
     return job
+
+
+def _request_id(request: Request, prefix: str) -> str:
+    request.state.request_id = rid = f"{prefix}-{uuid.uuid4().hex}"
+    return rid
 
 
 # ---- results out -----------------------------------------------------------------------------------------------
@@ -261,21 +260,34 @@ class JobOutput:
         return all(c.finish_reason is not None for c in self.choices.values())
 
     async def next_events(self) -> list[Any]:
-        """Wait for the next step's events and apply them; a choice cut by a stop string has its row aborted."""
+        """Wait for the next step's events and apply them; a choice cut by a stop string has its row aborted. A
+        sequence that failed, in the engine or here, ends the request: a 500 (its other rows are aborted)."""
         events = await self.job.events.get()
         now, m = time.monotonic(), self.state.metrics
         cut = []
-        for ev in events:
-            choice = self.choices[ev.seq.id]
-            if ev.token is not None:
-                if self.job.first_token is None:
-                    self.job.first_token = now
-                    m.ttft.observe(now - self.job.created)
-                if ev.seq.id in self.last_token:
-                    m.tpot.observe(now - self.last_token[ev.seq.id])
-                self.last_token[ev.seq.id] = now
-            if choice.push(ev):
-                cut.append(ev.seq)
+        try:
+            for ev in events:
+                if ev.finish_reason == "error":
+                    raise APIError(500, f"{ev.seq.error}: request {self.job.request_id} ended (the server log has "
+                                   "the details)", type="server_error", code="internal_error")
+                choice = self.choices[ev.seq.id]
+                if ev.token is not None:
+                    if self.job.first_token is None:
+                        self.job.first_token = now
+                        m.ttft.observe(now - self.job.created)
+                    if ev.seq.id in self.last_token:
+                        m.tpot.observe(now - self.last_token[ev.seq.id])
+                    self.last_token[ev.seq.id] = now
+                if choice.push(ev):
+                    cut.append(ev.seq)
+        except APIError:
+            self.abort()
+            raise
+        except Exception as e:  # noqa: BLE001 - detokenizing this request's tokens failed: it alone ends
+            log.exception("decoding the tokens of request %s failed", self.job.request_id)
+            self.abort()
+            raise APIError(500, f"decoding the tokens failed: {type(e).__name__}: {e}: request "
+                           f"{self.job.request_id} ended", type="server_error", code="internal_error") from None
         if cut:
             self.abort(cut)
         if self.done:
@@ -288,7 +300,9 @@ class JobOutput:
 
     def finish_reason(self, choice: ChoiceText) -> str:
         if choice.finish_reason == "abort":
-            raise APIError(503, "the request was aborted: the server is shutting down", type="server_error")
+            error = self.state.scheduler and self.state.scheduler.error
+            why = f"the engine stopped: {error}" if error else "the server is shutting down"
+            raise APIError(503, f"the request was aborted: {why}", type="server_error")
         return choice.finish_reason or "length"
 
     def usage(self) -> dict[str, int]:
@@ -297,13 +311,25 @@ class JobOutput:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _mean_logprob(choice: ChoiceText) -> float:
+    return sum(e.logprob for e in choice.logprobs) / len(choice.logprobs) if choice.logprobs else 0.0
+
+
+def _prompt_entries(seq: Sequence) -> list[TokenLogprob]:
+    """The prompt's tokens for echo with logprobs: the first has none (nothing comes before it), as OpenAI's."""
+    scored = seq.prompt_logprobs or []
+    return [TokenLogprob(seq.prompt[0], None, None)] + [TokenLogprob(t, lp, top) for t, (lp, top) in
+                                                         zip(seq.prompt[1:], scored)]
+
+
 async def _until_disconnected(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.05)
 
 
 async def _collect(request: Request, out: JobOutput) -> bool:
-    """Wait for every choice to finish: True; False when the client went away first (its rows are aborted)."""
+    """Wait for every choice to finish: True; False when the client went away first. Rows left running when this
+    returns or raises are aborted."""
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         while not out.done:
@@ -311,19 +337,22 @@ async def _collect(request: Request, out: JobOutput) -> bool:
             finished, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in finished:
                 getter.cancel()
-                out.abort()
                 return False
+            getter.result()
         return True
     finally:
         watcher.cancel()
+        if not out.done:
+            out.abort()
 
 
 async def _sse_stream(out: JobOutput, head: list[dict[str, Any]],
                       chunk_of: Callable[[int, Sequence, ChoiceText, str, list[Any]], dict[str, Any]],
                       tail: Callable[[], dict[str, Any]] | None) -> AsyncIterator[str]:
     """A streamed job's SSE body: the `head` chunks, then chunk_of(choice index, sequence, its text, new text, new
-    logprob entries) whenever a choice has something new, then tail() (the usage chunk) and [DONE]. A client that
-    goes away (the generator closed early) aborts the job: its rows are freed at the next step."""
+    logprob entries) whenever a choice has something new, then tail() (the usage chunk) and [DONE]. An error ends it
+    with an error event and [DONE]. A client that goes away (the generator closed early) aborts the job: its rows are
+    freed at the next step."""
     try:
         for c in head:
             yield _sse(c)
@@ -338,12 +367,16 @@ async def _sse_stream(out: JobOutput, head: list[dict[str, Any]],
                     yield _sse(chunk_of(i, s, c, text, entries))
         if tail is not None:
             yield _sse(tail())
-        yield "data: [DONE]\n\n"
     except APIError as e:
         yield _sse(e.body())
+    except Exception as e:  # noqa: BLE001 - the stream has begun: its client is told in it
+        log.exception("streaming request %s failed", out.job.request_id)
+        yield _sse(error_body(f"internal error: {type(e).__name__}: request {out.job.request_id} ended",
+                              "server_error", code="internal_error"))
     finally:
         if not out.done:
             out.abort()
+    yield "data: [DONE]\n\n"
 
 
 def _sse(data: Any) -> str:
@@ -378,8 +411,10 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        rid = getattr(request.state, "request_id", None)
+        log.exception("internal error on %s (request %s)", request.url.path, rid)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__} (request {rid})", "server_error",
+                                       code="internal_error"), status_code=500)
 
     @app.get("/health")
     async def health() -> Response:
@@ -399,25 +434,47 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        rid, created = _request_id(request, "cmpl"), int(time.time())
         req = await read_json(request, CompletionRequest, settings.max_body_bytes)
         _check_model(state, req.model)
-        prompts = _encode_prompts(state, req.prompt)
-        out = JobOutput(state, _job(state, req, prompts, req.max_tokens, req.logprobs), req.stop_strings)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        best_of = req.best_of or req.n
+        if best_of < req.n:
+            raise APIError(400, f"best_of ({best_of}) must be at least n ({req.n})", param="best_of",
+                           code="invalid_value")
+        if best_of > req.n and req.stream:
+            raise APIError(400, "best_of > n cannot be streamed: the best are known only at the end",
+                           param="best_of", code="invalid_value")
+        prompts = await asyncio.to_thread(_encode_prompts, state, req.prompt)  # long texts: off the event loop
+        # best_of ranks its samples by their tokens' log-probabilities: the engine computes them, the client sees
+        # them only if it asked
+        logprobs = 0 if req.logprobs is None and best_of > req.n else req.logprobs
+        prompt_logprobs = req.logprobs if req.echo else None
+        job = _job(state, req, prompts, req.max_tokens, logprobs, rid, req.best_of, prompt_logprobs)
+        out = JobOutput(state, job, req.stop_strings)
         base = {"id": rid, "object": "text_completion", "created": created, "model": state.name}
+        echoes = [p if isinstance(p, str) else state.tokenizer.decode(p, skip_special_tokens=True)
+                  for p in _prompt_list(req.prompt)] if req.echo else []
+        prompt_of = {s.id: i for i, g in enumerate(job.groups) for s in g}
         offsets = {s.id: 0 for s in out.seqs}
+        echoed: set[int] = set()
 
-        def logprobs_of(seq: Sequence, choice: ChoiceText, entries: list[Any]) -> dict[str, Any] | None:
+        def text_and_logprobs(s: Sequence, text: str, entries: list[Any]) -> tuple[str, dict[str, Any] | None]:
+            """The choice's text and logprobs to send, the prompt's first if echo asks for it."""
+            if req.echo and s.id not in echoed:
+                echoed.add(s.id)
+                text = echoes[prompt_of[s.id]] + text
+                entries = (_prompt_entries(s) if req.logprobs is not None else []) + entries
             if req.logprobs is None:
-                return None
-            lp = completion_logprobs(state.tokenizer, entries, offsets[seq.id])
-            offsets[seq.id] += sum(len(t) for t in lp["tokens"])
-            return lp
+                return text, None
+            lp = completion_logprobs(state.tokenizer, entries, offsets[s.id])
+            offsets[s.id] += sum(len(t) for t in lp["tokens"])
+            return text, lp
 
         if req.stream:
             def chunk_of(i: int, s: Sequence, c: ChoiceText, text: str, entries: list[Any]) -> dict[str, Any]:
+                text, lp = text_and_logprobs(s, text, entries)
                 return {**base, "choices": [{
-                    "index": i, "text": text, "logprobs": logprobs_of(s, c, entries),
+                    "index": i, "text": text, "logprobs": lp,
                     "finish_reason": None if c.finish_reason is None else out.finish_reason(c)}],
                     **({"usage": None} if req.include_usage else {})}
 
@@ -428,23 +485,26 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         if not await _collect(request, out):
             return Response(status_code=499)  # nobody reads it: the client closed the connection
         choices = []
-        for i, s in enumerate(out.seqs):
-            c = out.choices[s.id]
-            choices.append({"index": i, "text": c.text, "logprobs": logprobs_of(s, c, c.logprobs),
-                            "finish_reason": out.finish_reason(c)})
+        for group in job.groups:  # the n best of best_of, best first (as sampled when best_of == n)
+            best = sorted(group, key=lambda s: -_mean_logprob(out.choices[s.id])) if best_of > req.n else group
+            for s in best[:req.n]:
+                c = out.choices[s.id]
+                text, lp = text_and_logprobs(s, c.text, c.logprobs)
+                choices.append({"index": len(choices), "text": text, "logprobs": lp,
+                                "finish_reason": out.finish_reason(c)})
         return JSONResponse({**base, "choices": choices, "usage": out.usage()})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        rid, created = _request_id(request, "chatcmpl"), int(time.time())
         req = await read_json(request, ChatCompletionRequest, settings.max_body_bytes)
         _check_model(state, req.model)
-        prompt = _chat_prompt(state, req.messages)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        if req.top_logprobs and not req.logprobs:
+        if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        prompt = await asyncio.to_thread(_chat_prompt, state, req.messages)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        out = JobOutput(state, _job(state, req, [prompt], max_tokens, logprobs), req.stop_strings)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        out = JobOutput(state, _job(state, req, [prompt], max_tokens, logprobs, rid), req.stop_strings)
         base = {"id": rid, "created": created, "model": state.name}
 
         if req.stream:
@@ -480,10 +540,10 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt", code="invalid_value")
         if req.messages is not None:
-            ids = _chat_prompt(state, req.messages, req.add_generation_prompt)
+            ids = await asyncio.to_thread(_chat_prompt, state, req.messages, req.add_generation_prompt)
         else:
-            ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens,
-                                         split_special_tokens=True)
+            ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt,
+                                          add_special_tokens=req.add_special_tokens, split_special_tokens=True)
         return JSONResponse({"count": len(ids), "max_model_len": state.max_len, "tokens": ids})
 
     @app.post("/detokenize")
@@ -494,48 +554,9 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         vocab = state.model.config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
-        return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": await asyncio.to_thread(state.tokenizer.decode, req.tokens)})
 
     return app
-
-
-V1_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
-
-
-class V1Gate:
-    """ASGI middleware on /v1 routes: the API key (401 without it, compared in constant time), 503 while the model
-    loads, and the requests counter by route and status. Plain ASGI rather than BaseHTTPMiddleware, so that
-    streamed responses and client disconnects pass through untouched."""
-
-    def __init__(self, app: Any, state: ServerState) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        status = 500
-
-        async def send_and_note(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        state, key = self.state, self.state.settings.api_key
-        given = dict(scope.get("headers", [])).get(b"authorization", b"")
-        if key is not None and not hmac.compare_digest(given, f"Bearer {key}".encode()):
-            reply: Any = JSONResponse(error_body("a valid API key is needed: Authorization: Bearer KEY",
-                                                 code="invalid_api_key"), status_code=401)
-        elif not state.ready.is_set():
-            reply = JSONResponse(error_body(state.load_error or "the model is loading", "server_error"),
-                                 status_code=503)
-        else:
-            reply = self.app
-        try:
-            await reply(scope, receive, send_and_note)
-        finally:
-            state.metrics.requests.labels(path if path in V1_ROUTES else "other", str(status)).inc()
 
 
 def _ready(state: ServerState) -> None:

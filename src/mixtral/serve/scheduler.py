@@ -3,18 +3,27 @@
 HTTP handlers run on the asyncio loop. They submit a job (its sequences) and await its events; the engine thread
 delivers each step's events to every job's asyncio queue with call_soon_threadsafe, one call per job per step.
 Admission is bounded: at most `max_waiting` sequences wait for a row; beyond that, submit() refuses (a 429).
+
+A failure ends what it touches, as the engine reports it: a group that cannot be added, a sequence whose sampling
+raises, the sequences of a forward that raises. Each such error is logged once, with a traceback and the ids of the
+requests it ended. Only forwards that fail `MAX_FAILED_STEPS` steps in a row, or a fault of the loop itself, stop the
+thread: then every request still held is aborted and on_fatal is called (the server exits non-zero on it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from ..generation.engine import BatchEngine, Sequence, TokenEvent
+from ..generation.engine import BatchEngine, Sequence, SequenceError, TokenEvent
+
+log = logging.getLogger("mixtral.serve")
+MAX_FAILED_STEPS = 3  # forwards failing this many steps in a row: the fault is not one request's
 
 
 class QueueFull(Exception):
@@ -24,8 +33,8 @@ class QueueFull(Exception):
 class Job:
     """One HTTP request's sequences (prompts x n choices) and the queue their events arrive in."""
 
-    def __init__(self, groups: list[list[Sequence]], loop: asyncio.AbstractEventLoop) -> None:
-        self.groups, self.loop = groups, loop
+    def __init__(self, groups: list[list[Sequence]], loop: asyncio.AbstractEventLoop, request_id: str = "") -> None:
+        self.groups, self.loop, self.request_id = groups, loop, request_id
         self.events: asyncio.Queue[list[TokenEvent]] = asyncio.Queue()
         self.created = time.monotonic()
         self.first_token: float | None = None
@@ -42,8 +51,9 @@ class Scheduler:
     """Runs `engine` on a thread of its own; submit() and abort() may be called from any thread."""
 
     def __init__(self, engine: BatchEngine, max_waiting: int,
-                 on_step: Callable[[BatchEngine, list[TokenEvent]], None] | None = None) -> None:
-        self.engine, self.max_waiting, self.on_step = engine, max_waiting, on_step
+                 on_step: Callable[[BatchEngine, list[TokenEvent]], None] | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self.engine, self.max_waiting, self.on_step, self.on_fatal = engine, max_waiting, on_step, on_fatal
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.waiting = 0  # sequences submitted that have no row yet (their first token not out)
@@ -82,6 +92,7 @@ class Scheduler:
         try:
             # a leader of other ranks (mixtral.parallel.mirror) wants a heartbeat while idle: they wait on it
             heartbeat = getattr(engine, "heartbeat_s", None)
+            failed = 0  # steps in a row whose forward failed
             while not self._stopping.is_set():
                 idle = not engine.has_work()
                 try:  # block while idle; otherwise take whatever has arrived and step
@@ -93,8 +104,14 @@ class Scheduler:
                         engine.heartbeat()
                 if engine.has_work() and not self._stopping.is_set():
                     self._deliver(engine.step())
+                    failed = failed + 1 if engine.step_error is not None else 0
+                    if failed >= MAX_FAILED_STEPS:
+                        raise RuntimeError(f"the model's forward failed {failed} steps in a row: "
+                                           f"{type(engine.step_error).__name__}: {engine.step_error}") \
+                            from engine.step_error
         except BaseException as e:  # noqa: BLE001 - reported to every request rather than lost with the thread
             self.error = e
+            log.critical("the engine stopped: %s", e, exc_info=e)
         finally:  # a stopped or failed engine ends every request it holds
             seqs = [s for s in engine.running] + [s for g in engine.waiting for s in g] + list(
                 engine.prefilling or [])
@@ -104,12 +121,17 @@ class Scheduler:
             self._drain_after_stop()
             if hasattr(engine, "close") and self.error is None:  # the other ranks return too
                 engine.close()
+            if self.error is not None and self.on_fatal is not None:
+                self.on_fatal(self.error)
 
     def _apply(self, command: tuple[str, Any]) -> None:
         kind, arg = command
         if kind == "add":
             for group in arg.groups:
-                self.engine.add(group)
+                try:
+                    self.engine.add(group)
+                except Exception as e:  # noqa: BLE001 - this group alone fails
+                    self._deliver(self.engine.fail(group, "adding the sequence", e))
         elif kind == "abort":
             for s in arg:
                 self.engine.abort(s)
@@ -128,10 +150,16 @@ class Scheduler:
         if not events:
             return
         by_job: dict[Job, list[TokenEvent]] = defaultdict(list)
+        failed: dict[int, tuple[SequenceError, set[str]]] = {}  # one log record per error
         joined = 0
         for ev in events:
             by_job[ev.seq.tag].append(ev)
-            joined += ev.count == (0 if ev.token is None else 1)  # its first token, or aborted before any
+            joined += ev.count == (0 if ev.token is None else 1)  # its first token, or ended before any
+            if ev.seq.error is not None and ev.finish_reason == "error":
+                failed.setdefault(id(ev.seq.error), (ev.seq.error, set()))[1].add(ev.seq.tag.request_id)
+        for error, requests in failed.values():
+            log.error("%s; ended request%s %s", error, "s" * (len(requests) > 1), ", ".join(sorted(requests)),
+                      exc_info=error.__cause__)
         with self._lock:
             self.waiting -= joined
         if self.on_step is not None:

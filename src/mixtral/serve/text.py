@@ -13,7 +13,7 @@ from ..generation.streamers import IncrementalDecoder
 @dataclass
 class TokenLogprob:
     token: int
-    logprob: float
+    logprob: float | None  # None: the first token of an echoed prompt
     top: list[tuple[int, float]] | None
 
 
