@@ -107,7 +107,8 @@ def test_malformed_bodies_are_400(small):
         ({**ok, "stream": "yes"}, "stream", None), ({**ok, "n": True}, "n", None),
         ({**ok, "repetition_penalty": 1e-300}, "repetition_penalty", None),
         ({**ok, "logit_bias": {"abc": 1}}, "logit_bias", None), ({**ok, "logit_bias": {"5": 101}}, "logit_bias", None),
-        ({**ok, "logit_bias": {"32000": 1}}, "logit_bias", None), ({**ok, "logit_bias": [1, 2]}, "logit_bias", None),
+        ({**ok, "logit_bias": {"32000": 1}}, "logit_bias", None),
+        ({**ok, "logit_bias": {"7": 1, "007": 1}}, "logit_bias", None), ({**ok, "logit_bias": [1, 2]}, "logit_bias", None),
         ({**ok, "stop": ["a", "b", "c", "d", "e"]}, "stop", None), ({**ok, "stop": "s" * 1001}, "stop", None),
         ({**ok, "best_of": 1, "n": 2}, "best_of", None), ({**ok, "best_of": 3, "stream": True}, "best_of", None),
         ({**ok, "prompt": [5] * CONTEXT}, "max_tokens", None),  # no room left for a token

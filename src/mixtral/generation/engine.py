@@ -89,8 +89,8 @@ class Sequence:
 
 @dataclass
 class TokenEvent:
-    """A token chosen for a sequence (None when the sequence was aborted), its log-probabilities if asked for,
-    and why the sequence finished if this was its last."""
+    """A token chosen for a sequence (None when it ended without one: aborted, failed, or max_tokens 0), its
+    log-probabilities if asked for, and why the sequence finished if this was its last."""
 
     seq: Sequence
     token: int | None

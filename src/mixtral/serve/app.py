@@ -3,13 +3,12 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (503 until the model is
 loaded, or once the engine failed), GET /metrics (Prometheus), POST /tokenize, POST /detokenize. Every error is
 OpenAI's error body: a 4xx for whatever the client sent (see http.py, protocol.py), a 500 only for a fault of ours,
-which ends the requests it touched and no other (see scheduler.py).
+which ends the requests it touched and no other (see scheduler.py, output.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -29,8 +28,9 @@ from .http import V1Gate, read_json, short
 from .metrics import Metrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                        TokenizeRequest, error_body)
+from .output import JobOutput, collect, mean_logprob, prompt_entries, sse_stream
 from .scheduler import Job, QueueFull, Scheduler
-from .text import ChoiceText, TokenLogprob, chat_logprobs, completion_logprobs
+from .text import ChoiceText, chat_logprobs, completion_logprobs
 
 log = logging.getLogger("mixtral.serve")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's -> ours
@@ -245,144 +245,6 @@ def _request_id(request: Request, prefix: str) -> str:
     return rid
 
 
-# ---- results out -----------------------------------------------------------------------------------------------
-class JobOutput:
-    """A job's choices as their events arrive, in OpenAI's choice order (prompt-major, then n)."""
-
-    def __init__(self, state: ServerState, job: Job, stops: list[str]) -> None:
-        self.state, self.job = state, job
-        self.seqs = job.sequences
-        self.choices = {s.id: ChoiceText(state.tokenizer, stops) for s in self.seqs}
-        self.last_token: dict[int, float] = {}
-
-    @property
-    def done(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices.values())
-
-    async def next_events(self) -> list[Any]:
-        """Wait for the next step's events and apply them; a choice cut by a stop string has its row aborted. A
-        sequence that failed, in the engine or here, ends the request: a 500 (its other rows are aborted)."""
-        events = await self.job.events.get()
-        now, m = time.monotonic(), self.state.metrics
-        cut = []
-        try:
-            for ev in events:
-                if ev.finish_reason == "error":
-                    raise APIError(500, f"{ev.seq.error}: request {self.job.request_id} ended (the server log has "
-                                   "the details)", type="server_error", code="internal_error")
-                choice = self.choices[ev.seq.id]
-                if ev.token is not None:
-                    if self.job.first_token is None:
-                        self.job.first_token = now
-                        m.ttft.observe(now - self.job.created)
-                    if ev.seq.id in self.last_token:
-                        m.tpot.observe(now - self.last_token[ev.seq.id])
-                    self.last_token[ev.seq.id] = now
-                if choice.push(ev):
-                    cut.append(ev.seq)
-        except APIError:
-            self.abort()
-            raise
-        except Exception as e:  # noqa: BLE001 - detokenizing this request's tokens failed: it alone ends
-            log.exception("decoding the tokens of request %s failed", self.job.request_id)
-            self.abort()
-            raise APIError(500, f"decoding the tokens failed: {type(e).__name__}: {e}: request "
-                           f"{self.job.request_id} ended", type="server_error", code="internal_error") from None
-        if cut:
-            self.abort(cut)
-        if self.done:
-            m.e2e.observe(now - self.job.created)
-        return events
-
-    def abort(self, seqs: list[Sequence] | None = None) -> None:
-        assert self.state.scheduler is not None
-        self.state.scheduler.abort(self.seqs if seqs is None else seqs)
-
-    def finish_reason(self, choice: ChoiceText) -> str:
-        if choice.finish_reason == "abort":
-            error = self.state.scheduler and self.state.scheduler.error
-            why = f"the engine stopped: {error}" if error else "the server is shutting down"
-            raise APIError(503, f"the request was aborted: {why}", type="server_error")
-        return choice.finish_reason or "length"
-
-    def usage(self) -> dict[str, int]:
-        prompt = sum(len(g[0].prompt) for g in self.job.groups)
-        completion = sum(c.tokens for c in self.choices.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _mean_logprob(choice: ChoiceText) -> float:
-    return sum(e.logprob for e in choice.logprobs) / len(choice.logprobs) if choice.logprobs else 0.0
-
-
-def _prompt_entries(seq: Sequence) -> list[TokenLogprob]:
-    """The prompt's tokens for echo with logprobs: the first has none (nothing comes before it), as OpenAI's."""
-    scored = seq.prompt_logprobs or []
-    return [TokenLogprob(seq.prompt[0], None, None)] + [TokenLogprob(t, lp, top) for t, (lp, top) in
-                                                         zip(seq.prompt[1:], scored)]
-
-
-async def _until_disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.05)
-
-
-async def _collect(request: Request, out: JobOutput) -> bool:
-    """Wait for every choice to finish: True; False when the client went away first. Rows left running when this
-    returns or raises are aborted."""
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        while not out.done:
-            getter = asyncio.ensure_future(out.next_events())
-            finished, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if watcher in finished:
-                getter.cancel()
-                return False
-            getter.result()
-        return True
-    finally:
-        watcher.cancel()
-        if not out.done:
-            out.abort()
-
-
-async def _sse_stream(out: JobOutput, head: list[dict[str, Any]],
-                      chunk_of: Callable[[int, Sequence, ChoiceText, str, list[Any]], dict[str, Any]],
-                      tail: Callable[[], dict[str, Any]] | None) -> AsyncIterator[str]:
-    """A streamed job's SSE body: the `head` chunks, then chunk_of(choice index, sequence, its text, new text, new
-    logprob entries) whenever a choice has something new, then tail() (the usage chunk) and [DONE]. An error ends it
-    with an error event and [DONE]. A client that goes away (the generator closed early) aborts the job: its rows are
-    freed at the next step."""
-    try:
-        for c in head:
-            yield _sse(c)
-        while not out.done:
-            events = await out.next_events()
-            for i, s in enumerate(out.seqs):
-                if not any(ev.seq is s for ev in events):
-                    continue
-                c = out.choices[s.id]
-                text, entries = c.pending(), c.new_logprobs()
-                if text or entries or c.finish_reason:
-                    yield _sse(chunk_of(i, s, c, text, entries))
-        if tail is not None:
-            yield _sse(tail())
-    except APIError as e:
-        yield _sse(e.body())
-    except Exception as e:  # noqa: BLE001 - the stream has begun: its client is told in it
-        log.exception("streaming request %s failed", out.job.request_id)
-        yield _sse(error_body(f"internal error: {type(e).__name__}: request {out.job.request_id} ended",
-                              "server_error", code="internal_error"))
-    finally:
-        if not out.done:
-            out.abort()
-    yield "data: [DONE]\n\n"
-
-
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 def create_app(settings: ServeSettings, load_in_background: bool = True) -> FastAPI:
     """The app; its model loads when it starts (in a thread, so that /health answers 503 meanwhile)."""
     state = ServerState(settings)
@@ -463,7 +325,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
             if req.echo and s.id not in echoed:
                 echoed.add(s.id)
                 text = echoes[prompt_of[s.id]] + text
-                entries = (_prompt_entries(s) if req.logprobs is not None else []) + entries
+                entries = (prompt_entries(s) if req.logprobs is not None else []) + entries
             if req.logprobs is None:
                 return text, None
             lp = completion_logprobs(state.tokenizer, entries, offsets[s.id])
@@ -478,15 +340,15 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
                     "finish_reason": None if c.finish_reason is None else out.finish_reason(c)}],
                     **({"usage": None} if req.include_usage else {})}
 
-            stream = _sse_stream(out, [], chunk_of, (lambda: {**base, "choices": [], "usage": out.usage()})
+            stream = sse_stream(out, [], chunk_of, (lambda: {**base, "choices": [], "usage": out.usage()})
                                  if req.include_usage else None)
             return StreamingResponse(stream, media_type="text/event-stream")
 
-        if not await _collect(request, out):
+        if not await collect(request, out):
             return Response(status_code=499)  # nobody reads it: the client closed the connection
-        choices = []
+        choices: list[dict[str, Any]] = []
         for group in job.groups:  # the n best of best_of, best first (as sampled when best_of == n)
-            best = sorted(group, key=lambda s: -_mean_logprob(out.choices[s.id])) if best_of > req.n else group
+            best = sorted(group, key=lambda s: -mean_logprob(out.choices[s.id])) if best_of > req.n else group
             for s in best[:req.n]:
                 c = out.choices[s.id]
                 text, lp = text_and_logprobs(s, c.text, c.logprobs)
@@ -520,11 +382,11 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
             roles = [{**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], **usage}
                      for i in range(len(out.seqs))]
-            stream = _sse_stream(out, roles, chat_chunk_of, (lambda: {**chunk, "choices": [], "usage": out.usage()})
+            stream = sse_stream(out, roles, chat_chunk_of, (lambda: {**chunk, "choices": [], "usage": out.usage()})
                                  if req.include_usage else None)
             return StreamingResponse(stream, media_type="text/event-stream")
 
-        if not await _collect(request, out):
+        if not await collect(request, out):
             return Response(status_code=499)
         choices = [{"index": i, "message": {"role": "assistant", "content": out.choices[s.id].text},
                     "logprobs": chat_logprobs(state.tokenizer, out.choices[s.id].logprobs) if logprobs is not None

@@ -108,9 +108,13 @@ class SamplingFields(Strict):
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        seen: set[int] = set()
         for token, bias in (v or {}).items():
             if not token.isascii() or not token.isdigit() or len(token) > 18:
                 raise ValueError(f"keys must be token ids, got {token[:40]!r}")
+            if int(token) in seen:  # "7" and "07": one bias a token, not their sum
+                raise ValueError(f"token {int(token)} is given twice")
+            seen.add(int(token))
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {bias} for token {token}")
         return v

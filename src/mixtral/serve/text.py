@@ -94,7 +94,7 @@ def completion_logprobs(tokenizer: Any, entries: list[TokenLogprob], offset: int
 
 def chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
     """The chat shape: content, a list of {token, logprob, bytes, top_logprobs}."""
-    def one(token: int, logprob: float) -> dict[str, Any]:
+    def one(token: int, logprob: float | None) -> dict[str, Any]:
         text = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
