@@ -10,6 +10,7 @@ Types are strict (JSON's own: "5" is not a number, 5.0 not an integer, true not 
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -52,7 +53,8 @@ def refuse_unsupported(req: BaseModel, path: str = "") -> None:
             raise APIError(400, f"{path}{name}: unrecognized request argument", param=path + name,
                            code="unsupported_field")
         if not any(type(value) is type(ok) and value == ok for ok in no_op[name]):
-            raise APIError(400, f"{path}{name}: not supported by this server (only {no_op[name]!r} are accepted)",
+            allowed = " or ".join(json.dumps(ok) for ok in no_op[name])
+            raise APIError(400, f"{path}{name}: not supported by this server (accepted only as {allowed})",
                            param=path + name, code="unsupported_field")
     for name in type(req).model_fields:
         value = getattr(req, name)
