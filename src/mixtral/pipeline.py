@@ -17,10 +17,11 @@ def _is_chat(x: Any) -> bool:
 
 def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
                              device: str | None = None, progress: bool = True, quantize: str | None = None,
-                             tp: int = 1, ep: int = 1):
+                             tp: int = 1, ep: int = 1, **load_kwargs: Any):
     """(model, tokenizer) from a checkpoint folder or .gguf file; None means the built-in demo model.
     quantize="int8" | "int4" quantizes each weight as it is loaded (from_pretrained's quantization=); tp / ep:
-    this rank's share of a tensor / expert parallel model (under torchrun)."""
+    this rank's share of a tensor / expert parallel model (under torchrun); load_kwargs: from_pretrained's others
+    (device_map, max_memory, load_in_4bit, ...)."""
     from .model import MixtralForCausalLM
     from .tokenizer import MixtralTokenizer
 
@@ -30,7 +31,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch
         model = demo_model_path()
     path = os.fspath(model)
     lm = MixtralForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress,
-                                            quantization=quantize or None, tp=tp, ep=ep)
+                                            quantization=quantize or None, tp=tp, ep=ep, **load_kwargs)
     if path.endswith(".gguf"):  # the tokenizer rides in the GGUF's metadata: rebuild its files, then load them
         from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
 
@@ -92,14 +93,20 @@ class TextGenerationPipeline:
 
 
 def pipeline(task: str = "text-generation", model: Any = None, tokenizer: Any = None,
-             dtype: str | torch.dtype = "auto", device: str | None = None,
-             quantize: str | None = None) -> TextGenerationPipeline:
-    """Transformers' pipeline() for text generation; model=None uses the built-in demo model."""
+             dtype: str | torch.dtype = "auto", device: str | None = None, quantize: str | None = None,
+             device_map: Any = None, model_kwargs: dict[str, Any] | None = None) -> TextGenerationPipeline:
+    """Transformers' pipeline() for text generation; model=None uses the built-in demo model. device_map and
+    model_kwargs go to from_pretrained, as in Transformers."""
     if task != "text-generation":
         raise ValueError(f"unsupported task {task!r}: mixtral's pipeline does 'text-generation'")
     if model is None or isinstance(model, (str, os.PathLike)):
-        lm, tok = load_model_and_tokenizer(model, dtype=dtype, device=device, quantize=quantize)
+        lm, tok = load_model_and_tokenizer(model, dtype=dtype, device=device, quantize=quantize,
+                                           **({} if device_map is None else {"device_map": device_map}),
+                                           **(model_kwargs or {}))
         return TextGenerationPipeline(lm, tokenizer or tok)
     if tokenizer is None:
         raise ValueError("pass tokenizer= along with a model object (or pass the model's path)")
+    if quantize is not None or device_map is not None or model_kwargs:
+        raise ValueError("quantize, device_map and model_kwargs apply when the pipeline loads the model: pass its "
+                         "path, or quantize and place the model object yourself")
     return TextGenerationPipeline(model, tokenizer)

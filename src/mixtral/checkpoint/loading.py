@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..config import MixtralConfig, parse_dtype
 from .hub import hub_recipes, is_hub_folder, open_hub_folder
 from .mistral import is_mistral_folder, mistral_recipes, open_mistral_folder
+from .placement import check_fits
 from .slices import Sharding, box_of, full_box, intersect, shift
 from .source import CheckpointError
 from .transforms import Part, Recipe
@@ -159,8 +160,9 @@ def _malloc_trim() -> Any:
 
 
 def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, progress, config_overrides,
-                    quantization=None, tp=1, ep=1):
-    """See MixtralPreTrainedModel.from_pretrained."""
+                    quantization=None, tp=1, ep=1, budget=None):
+    """See MixtralPreTrainedModel.from_pretrained; budget: the bytes the weights may take on `device` (checked
+    before any is read)."""
     from ..model.attention import check_attn_implementation
     from ..model.mixtral import MixtralForCausalLM, MixtralModel
 
@@ -212,6 +214,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     source_keys = set(source.keys())
     recipes = plan(list(own), source_keys, config)
     dtype = _target_dtype(dtype, config, source, sorted(source_keys))
+    check_fits(model, dtype, device, budget)
 
     head_only = [k for k in own if not k.startswith("model.") and cls is not MixtralForCausalLM]
     fresh = [k for k in head_only if any(p.key not in source_keys for p in recipes[k].parts)]

@@ -100,6 +100,14 @@ class MixtralPreTrainedModel(nn.Module):
         quantization: str | dict[str, Any] | None = None,
         tp: int = 1,
         ep: int = 1,
+        device_map: str | int | torch.device | dict[str, Any] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
+        quantization_config: Any = None,
+        low_cpu_mem_usage: bool | None = None,
+        trust_remote_code: bool | None = None,
         **config_overrides: Any,
     ):
         """Load a Hub folder (single or sharded safetensors), Mistral's consolidated format, or a repo id.
@@ -109,12 +117,22 @@ class MixtralPreTrainedModel(nn.Module):
         read, as mixtral.quantize would after loading, so that the float model never exists whole.
         tp=N / ep=M (under torchrun, N x M processes): tensor / expert parallel, on a 2-D mesh when both; each rank
         reads only its slices of the memory-mapped safetensors, so that its memory is about its share of the weights.
+        Transformers' device_map, max_memory, offload_folder, load_in_8bit, load_in_4bit and quantization_config map
+        onto device and quantization, or are a clear error (see mixtral.checkpoint.placement). low_cpu_mem_usage
+        (loading is always low-memory) and trust_remote_code (no code comes from a checkpoint) change nothing.
         """
+        from ..checkpoint import placement
         from ..checkpoint.loading import load_pretrained
 
+        placement.check_needs_map(device_map, max_memory=max_memory, offload_folder=offload_folder)
+        device = placement.resolve_device(device, device_map)
+        budget = None if device_map is None else placement.device_budget(device or torch.device("cpu"), max_memory,
+                                                                          device_map)
+        quantization = placement.resolve_quantization(quantization, load_in_8bit, load_in_4bit, quantization_config)
         return load_pretrained(cls, path, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
                                attn_implementation=attn_implementation, config=config, progress=progress,
-                               config_overrides=config_overrides, quantization=quantization, tp=tp, ep=ep)
+                               config_overrides=config_overrides, quantization=quantization, tp=tp, ep=ep,
+                               budget=budget)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         progress: bool = True) -> None:
