@@ -196,3 +196,18 @@ def tiny_sp_folder(tmp_path_factory, sp_model) -> str:
     shutil.copy(sp_model, path / "tokenizer.model")
     return str(path)
 
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory):
+    """(Transformers' own tiny causal LM: vocab 96, 2 layers, 4 experts top-2, GQA; the folder it saved itself to)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=128,
+                                        experts_implementation="eager")
+    tm = transformers.MixtralForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    tm.save_pretrained(folder)
+    return tm, folder

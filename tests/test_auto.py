@@ -13,13 +13,9 @@ KW = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(Transformers' causal LM, the folder it saved itself to)."""
-    torch.manual_seed(0)
-    tm = transformers.MixtralForCausalLM(transformers.MixtralConfig(**KW, experts_implementation="eager")).eval()
-    folder = tmp_path_factory.mktemp("auto")
-    tm.save_pretrained(folder)
-    return tm, folder
+def checkpoint(tiny_hf_checkpoint):
+    """(Transformers' causal LM of KW's shape, the folder it saved itself to)."""
+    return tiny_hf_checkpoint
 
 
 def _ids():

@@ -12,17 +12,10 @@ from mixtral import AutoModelForCausalLM, MixtralForCausalLM, pipeline
 from mixtral.checkpoint.placement import parse_size
 from mixtral.checkpoint.source import CheckpointError
 
-KW = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tiny_hf_checkpoint):
     """(Transformers' causal LM, the folder it saved itself to, its fp32 weight bytes)."""
-    torch.manual_seed(0)
-    tm = transformers.MixtralForCausalLM(transformers.MixtralConfig(**KW, experts_implementation="eager")).eval()
-    folder = tmp_path_factory.mktemp("placement")
-    tm.save_pretrained(folder)
+    tm, folder = tiny_hf_checkpoint
     return tm, folder, sum(p.numel() * 4 for p in tm.parameters())
 
 
