@@ -194,6 +194,15 @@ def test_one_expert_model_is_written_as_dense_llama(tmp_path, diff):
 def test_per_expert_mixtral_layout(tmp_path, diff):
     """Older Mixtral GGUFs store blk.N.ffn_gate.E.weight etc., one tensor per expert."""
     model = tiny_mixtral()
+    tensors = per_expert_tensors(model)
+    write_llama_cpp_gguf(tmp_path / "old.gguf", {**TINY, "rms_norm_eps": 1e-5}, tensors, experts=4, top_k=2)
+    loaded = mixtral.MixtralForCausalLM.from_pretrained(tmp_path / "old.gguf", progress=False)
+    assert (loaded.config.num_local_experts, loaded.config.num_experts_per_tok) == (4, 2)
+    diff("gguf per-expert layout", logits(loaded), logits(model), tol=1e-5)
+
+
+def per_expert_tensors(model: mixtral.MixtralForCausalLM) -> dict[str, np.ndarray]:
+    """The model's weights named as older Mixtral GGUFs have them (one tensor per expert), q/k permuted."""
     cfg, i = {**TINY, "rms_norm_eps": 1e-5}, TINY["intermediate_size"]
     tensors = {}
     for key, t in model.state_dict().items():
@@ -223,10 +232,7 @@ def test_per_expert_mixtral_layout(tmp_path, diff):
                 elif name == "attn_k":
                     a = llama_cpp_permute(a, cfg["num_attention_heads"], cfg["num_key_value_heads"])
                 tensors[f"{blk}.{name}.weight"] = a
-    write_llama_cpp_gguf(tmp_path / "old.gguf", cfg, tensors, experts=4, top_k=2)
-    loaded = mixtral.MixtralForCausalLM.from_pretrained(tmp_path / "old.gguf", progress=False)
-    assert (loaded.config.num_local_experts, loaded.config.num_experts_per_tok) == (4, 2)
-    diff("gguf per-expert layout", logits(loaded), logits(model), tol=1e-5)
+    return tensors
 
 
 # ---- a dense Llama GGUF written the llama.cpp way == Transformers -----------------------------------------------

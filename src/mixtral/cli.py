@@ -188,7 +188,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         dtype: Any = "float32"
     else:
         dtype = args.dtype or "auto"
-    model = MixtralForCausalLM.from_pretrained(args.src, dtype=dtype)
+    # float weights, whatever the source holds: every format written here stores them (a Q4_0 GGUF is dequantized)
+    model = MixtralForCausalLM.from_pretrained(args.src, dtype=dtype, quantization="float")
     print(f"loaded {args.src} ({model.num_parameters():,} parameters, {model.dtype})", file=sys.stderr)
     if to == "hub":
         model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)

@@ -14,6 +14,7 @@ Three conventions differ from ours:
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from collections import Counter
@@ -45,6 +46,8 @@ _LAYER = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_
           "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
           "mlp.gate.weight": "ffn_gate_inp"}
 _FFN = {"w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}  # Mixtral's expert matrices -> llama.cpp's names
+# the matrices that quantize() stores in int4: attention's, and the experts' (stacked, per expert, or a dense MLP)
+_INT4_MATRIX = re.compile(r"blk\.\d+\.(attn_[qkv]|attn_output|ffn_(gate|up|down)(_exps)?(\.\d+)?)\.weight")
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
@@ -76,6 +79,7 @@ class GGUFSource:
         self.path = path
         self.files = [path]
         self.tensors = {t.name: t for t in reader.tensors}
+        self._map: mmap.mmap | None = getattr(reader.data, "_mmap", None)  # numpy's memmap of the whole file
         bad = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors
                if t.tensor_type not in _FLOAT_TYPES and t.tensor_type not in _QUANT_TYPES]
         if bad:
@@ -117,12 +121,57 @@ class GGUFSource:
             out = out.reshape(self.shape(key))
         except (ValueError, IndexError, OSError) as e:
             raise CheckpointError(f"cannot read {key!r} ({t.tensor_type.name}) from {self.path}: {e}") from None
+        self._done(key)
+        return out
+
+    def is_q4_0(self, key: str) -> bool:
+        t = self.tensors.get(key)
+        return t is not None and t.tensor_type == QT.Q4_0
+
+    def stores_q4_0(self) -> bool:
+        """Whether every matrix that int4 quantization covers (attention, experts or the dense MLP) is Q4_0 here."""
+        matrices = [k for k in self.tensors if _INT4_MATRIX.fullmatch(k)]
+        return bool(matrices) and all(self.is_q4_0(k) for k in matrices)
+
+    def load_q4_0(self, key: str) -> dict[str, torch.Tensor]:
+        """A Q4_0 tensor (..., N, K) as our int4 buffers with groups of 32 (mixtral.kernels' layout): the same numbers,
+        and never a float copy. A Q4_0 block is an fp16 scale d and 16 bytes whose low nibbles are its values 0-15 and
+        high nibbles 16-31, w = d (q - 8): our q * scale + zero with scale d and zero -8d (both exact in fp32)."""
+        t = self.tensors[key]
+        *lead, n, k = self.shape(key)
+        rows, groups = int(np.prod(lead, dtype=np.int64)) * n, k // 32
+        packed = torch.empty(rows, k // 2, dtype=torch.uint8)
+        scales = torch.empty(rows, groups)
+        try:
+            blocks = np.asarray(t.data).reshape(rows, groups, 18)
+            step = max(1, (1 << 22) // k)  # rows a chunk: a few MB of temporaries at a time
+            for r in range(0, rows, step):
+                chunk = torch.from_numpy(np.array(blocks[r:r + step]))  # (R, G, 18) uint8, copied off the read-only map
+                scales[r:r + step] = chunk[..., :2].contiguous().view(torch.float16)[..., 0].float()
+                qs = chunk[..., 2:]  # (R, G, 16)
+                q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(-1, k)  # (R, K): values in column order
+                packed[r:r + step] = q[:, 0::2] | q[:, 1::2] << 4
+        except (ValueError, IndexError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {key!r} (Q4_0) from {self.path}: {e}") from None
+        self._done(key)
+        return {"packed": packed.reshape(*lead, n, k // 2), "scales": scales.reshape(*lead, n, groups),
+                "zeros": -8 * scales.reshape(*lead, n, groups)}
+
+    def _done(self, key: str) -> None:
+        """After reading `key`: drop its file pages from this process (they stay in the page cache), so that the
+        mapped file does not add up in RSS beside the weights made from it; then the progress bar."""
+        t = self.tensors[key]
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, start, int(t.data_offset) + int(t.n_bytes) - start)
+            except (OSError, ValueError):
+                pass  # only memory is at stake
         if self._bar is None:  # made on first use, so that a file refused before loading shows no bar
             self._bar = tqdm(total=len(self.tensors), desc="Reading GGUF", unit="tensor", disable=not self._progress)
         self._bar.update()
         if self._bar.n >= self._bar.total:
             self._bar.close()
-        return out
 
 
 def config_from_gguf(reader: gguf.GGUFReader, path: str, **overrides: Any) -> MixtralConfig:

@@ -133,7 +133,12 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
     checkpoint tensor's float copy (e.g. one expert's w1) is the most that ever exists."""
     out = quantizer.empty(name, tuple(shape), device)
     meta = torch.empty(shape, device="meta")
+    native = quantizer.scheme_of(name) == ("int4", 32) and all(getattr(source, "is_q4_0", lambda key: False)(p.key)
+                                                                for p in recipe.parts)
     for index, part in _row_blocks(recipe, len(shape)) or [((), recipe)]:
+        if native:  # GGUF's Q4_0 blocks are int4 groups of 32 already: taken as they are
+            _copy_q4_0(out, quantizer, name, index, part, source, meta)
+            continue
         w = _assemble(part, meta[index].shape, source, dtype, device, name)
         quantizer.quantize_into(out, name, w, index)
         del w
@@ -141,6 +146,19 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
             source.release(file)
         _trim_heap()
     return out
+
+
+def _copy_q4_0(out: dict[str, torch.Tensor], quantizer: Any, name: str, index: tuple, recipe: Recipe, source: Any,
+               meta: torch.Tensor) -> None:
+    """Fill out[...][index] (the int4 buffers of weight `name`) with the recipe's Q4_0 tensors, as stored. A row
+    permutation (q/k) applies to packed rows, scales and zeros alike."""
+    for part in recipe.parts:
+        want, got = tuple(meta[index][part.index].shape), source.shape(part.key)
+        if want != got:
+            raise CheckpointError(f"shape mismatch for {part.key} (part of {name}): checkpoint has {got}, model "
+                                  f"expects {want}")
+        for kind, t in source.load_q4_0(part.key).items():
+            out[quantizer.buffer(name, kind)][index][part.index].copy_(part.transform(t) if part.transform else t)
 
 
 def _trim_heap() -> None:
@@ -187,6 +205,13 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
                               "or Mistral's params.json + consolidated.safetensors")
     config._attn_implementation = check_attn_implementation(attn_implementation or config._attn_implementation)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    # A GGUF whose attention and expert matrices are all Q4_0 loads them as int4 groups of 32, the same numbers,
+    # unless asked otherwise; its output layer stays in floating point, as its file has it (often Q6_K or Q8_0).
+    native_q4_0 = (is_gguf and tp * ep == 1 and quantization in (None, "int4") and source.stores_q4_0())
+    if native_q4_0:
+        quantization = {"scheme": "int4", "group_size": 32}
+    elif quantization == "float":  # every weight in floating point (a quantized GGUF: dequantized)
+        quantization = None
 
     shardings: dict[str, Sharding] = {}
     with torch.device("meta"):
@@ -201,7 +226,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         elif saved or quantization is not None:  # swap in empty quantized modules, which loading then fills
             from ..quantize import load_quantizer
 
-            quantizer = load_quantizer(model, quantization, saved)
+            quantizer = load_quantizer(model, quantization, saved, lm_head=not native_q4_0)
     # Our names, spelled as in MixtralForCausalLM ("model." + backbone key), which the format plans expect; when
     # quantizing while loading, the float model's, whose weights the quantizer turns into its buffers as they come.
     own = dict(quantizer.float_state if quantizer else model.state_dict(keep_vars=True))

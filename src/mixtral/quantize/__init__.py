@@ -96,9 +96,9 @@ class LoadQuantizer:
     `float_state` keeps the float model's names and shapes, which the checkpoint formats know how to read.
     """
 
-    def __init__(self, model: nn.Module, scheme: str, group_size: int | None) -> None:
+    def __init__(self, model: nn.Module, scheme: str, group_size: int | None, lm_head: bool = True) -> None:
         self.float_state = dict(model.state_dict(keep_vars=True))
-        quantize(model, scheme, group_size, progress=False)
+        quantize(model, scheme, group_size, progress=False, lm_head=lm_head)
         self._prefix: dict[str, str] = {}  # float weight name -> the name prefix of the buffers that replace it
         self._scheme: dict[str, tuple[str, int]] = {}  # float weight name -> (scheme, group size): the module's
         for name in self.float_state.keys() - model.state_dict().keys():
@@ -112,6 +112,14 @@ class LoadQuantizer:
 
     def __contains__(self, name: str) -> bool:
         return name in self._prefix
+
+    def scheme_of(self, name: str) -> tuple[str, int]:
+        """(scheme, group size) of the buffers that replace float weight `name`."""
+        return self._scheme[name]
+
+    def buffer(self, name: str, part: str) -> str:
+        """The state-dict name of one buffer ("packed", "scale", ...) that replaces float weight `name`."""
+        return self._prefix[name] + part
 
     def empty(self, name: str, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
         """The unfilled buffers that replace weight `name` of this shape, by state-dict name."""
@@ -131,10 +139,12 @@ class LoadQuantizer:
                 dest_M[self._prefix[name] + part][r:r + rows].copy_(t)
 
 
-def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict | None) -> LoadQuantizer | None:
+def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict | None,
+                   lm_head: bool = True) -> LoadQuantizer | None:
     """Prepare a meta-device model for loading: swap in the empty quantized modules of the checkpoint's scheme
-    (`saved`, config.json's quantization_config), or of `requested`, returning the LoadQuantizer that then
-    quantizes each weight as it is read. A request that disagrees with the checkpoint's scheme is an error."""
+    (`saved`, config.json's quantization_config), or of `requested` (lm_head: as quantize's), returning the
+    LoadQuantizer that then quantizes each weight as it is read. A request that disagrees with the checkpoint's
+    scheme is an error."""
     want = None if requested is None else _parse(requested)
     if saved:
         have = (saved["scheme"], saved.get("group_size"))
@@ -143,4 +153,4 @@ def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict |
                              f"quantization={requested!r} (leave quantization out, or ask for the same scheme)")
         quantize(model, *have, progress=False, lm_head=saved.get("lm_head") == "int8")
         return None
-    return None if want is None else LoadQuantizer(model, *want)
+    return None if want is None else LoadQuantizer(model, *want, lm_head=lm_head)

@@ -1,0 +1,113 @@
+"""A GGUF whose attention and expert matrices are Q4_0 loads them as our int4 (groups of 32) as stored: the same
+numbers bit for bit, never a float copy of those matrices. Oracles: gguf-py's own dequantizer (the same file loaded
+with quantization="float"), Transformers' GGUF loading (test_gguf.py's dense Llama test runs this path too), and the
+logits of the float model."""
+
+from __future__ import annotations
+
+import re
+
+import gguf
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+import mixtral
+from mixtral import kernels
+from mixtral.checkpoint.gguf import GGUFSource, save_gguf
+from mixtral.quantize.modules import QuantizedExperts, QuantizedLinear
+from test_gguf import (TINY, _tiny_byte_level_data, logits, per_expert_tensors, tiny_mixtral,
+                       write_llama_cpp_gguf)
+
+
+def _files(tmp_path) -> dict[str, str]:
+    """Q4_0 Mixtral files in both layouts: our writer's stacked experts (output layer Q8_0), and one tensor per
+    expert as older files have them, every matrix Q4_0 (output and embeddings too)."""
+    model = tiny_mixtral()
+    stacked = tmp_path / "stacked-q4_0.gguf"
+    save_gguf(model, stacked, dtype="q4_0", progress=False)
+    tensors = per_expert_tensors(model)
+    per_expert = tmp_path / "per-expert-q4_0.gguf"
+    write_llama_cpp_gguf(per_expert, {**TINY, "rms_norm_eps": 1e-5}, tensors, experts=4, top_k=2,
+                         kinds={name: QT.Q4_0 for name, a in tensors.items() if a.ndim == 2})
+    return {"stacked": str(stacked), "per-expert": str(per_expert)}
+
+
+def _dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The float weights that the model's int4 buffers stand for, named as the float model's parameters."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            out[f"{name}.weight"] = kernels.dequantize_int4(m.packed, m.scales, m.zeros, torch.float32)
+        elif isinstance(m, QuantizedExperts):
+            for w in ("gate_up_proj", "down_proj"):
+                parts = [getattr(m, f"{w}_{p}") for p in ("packed", "scales", "zeros")]
+                out[f"{name}.{w}"] = torch.stack([kernels.dequantize_int4(*(t[e] for t in parts), torch.float32)
+                                                  for e in range(m.num_experts)])
+    return out
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per-expert"])
+def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch, diff):
+    path = _files(tmp_path)[layout]
+    dequantized_keys: list[str] = []
+    real_load = GGUFSource.load
+
+    def load(self, key):  # every tensor read through gguf-py's dequantizer
+        dequantized_keys.append(key)
+        return real_load(self, key)
+
+    monkeypatch.setattr(GGUFSource, "load", load)
+    native = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False)
+    monkeypatch.undo()
+    matrix = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|\.\d+)?)\.weight")
+    assert dequantized_keys and not [k for k in dequantized_keys if matrix.fullmatch(k)]  # none was ever float
+    assert native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int4",
+                                                           "group_size": 32}
+    assert not isinstance(native.lm_head, QuantizedLinear) and native.lm_head.weight.dtype == torch.float32  # as read
+    experts = native.model.layers[0].mlp.experts
+    assert isinstance(experts, QuantizedExperts) and (experts.scheme, experts.group_size) == ("int4", 32)
+
+    float_model = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False, quantization="float")
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in float_model.modules())
+    weights = dict(float_model.named_parameters())
+    got = _dequantized(native)
+    assert len(got) == 2 * 4 + 2 * 2  # per layer: q, k, v, o, gate_up, down
+    for name, w in got.items():  # gguf-py's dequantization, q/k permutation and stacking included: bit for bit
+        assert torch.equal(w, weights[name]), name
+    diff(f"gguf q4_0 native ({layout}) vs dequantized", logits(native), logits(float_model), tol=1e-5)
+    bytes_of = {m: sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in (native, float_model)}
+    assert bytes_of[native] < 0.6 * bytes_of[float_model]
+
+
+def test_q4_0_choices(tmp_path, diff):
+    """int4 asked of a Q4_0 file is the native load; int8 requantizes from the dequantized weights; a file whose
+    matrices are not all Q4_0 loads in floating point unless asked; the native model saves and reloads."""
+    path = _files(tmp_path)["stacked"]
+    native = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False)
+    asked = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False, quantization="int4")
+    assert all(torch.equal(a, b) for a, b in zip(native.state_dict().values(), asked.state_dict().values()))
+    int8 = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False, quantization="int8")
+    assert int8.model.layers[0].mlp.experts.scheme == "int8"
+
+    q8 = tmp_path / "q8_0.gguf"
+    save_gguf(tiny_mixtral(), q8, dtype="q8_0", progress=False)
+    assert "quantization_config" not in mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False).config.extra
+
+    from mixtral.cli import main  # convert writes float formats: the Q4_0 matrices dequantized
+
+    data = _tiny_byte_level_data()  # convert carries the tokenizer over
+    with_tokenizer = tmp_path / "tok-q4_0.gguf"
+    save_gguf(tiny_mixtral(vocab_size=len(data["tokens"]), bos_token_id=0, eos_token_id=0), with_tokenizer,
+              dtype="q4_0", tokenizer_data=data, progress=False)
+    assert main(["convert", str(with_tokenizer), str(tmp_path / "hub")]) == 0
+    assert "quantization_config" not in (tmp_path / "hub" / "config.json").read_text()
+    diff("gguf q4_0 converted to the hub layout", logits(mixtral.MixtralForCausalLM.from_pretrained(
+        tmp_path / "hub", progress=False)), logits(mixtral.MixtralForCausalLM.from_pretrained(
+            with_tokenizer, progress=False)), tol=1e-5)
+
+    native.save_pretrained(tmp_path / "saved", progress=False)
+    back = mixtral.MixtralForCausalLM.from_pretrained(tmp_path / "saved", progress=False)
+    diff("gguf q4_0 native saved and reloaded", logits(back), logits(native), tol=0.0)
+    reader = gguf.GGUFReader(path)
+    assert {t.tensor_type for t in reader.tensors if ".attn_q." in t.name} == {QT.Q4_0}
