@@ -178,9 +178,9 @@ def _malloc_trim() -> Any:
 
 
 def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, progress, config_overrides,
-                    quantization=None, tp=1, ep=1, budget=None):
+                    quantization=None, tp=1, ep=1, budget=None, may_offload=False, offload_folder=None):
     """See MixtralPreTrainedModel.from_pretrained; budget: the bytes the weights may take on `device` (checked
-    before any is read)."""
+    before any is read); may_offload: past the budget, keep experts in `offload_folder` (mixtral.offload)."""
     from ..model.attention import check_attn_implementation
     from ..model.mixtral import MixtralForCausalLM, MixtralModel
 
@@ -239,7 +239,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     source_keys = set(source.keys())
     recipes = plan(list(own), source_keys, config)
     dtype = _target_dtype(dtype, config, source, sorted(source_keys))
-    check_fits(model, dtype, device, budget)
+    slots = _offload_slots(model, dtype, device, budget, may_offload, offload_folder, tp * ep)
 
     head_only = [k for k in own if not k.startswith("model.") and cls is not MixtralForCausalLM]
     fresh = [k for k in head_only if any(p.key not in source_keys for p in recipes[k].parts)]
@@ -259,6 +259,12 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
 
     state: dict[str, torch.Tensor] = {}
     todo = [k for k in own if k not in fresh]
+    offloader = None
+    if slots is not None:  # each layer's experts go to the store as they are read (or were laid out before)
+        from ..offload.loading import OffloadLoader
+
+        offloader = OffloadLoader(model, slots, offload_folder, list(source.files), dtype, device)
+        todo = [k for k in todo if not offloader.skips(k)]
     name_of = {k: k.removeprefix("model.") if cls is MixtralModel else k for k in todo}
     if quantizer:  # float weights first, so that their file pages come and go before the quantized ones pile up;
         # then the quantized ones by size, largest first, so that an untied LM head (read whole: its float copy is the
@@ -276,8 +282,12 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
             keep = not param.is_floating_point() or _QUANT_SCALES.fullmatch(key)  # int codes, fp32 scales as saved
             state[name] = _assemble(recipes[key], param.shape, source, param.dtype if keep else dtype, device, key,
                                     shardings.get(key))
+        if offloader:
+            offloader.absorb(state)
         for shard in _files(recipes[key], source) if quantizer else [f for f, k in last_use.items() if k == key]:
             source.release(shard)
+    if offloader:
+        offloader.finish()
     model.load_state_dict(state, strict=False, assign=True)
     del state
 
@@ -296,6 +306,25 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         scheme = quantization if isinstance(quantization, dict) else {"scheme": quantization}
         quantize(model, scheme["scheme"], scheme.get("group_size"), progress=progress)
     return model.eval()
+
+
+def _offload_slots(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, budget: int | None,
+                   may_offload: bool, folder: Any, ranks: int) -> int | None:
+    """Expert slots a layer when the weights must be offloaded to fit `budget` (None: they fit, or no budget)."""
+    if budget is None:
+        return None
+    if not may_offload:
+        check_fits(model, dtype, device, budget)
+        return None
+    from ..offload import plan_slots
+
+    slots = plan_slots(model, dtype, budget, model.config.num_experts_per_tok)
+    if slots is not None and folder is None:
+        raise CheckpointError(f"the weights do not fit max_memory on {device}: pass offload_folder=DIR to keep "
+                              f"the experts that do not ({slots} a layer are resident) on disk")
+    if slots is not None and ranks > 1:
+        raise CheckpointError("offloading experts and tp/ep do not go together: give each rank the memory it needs")
+    return slots
 
 
 @torch.no_grad()

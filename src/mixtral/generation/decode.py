@@ -81,6 +81,10 @@ def compiled_forward_last(model: Any):
     a decode step is a few hundred small calls, that is about 1 ms of the step's Python overhead gone. Guards on
     the model's modules and parameters are skipped for another 0.3 ms: a model changed since (quantized, cast,
     its config edited) gets a new compiled step, by _signature, rather than a stale one."""
+    if _host_syncs(model):
+        warnings.warn("compile=True: the offloaded experts are read from disk in the middle of the decode step, "
+                      "which a compiled step cannot hold: decoding eagerly", stacklevel=3)
+        return forward_last
     signature = _signature(model)
     cached = getattr(model, "_compiled_forward_last", None)
     if cached is not None and cached[0] in (signature, None):  # None: compiling failed, eager for good
@@ -170,7 +174,12 @@ def graphable(model: Any) -> bool:
 
     p = next(model.parameters())
     probe = torch.empty(1, model.config.hidden_size, dtype=p.dtype, device=p.device)
-    return all(m.runs_grouped(probe) for m in model.modules() if isinstance(m, Experts))
+    return not _host_syncs(model) and all(m.runs_grouped(probe) for m in model.modules() if isinstance(m, Experts))
+
+
+def _host_syncs(model: Any) -> bool:
+    """Whether a module decides on the host in the middle of the step (mixtral.offload's experts read from disk)."""
+    return any(getattr(m, "host_syncs", False) for m in model.modules())
 
 
 def graphed_step(model: Any, batch: int, slots: int) -> GraphedStep | None:

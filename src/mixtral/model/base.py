@@ -66,6 +66,12 @@ class MixtralPreTrainedModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def offload_stats(self) -> dict[str, Any] | None:
+        """Offloaded experts' hits, misses, hit rate and bytes read, in all and per layer; None without offload."""
+        from ..offload import offload_stats
+
+        return offload_stats(self)
+
     def num_parameters(self, only_trainable: bool = False) -> int:
         params = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
         return sum(p.numel() for p in params.values())
@@ -134,11 +140,16 @@ class MixtralPreTrainedModel(nn.Module):
         return load_pretrained(cls, path, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
                                attn_implementation=attn_implementation, config=config, progress=progress,
                                config_overrides=config_overrides, quantization=quantization, tp=tp, ep=ep,
-                               budget=budget)
+                               budget=budget, may_offload=isinstance(device_map, str) and
+                               device_map in placement.AUTO_MAPS, offload_folder=offload_folder)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         progress: bool = True) -> None:
         """Write config.json and Hub-layout safetensors (per-expert w1/w2/w3), sharded with an index if large."""
         from ..checkpoint.hub import save_hub_checkpoint
+
+        if self.offload_stats() is not None:
+            raise NotImplementedError("this model keeps experts on disk (offload_folder): it cannot be saved; load it "
+                                      "without max_memory/offload_folder to save it")
 
         save_hub_checkpoint(self, path, max_shard_size=max_shard_size, progress=progress)

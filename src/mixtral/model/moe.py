@@ -99,10 +99,19 @@ class Experts(nn.Module):
         return F.linear(self.act(gate_TI) * up_TI, self.expert_weight("down_proj", e, x_TH.dtype))
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        return self.pair_outputs(x_TH, weights_TK, experts_TK).sum(dim=1)
+
+    def pair_outputs(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
+                     few: bool | None = None) -> torch.Tensor:
+        """(T, K, H): each (token, routed expert) pair's output times its routing weight, in x's dtype; forward sums
+        them over K. few: the decode path (True) or the sorted one (False); None: as T decides. Each pair's output
+        is computed on its own, so that a subset of the pairs (mixtral.offload, expert by expert) gives the same."""
         trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not trainable and self.runs_grouped(x_TH):
             return self.forward_sorted(x_TH, weights_TK, experts_TK, on_device=True)
-        if not trainable and x_TH.shape[0] <= FEW_TOKENS:
+        if few is None:
+            few = not trainable and x_TH.shape[0] <= FEW_TOKENS
+        if few:
             return self.forward_few(x_TH, weights_TK, experts_TK)
         return self.forward_sorted(x_TH, weights_TK, experts_TK)
 
@@ -112,13 +121,13 @@ class Experts(nn.Module):
         gate_TKI, up_TKI = self.routed_linear("gate_up_proj", x_TH, experts_TK).chunk(2, dim=-1)
         h_NI = (self.act(gate_TKI) * up_TKI).reshape(t * k, -1)  # N = T*K, one expert each
         y_TKH = self.routed_linear("down_proj", h_NI, experts_TK.reshape(-1, 1)).view(t, k, -1)
-        return (y_TKH * weights_TK[..., None]).to(x_TH.dtype).sum(dim=1)  # fp32 product, as in forward_sorted
+        return (y_TKH * weights_TK[..., None]).to(x_TH.dtype)  # fp32 product, as in forward_sorted
 
     def forward_sorted(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
                        on_device: bool = False) -> torch.Tensor:
         """Sort the T*K (token, expert) pairs by expert once; run each routed expert over its contiguous slice, with
         the group sizes read back to the host (one sync per layer), or on_device as grouped GEMMs (grouped_gemm_mlp:
-        no sync, so that a CUDA graph can hold the step)."""
+        no sync, so that a CUDA graph can hold the step). Returns the pairs' outputs (T, K, H)."""
         t, k = experts_TK.shape
         sorted_N, order_N = torch.sort(experts_TK.reshape(-1), stable=True)  # N = T*K assignments
         x_NH = x_TH[order_N // k]  # each token repeated once per expert it was routed to, grouped by expert
@@ -128,8 +137,7 @@ class Experts(nn.Module):
         else:
             counts = torch.bincount(sorted_N, minlength=self.num_experts).tolist()  # one host sync per layer
             y_NH = self.grouped_mlp(x_NH, counts, weights_N)
-        y_TKH = torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
-        return y_TKH.sum(dim=1)
+        return torch.empty_like(y_NH).index_copy_(0, order_N, y_NH).view(t, k, -1)  # back to token order
 
     def runs_grouped(self, x_TH: torch.Tensor) -> bool:
         """Whether inference on x goes to grouped_gemm_mlp (bf16 on a GPU with torch's grouped GEMM kernel)."""

@@ -1,0 +1,94 @@
+"""Experts offloaded to disk, for models bigger than memory: applied while loading (from_pretrained(device_map="auto",
+max_memory=..., offload_folder=...)), never threaded through the model.
+
+The dense part (embeddings, attention, norms, routers, LM head) stays resident; each layer keeps `slots` of its E
+experts in a pool (S = what max_memory leaves, at least top-k) and reads the others from an ExpertStore on demand.
+What it costs on Mixtral-8x7B in bf16: 3.2 GB of dense weights plus 352 MB an expert slot (x 32 layers), and
+for each miss one read of 352 MB at the disk's speed (about 0.35 s at 1 GB/s).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint.source import CheckpointError
+from ..model.moe import Experts
+from .experts import OffloadedExperts, OffloadStats
+from .store import ExpertStore, Field, fields_of
+
+__all__ = ["ExpertStore", "Field", "OffloadStats", "OffloadedExperts", "expert_key", "fields_of", "make_pool",
+           "offload_stats", "plan_slots", "weight_bytes"]
+
+_EXPERT_KEY = re.compile(r"(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\w+)")
+
+
+def expert_key(name: str) -> tuple[int, str] | None:
+    """(layer, tensor) for a state-dict name of an experts module's tensor, else None."""
+    m = _EXPERT_KEY.fullmatch(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def weight_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """The bytes of a (meta) module's weights as loaded: floats in `dtype`, quantized buffers as they are."""
+    tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}.values()  # tied weights once
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def plan_slots(model: nn.Module, dtype: torch.dtype, budget: int, top_k: int) -> int | None:
+    """Expert slots a layer when the weights do not fit `budget` bytes (None when they do): what the budget leaves
+    after the dense part, shared by the layers; an error when that is fewer than top_k."""
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    total = weight_bytes(model, dtype)
+    if total <= budget or not experts:
+        return None
+    per_expert = weight_bytes(experts[0], dtype) // experts[0].num_experts
+    dense = total - per_expert * experts[0].num_experts * len(experts)
+    slots = (budget - dense) // (per_expert * len(experts))
+    if slots < top_k:
+        need = dense + top_k * per_expert * len(experts)
+        raise CheckpointError(f"max_memory allows {_size(budget)}: the dense weights take {_size(dense)} and each of "
+                              f"the {len(experts)} layers needs at least {top_k} experts of {_size(per_expert)} "
+                              f"resident, {_size(need)} in all")
+    return None if slots >= experts[0].num_experts else int(slots)
+
+
+def make_pool(experts: nn.Module, slots: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Turn a meta-device experts module (float or quantized) into a pool of `slots` experts, in place: every stacked
+    tensor gets storage for `slots` experts (floats in `dtype`), unfilled."""
+    for name, p in list(experts._parameters.items()):
+        if p is not None:
+            experts._parameters[name] = nn.Parameter(torch.empty(slots, *p.shape[1:], dtype=dtype, device=device),
+                                                     requires_grad=False)
+    for name, b in list(experts._buffers.items()):
+        if b is not None:
+            experts._buffers[name] = torch.empty(slots, *b.shape[1:], dtype=b.dtype, device=device)
+    experts.num_experts = slots
+    return experts
+
+
+def source_id(files: list[str], dtype: torch.dtype) -> dict[str, Any]:
+    """What an ExpertStore was made from: the checkpoint's files (size, modification time) and the dtype."""
+    return {"dtype": str(dtype), "files": {os.path.abspath(f): [os.path.getsize(f), os.stat(f).st_mtime_ns]
+                                           for f in files}}
+
+
+def offload_stats(model: nn.Module) -> dict[str, Any] | None:
+    """Hits, misses and bytes read of the offloaded experts, per layer and in all; None for a model without them."""
+    layers = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    if not layers:
+        return None
+    per_layer = [{"layer": m.layer, "slots": m.slots, "hits": m.stats.hits, "misses": m.stats.misses,
+                  "bytes_read": m.stats.bytes_read, "hit_rate": m.stats.hit_rate} for m in layers]
+    hits, misses = sum(r["hits"] for r in per_layer), sum(r["misses"] for r in per_layer)
+    return {"slots": layers[0].slots, "experts": layers[0].num_experts, "hits": hits, "misses": misses,
+            "hit_rate": hits / max(1, hits + misses), "bytes_read": sum(r["bytes_read"] for r in per_layer),
+            "layers": per_layer}

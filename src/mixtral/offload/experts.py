@@ -1,0 +1,91 @@
+"""A layer's experts in a fixed pool of slots, the rest read from an ExpertStore when routing asks for them.
+
+The pool is an experts module of the model's own kind (float or quantized) with S slots in place of E experts;
+routing's expert ids become slot ids, and the pool computes exactly what the resident experts would (the same
+kernels on the same weights), so the outputs are bit-equal to the resident model's at every S >= top-k. A step
+that routes to more experts than there are slots runs in rounds of S experts: each (token, expert) pair is still
+computed on its own (Experts.pair_outputs) and the pairs are summed once, in the resident order.
+
+Eviction: least recently used within the layer (an expert used this step is never evicted for another of the
+same step). Shapes: T tokens, K experts a token, H hidden, E experts, S slots.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model.moe import FEW_TOKENS
+from .store import ExpertStore
+
+
+@dataclass
+class OffloadStats:
+    hits: int = 0  # experts a step needed that were in a slot
+    misses: int = 0  # experts read from the store
+    bytes_read: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+
+class OffloadedExperts(nn.Module):
+    """Experts(x_TH, weights_TK, experts_TK) with the weights of `pool.num_experts` experts in memory at a time."""
+
+    host_syncs = True  # the reads are decided on the host: no compiled step or CUDA graph can hold it
+
+    def __init__(self, pool: nn.Module, store: ExpertStore, layer: int) -> None:
+        super().__init__()
+        self.pool, self.store, self.layer = pool, store, layer
+        self.num_experts, self.slots = store.num_experts, pool.num_experts
+        self.resident: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
+        self.register_buffer("slot_of", torch.full((self.num_experts,), -1, dtype=torch.long), persistent=False)
+        self.stats = OffloadStats()
+        self._tensors = [t for t in pool.state_dict(keep_vars=True).values()]  # (S, ...) each, in the store's order
+
+    def fetch(self, experts: list[int]) -> None:
+        """Make `experts` (at most S) resident: hits first (they become the most recent), then each miss read into
+        the least recently used slot."""
+        assert len(experts) <= self.slots
+        for e in experts:
+            if e in self.resident:
+                self.resident.move_to_end(e)
+                self.stats.hits += 1
+        for e in experts:
+            if e in self.resident:
+                continue
+            if len(self.resident) < self.slots:
+                slot = len(self.resident)
+            else:
+                evicted, slot = self.resident.popitem(last=False)
+                self.slot_of[evicted] = -1
+            self.stats.bytes_read += self.store.read(self.layer, e, [t.data[slot] for t in self._tensors])
+            self.stats.misses += 1
+            self.resident[e] = slot
+            self.slot_of[e] = slot
+
+    @torch.no_grad()
+    def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        needed = experts_TK.unique().tolist()  # a host sync: the reads are decided on the host
+        if len(needed) <= self.slots:
+            self.fetch(needed)
+            return self.pool(x_TH, weights_TK, self.slot_of[experts_TK])
+        # more experts than slots (a prompt, a big batch): rounds of S experts, each pair computed once
+        t, k = experts_TK.shape
+        few = x_TH.shape[0] <= FEW_TOKENS  # the path the resident experts take for these T tokens
+        experts_N = experts_TK.reshape(-1)  # N = T*K pairs
+        y_NH = x_TH.new_empty(t * k, x_TH.shape[1])
+        for start in range(0, len(needed), self.slots):
+            chunk = needed[start:start + self.slots]
+            self.fetch(chunk)
+            pairs = torch.isin(experts_N, torch.tensor(chunk, device=experts_N.device)).nonzero()[:, 0]  # (P,)
+            y_NH[pairs] = self.pool.pair_outputs(x_TH[pairs // k], weights_TK.reshape(-1)[pairs, None],
+                                                 self.slot_of[experts_N[pairs]][:, None], few=few)[:, 0]
+        return y_NH.view(t, k, -1).sum(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.num_experts}, slots={self.slots}"

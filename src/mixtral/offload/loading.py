@@ -1,0 +1,49 @@
+"""from_pretrained's side of offloading: each layer's experts, as loading assembles them (float or quantized), go
+to the ExpertStore and are dropped, so that the float or quantized experts of one layer are the most that ever
+exist in memory; a store already laid out for the same checkpoint and dtype is used as it is, without reading the
+checkpoint's experts at all. At the end each layer's experts module is an OffloadedExperts over a pool of slots."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model.moe import Experts
+from . import expert_key, make_pool, source_id
+from .experts import OffloadedExperts
+from .store import ExpertStore, fields_of
+
+
+class OffloadLoader:
+    def __init__(self, model: nn.Module, slots: int, folder: str | os.PathLike, files: list[str],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.parents = [m for m in model.modules() if isinstance(getattr(m, "experts", None), Experts)]
+        num_experts = self.parents[0].experts.num_experts
+        for parent in self.parents:  # the meta experts become empty pools of `slots` experts
+            make_pool(parent.experts, slots, dtype, device)
+        self.store = ExpertStore(folder, fields_of(self.parents[0].experts), len(self.parents), num_experts,
+                                 source_id(files, dtype))
+        self.reused = self.store.matches()
+        if not self.reused:
+            self.store.begin()
+
+    def skips(self, key: str) -> bool:
+        """Whether loading can leave checkpoint key `key` unread: an expert tensor of a store laid out already."""
+        return self.reused and expert_key(key) is not None
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        """Write the expert tensors in `state` (names as in the model) to the store and drop them from `state`."""
+        for name in [n for n in state if expert_key(n) is not None]:
+            layer, field = expert_key(name)  # type: ignore[misc]
+            self.store.write_field(layer, field, state.pop(name))
+
+    def finish(self) -> None:
+        """Seal the store (its manifest last), open it, and put each layer's pool behind an OffloadedExperts."""
+        if not self.reused:
+            self.store.finish()
+        self.store.open()
+        for layer, parent in enumerate(self.parents):
+            parent.experts = OffloadedExperts(parent.experts, self.store, layer)
