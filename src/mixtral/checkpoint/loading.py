@@ -282,8 +282,8 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
             keep = not param.is_floating_point() or _QUANT_SCALES.fullmatch(key)  # int codes, fp32 scales as saved
             state[name] = _assemble(recipes[key], param.shape, source, param.dtype if keep else dtype, device, key,
                                     shardings.get(key))
-        if offloader:
-            offloader.absorb(state)
+        if offloader and offloader.absorb(state):
+            _trim_heap()  # the layer's experts were freed: give their pages back rather than keep them in RSS
         for shard in _files(recipes[key], source) if quantizer else [f for f, k in last_use.items() if k == key]:
             source.release(shard)
     if offloader:

@@ -34,11 +34,14 @@ class OffloadLoader:
         """Whether loading can leave checkpoint key `key` unread: an expert tensor of a store laid out already."""
         return self.reused and expert_key(key) is not None
 
-    def absorb(self, state: dict[str, Any]) -> None:
-        """Write the expert tensors in `state` (names as in the model) to the store and drop them from `state`."""
-        for name in [n for n in state if expert_key(n) is not None]:
+    def absorb(self, state: dict[str, Any]) -> bool:
+        """Write the expert tensors in `state` (names as in the model) to the store and drop them from `state`;
+        whether there were any."""
+        names = [n for n in state if expert_key(n) is not None]
+        for name in names:
             layer, field = expert_key(name)  # type: ignore[misc]
             self.store.write_field(layer, field, state.pop(name))
+        return bool(names)
 
     def finish(self) -> None:
         """Seal the store (its manifest last), open it, and put each layer's pool behind an OffloadedExperts."""

@@ -1,0 +1,198 @@
+"""Experts offloaded to disk (mixtral.offload, from_pretrained(device_map="auto", max_memory, offload_folder)):
+bit-equal to the same model fully resident at every cache size down to top-k, for forward (the decode path and the
+sorted one, with rounds when a step needs more experts than slots), generate() and BatchEngine; float, int4 and a
+Q4_0 GGUF; the store reused; clear errors for budgets too small, a missing folder, a truncated store; and the
+memory of a process loading a checkpoint several times larger than its max_memory, measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mixtral import MixtralConfig, MixtralForCausalLM
+from mixtral.checkpoint.source import CheckpointError, SafetensorsSource
+from mixtral.generation.engine import BatchEngine, SamplingParams, Sequence
+from mixtral.offload import OffloadedExperts, weight_bytes
+
+CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
+IDS = torch.randint(3, 96, (2, 70), generator=torch.Generator().manual_seed(0))  # 140 tokens: the sorted path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("offload-model")
+    MixtralForCausalLM(MixtralConfig(**CONFIG)).save_pretrained(path, progress=False)
+    return str(path)
+
+
+def _budget(model: MixtralForCausalLM, slots: int, dtype: torch.dtype = torch.float32) -> int:
+    """The max_memory that leaves `slots` experts a layer beside the dense weights of a resident `model`."""
+    experts = model.model.layers[0].mlp.experts
+    per_expert = weight_bytes(experts, dtype) // experts.num_experts
+    dense = weight_bytes(model, dtype) - per_expert * experts.num_experts * len(model.model.layers)
+    return dense + slots * per_expert * len(model.model.layers)
+
+
+def _offloaded(path, resident, slots, store, **kw) -> MixtralForCausalLM:
+    model = MixtralForCausalLM.from_pretrained(path, progress=False, device_map="auto", offload_folder=store,
+                                               max_memory={"cpu": _budget(resident, slots)}, **kw)
+    assert [m.slots for m in model.modules() if isinstance(m, OffloadedExperts)] == [slots, slots]
+    return model
+
+
+def _outputs(model) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = {"prompt": model(IDS).logits, "few": model(IDS[:, :6]).logits}  # 12 tokens: the decode path
+    out["generate"] = model.generate(IDS[:, :5], max_new_tokens=8, do_sample=False)
+    engine = BatchEngine(model, max_batch=3, prefill_chunk=16)
+    seqs = [Sequence(IDS[i % 2, :4 + i].tolist(), SamplingParams(max_tokens=6)) for i in range(3)]
+    for s in seqs:
+        engine.add([s])
+    for _ in range(50):
+        if not engine.has_work():
+            break
+        engine.step()
+    out["engine"] = torch.tensor([s.output for s in seqs])
+    return out
+
+
+@pytest.mark.parametrize("slots", range(2, 8))
+def test_bit_equal_at_every_cache_size(folder, tmp_path, slots):
+    resident = MixtralForCausalLM.from_pretrained(folder, progress=False)
+    model = _offloaded(folder, resident, slots, tmp_path / "store")
+    want, got = _outputs(resident), _outputs(model)
+    for kind in want:
+        assert torch.equal(got[kind], want[kind]), kind
+    stats = model.offload_stats()
+    assert stats["misses"] > 0 and stats["hits"] > 0 and stats["slots"] == slots
+    assert stats["bytes_read"] == stats["misses"] * weight_bytes(resident.model.layers[0].mlp.experts,
+                                                                 torch.float32) // 8
+    assert resident.offload_stats() is None
+
+
+def test_quantized_and_q4_0_gguf_offload_equal_resident(folder, tmp_path):
+    from mixtral.checkpoint.gguf import save_gguf
+
+    int4 = MixtralForCausalLM.from_pretrained(folder, progress=False, quantization="int4")
+    model = _offloaded(folder, int4, 3, tmp_path / "int4", quantization="int4")
+    assert model.model.layers[0].mlp.experts.pool.scheme == "int4"
+    for kind, want in _outputs(int4).items():
+        assert torch.equal(_outputs(model)[kind], want), kind
+
+    gguf_path = tmp_path / "q4_0.gguf"
+    save_gguf(MixtralForCausalLM.from_pretrained(folder, progress=False), gguf_path, dtype="q4_0", progress=False)
+    native = MixtralForCausalLM.from_pretrained(gguf_path, progress=False)  # Q4_0 kept as int4
+    offloaded = _offloaded(gguf_path, native, 2, tmp_path / "q4_0")
+    with torch.no_grad():
+        assert torch.equal(offloaded(IDS).logits, native(IDS).logits)
+
+
+def test_the_store_is_reused_and_checked(folder, tmp_path, monkeypatch):
+    resident = MixtralForCausalLM.from_pretrained(folder, progress=False)
+    store = tmp_path / "store"
+    _offloaded(folder, resident, 2, store)
+    stamps = {f: os.stat(store / f).st_mtime_ns for f in os.listdir(store)}
+    read: list[str] = []
+    real = SafetensorsSource.load
+
+    def load(self, key):
+        read.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(SafetensorsSource, "load", load)
+    again = _offloaded(folder, resident, 2, store)  # laid out already: used as it is, the experts left unread
+    monkeypatch.undo()
+    assert {f: os.stat(store / f).st_mtime_ns for f in os.listdir(store)} == stamps
+    assert read and not [k for k in read if ".experts." in k], read
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, resident(IDS).logits)
+
+    with open(store / "layer_1.bin", "r+b") as f:  # cut short: a clear error, never a wrong answer
+        f.truncate(1000)
+    with pytest.raises(CheckpointError, match="layer_1.bin holds 1000 bytes"):
+        _offloaded(folder, resident, 2, store)
+    (store / "manifest.json").write_text("{}")  # a store that does not match is laid out again
+    assert torch.equal(_outputs(_offloaded(folder, resident, 2, store))["generate"], _outputs(resident)["generate"])
+
+
+def test_budgets_and_misuse_are_clear_errors(folder, tmp_path):
+    resident = MixtralForCausalLM.from_pretrained(folder, progress=False)
+    with pytest.raises(CheckpointError, match="needs at least 2 experts"):
+        MixtralForCausalLM.from_pretrained(folder, progress=False, device_map="auto", offload_folder=tmp_path,
+                                           max_memory={"cpu": _budget(resident, 2) - 1})
+    with pytest.raises(CheckpointError, match="pass offload_folder"):
+        MixtralForCausalLM.from_pretrained(folder, progress=False, device_map="auto",
+                                           max_memory={"cpu": _budget(resident, 2)})
+    with pytest.raises(CheckpointError, match="more than the"):  # one device named: no offloading
+        MixtralForCausalLM.from_pretrained(folder, progress=False, device_map="cpu", offload_folder=tmp_path,
+                                           max_memory={"cpu": _budget(resident, 2)})
+    everything = MixtralForCausalLM.from_pretrained(folder, progress=False, device_map="auto", offload_folder=tmp_path,
+                                                    max_memory={"cpu": _budget(resident, 8)})
+    assert everything.offload_stats() is None  # it fits: nothing offloaded
+    model = _offloaded(folder, resident, 2, tmp_path / "store")
+    with pytest.raises(NotImplementedError, match="cannot be saved"):
+        model.save_pretrained(tmp_path / "saved")
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        out = model.generate(IDS[:, :5], max_new_tokens=4, do_sample=False, compile=True)
+    assert torch.equal(out, resident.generate(IDS[:, :5], max_new_tokens=4, do_sample=False))
+
+
+# ---- memory, in a process of its own -----------------------------------------------------------------------
+BIG = dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+           num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
+MEMORY_CHILD = r'''
+import json, os, re, sys, torch
+from mixtral import MixtralForCausalLM
+torch.set_num_threads(1)
+path, store, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def rss(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+def reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+ids = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+out = {}
+for name, kw in (("offloaded", dict(device_map="auto", max_memory={"cpu": budget}, offload_folder=store)),
+                 ("resident", {})):
+    base = rss("VmRSS")
+    reset()
+    model = MixtralForCausalLM.from_pretrained(path, progress=False, **kw)
+    loaded, held = rss("VmHWM") - base, rss("VmRSS") - base
+    reset()
+    tokens = model.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist()
+    out[name] = {"load_peak": loaded, "held": held, "generate_peak": rss("VmHWM") - base, "tokens": tokens}
+    del model
+print(json.dumps(out))
+'''
+
+
+def test_memory_stays_within_max_memory(tmp_path):
+    """A checkpoint 3x its max_memory (in 8 MB shards): the process's peak RSS above where it started stays within
+    max_memory plus one layer's experts being laid out, one shard and 16 MB of torch's own (loading), within
+    max_memory plus 16 MB while generating; the same process loading it whole peaks above the checkpoint's size,
+    and both generate the same tokens."""
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(**BIG)).save_pretrained(tmp_path / "big", max_shard_size="8MB", progress=False)
+    size = sum(os.path.getsize(tmp_path / "big" / f) for f in os.listdir(tmp_path / "big") if f.endswith(".safetensors"))
+    budget = size // 3  # 2 of 8 experts a layer resident
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "big"), str(tmp_path / "store"),
+                           str(budget)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    MB = 2**20
+    layer_experts = 8 * 3 * BIG["hidden_size"] * BIG["intermediate_size"] * 4
+    assert out["offloaded"]["load_peak"] < budget + layer_experts + 8 * MB + 16 * MB, (out, budget, size)
+    assert out["offloaded"]["generate_peak"] < budget + 16 * MB, (out, budget)
+    assert out["resident"]["load_peak"] > 0.95 * size, (out, size)  # the measurement sees whole models
+    assert out["offloaded"]["tokens"] == out["resident"]["tokens"]
