@@ -183,7 +183,8 @@ def test_memory_stays_within_max_memory(tmp_path):
     max_memory plus 16 MB while generating; the same process loading it whole peaks above the checkpoint's size,
     and both generate the same tokens."""
     torch.manual_seed(0)
-    MixtralForCausalLM(MixtralConfig(**BIG)).save_pretrained(tmp_path / "big", max_shard_size="8MB", progress=False)
+    MixtralForCausalLM(MixtralConfig(**BIG)).save_pretrained(tmp_path / "big", max_shard_size="8MB",
+                                                             progress=False)
     size = sum(os.path.getsize(tmp_path / "big" / f) for f in os.listdir(tmp_path / "big") if f.endswith(".safetensors"))
     budget = size // 3  # 2 of 8 experts a layer resident
     proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "big"), str(tmp_path / "store"),

@@ -19,6 +19,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only quantization while loading (attention and expert weights, and an untied LM "
                         "head in int8)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the weights may take (say 18GiB); the experts that do not fit stay in "
+                        "--offload-folder and are read when routed to")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where offloaded experts are laid out (once; reused while the checkpoint is unchanged)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -51,13 +56,18 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
+    from .checkpoint.placement import offload_kwargs
     from .pipeline import load_model_and_tokenizer
 
     tp, ep = getattr(args, "tp", 1), getattr(args, "ep", 1)
     if tp < 1 or ep < 1:
         raise ValueError(f"--tp and --ep must be >= 1, got {tp} and {ep}")
+    offload = offload_kwargs(args.max_memory, args.offload_folder, args.device)
     if tp == 1 and ep == 1:
-        return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                        **offload)
+    if offload:
+        raise ValueError("--max-memory/--offload-folder and --tp/--ep do not go together")
     rank = start_ranks(args)
     # each rank reads only its slices; the sharding needs floating-point weights, so --quantize applies after it
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, progress=rank == 0,
@@ -109,6 +119,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = _reply(model, tok, ids, args, stream=not args.no_stream)
     if args.no_stream and getattr(args, "rank", 0) == 0:
         print(text)
+    stats = model.offload_stats()
+    if args.verbose and stats is not None:
+        print(f"offloaded experts: {stats['slots']} of {stats['experts']} a layer resident; {stats['hits']} hits, "
+              f"{stats['misses']} misses ({stats['hit_rate']:.1%} hits), {stats['bytes_read'] / 2**20:,.1f} MiB read",
+              file=sys.stderr)
     return 0
 
 
@@ -141,10 +156,12 @@ def _folder_size(path: str) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import MixtralConfig
 
+    native_q4_0 = False
     if args.path.endswith(".gguf"):
         from .checkpoint.gguf import open_gguf
 
-        config = open_gguf(args.path)[0]
+        config, source, _ = open_gguf(args.path, progress=False)
+        native_q4_0 = source.stores_q4_0()
     else:
         config = MixtralConfig.from_pretrained(args.path)
     c = config
@@ -163,6 +180,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "rope_theta": c.rope_theta, "dtype": c.dtype, "parameters_total": total, "parameters_active": active,
         "size_on_disk_bytes": _folder_size(args.path),
     }
+    if args.max_memory is not None:
+        info["plan"] = _memory_plan(config, args, native_q4_0)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -171,8 +190,42 @@ def cmd_info(args: argparse.Namespace) -> int:
                 v = f"{v:,} ({v / 1e9:.3f} B)"
             elif k == "size_on_disk_bytes":
                 k, v = "size_on_disk", f"{v / 2**20:,.1f} MiB"
+            elif k == "plan":
+                continue
             print(f"{k:>18}: {v}")
+        p = info.get("plan")
+        how = p and p["dtype"] + (f", {p['quantization']}" if p["quantization"] else "")
+        if p and "error" in p:
+            print(f"with --max-memory {args.max_memory} ({how}): it cannot load: {p['error']}")
+        elif p:
+            from .checkpoint.placement import human_size as size
+
+            print(f"with --max-memory {args.max_memory} ({how}):\n"
+                  f"  dense weights {size(p['dense_bytes'])} resident; experts {size(p['expert_bytes'])} each, "
+                  f"{p['slots']} of {p['experts']} a layer resident ({size(p['resident_bytes'])} in all), "
+                  f"{size(p['offloaded_bytes'])} in --offload-folder\n"
+                  f"  read from disk per token at random routing: {size(p['read_per_token_bytes'])} (the KV cache "
+                  "and activations come on top)")
     return 0
+
+
+def _memory_plan(config: Any, args: argparse.Namespace, native_q4_0: bool) -> dict[str, Any]:
+    """What loading with --max-memory would keep where (mixtral.offload.plan_summary)."""
+    import torch
+
+    from .checkpoint.placement import parse_size
+    from .checkpoint.source import CheckpointError
+    from .config import parse_dtype
+    from .offload import plan_summary
+
+    dtype = parse_dtype(args.dtype) if args.dtype != "auto" else config.torch_dtype or torch.float32
+    quantization = args.quantize or ({"scheme": "int4", "group_size": 32} if native_q4_0 else None)
+    try:
+        plan = plan_summary(config, dtype, quantization, parse_size(args.max_memory))
+    except CheckpointError as e:  # too small even for the fewest experts: say so, as the plan
+        plan = {"error": str(e)}
+    return {**plan, "dtype": str(dtype).removeprefix("torch."),
+            "quantization": "int4 (Q4_0 as stored)" if native_q4_0 and not args.quantize else args.quantize}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -234,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize, compile=args.compile, max_batch=args.max_batch, max_waiting=args.max_waiting,
         max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, prefill_chunk=args.prefill_chunk,
         api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY") or None, max_body_bytes=args.max_body_bytes,
-        tp=args.tp, ep=args.ep)
+        tp=args.tp, ep=args.ep, max_memory=args.max_memory, offload_folder=args.offload_folder)
     for name in ("max_batch", "max_waiting", "prefill_chunk", "max_body_bytes", "tp", "ep"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -270,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--no-stream", action="store_true", help="print the continuation at the end")
+    p.add_argument("--verbose", action="store_true", help="after the text, what offloaded experts cost (stderr)")
     _add_parallel_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -304,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="config summary, parameter counts (total/active), dtype, size on disk")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="also print what loading with this budget keeps resident and offloads")
+    p.add_argument("--dtype", default="auto", help="the dtype to plan for (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="the quantization to plan for")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert between Hub safetensors, Mistral's format and GGUF")

@@ -2,11 +2,11 @@
 
 - device_map: one device for the whole model ("cpu", "cuda:0", 0, torch.device, {"": device}, or a dict whose
   modules all go to one device) is `device`; "auto" (also "balanced", "balanced_low_0", "sequential") is the fastest
-  device here, a GPU if there is one, else the CPU. A map that splits the model over several devices is refused:
-  placing and offloading parts of the model is not built yet.
-- max_memory ({"cpu": "18GiB", 0: "20GiB"}, with device_map) is checked before any weight is read: a model whose
-  weights do not fit the budget of its device is an error that names both sizes, rather than an OOM kill midway.
-  With device_map="auto" and no max_memory, the budget is the memory the device has free.
+  device here, a GPU if there is one, else the CPU. A map that splits modules over several devices is refused.
+- max_memory ({"cpu": "18GiB", 0: "20GiB"}, with device_map) is checked before any weight is read. With "auto",
+  the experts that do not fit stay in offload_folder (mixtral.offload); with a map that names one device, weights
+  that do not fit are an error naming both sizes, rather than an OOM kill midway. With device_map="auto" and no
+  max_memory, the budget is the memory the device has free.
 - offload_folder is accepted with device_map (nothing is offloaded when everything fits).
 - load_in_8bit / load_in_4bit / quantization_config (bitsandbytes' form, as a dict or a BitsAndBytesConfig): our
   int8 (per output row) and int4 (asymmetric, per group) weight-only schemes, quantized while loading. bitsandbytes'
@@ -64,8 +64,9 @@ def resolve_device(device: str | torch.device | None, device_map: Any) -> torch.
         devices = {"disk" if d == "disk" else _as_device(d) for d in device_map.values()}
         if len(devices) > 1 or "disk" in devices:
             raise NotImplementedError(
-                f"device_map puts modules on {sorted(map(str, devices))}: splitting a model over several devices or "
-                "offloading parts of it is not supported yet; give one device (or 'auto') for the whole model")
+                f"device_map puts modules on {sorted(map(str, devices))}: placing modules on several devices is not "
+                "supported; give one device, or 'auto' (with max_memory and offload_folder, the experts that do not "
+                "fit stay on disk)")
         mapped = _as_device(next(iter(device_map.values())))
     else:
         mapped = _as_device(device_map)
@@ -99,16 +100,24 @@ def check_fits(model: torch.nn.Module, dtype: torch.dtype, device: torch.device,
     quantized buffers as they are), are more than `budget` bytes."""
     if budget is None:
         return
-    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()  # tied weights once
-    need = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
+    need = weight_bytes(model, dtype)
     if need > budget:
         raise CheckpointError(
-            f"the weights take {_size(need)} on {device}, more than the {_size(budget)} that max_memory (or the "
-            "free memory) allows: offloading the experts is not supported yet; quantize (load_in_4bit=True or "
-            "quantization='int4') or raise max_memory")
+            f"the weights take {human_size(need)} on {device}, more than the {human_size(budget)} that max_memory "
+            "(or the free memory) allows, and a device_map that names one device offloads nothing: use "
+            "device_map='auto' with offload_folder=DIR (experts on disk), quantize, or raise max_memory")
 
 
-def _size(n: int) -> str:
+def weight_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """The bytes of a (meta) module's weights as loaded: float parameters in `dtype`, buffers (quantized codes and
+    their fp32 scales) as they are; tied weights once."""
+    params = {id(p) for p in module.parameters()}
+    tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}.values()
+    return sum(t.numel() * (dtype.itemsize if id(t) in params and t.is_floating_point() else t.element_size())
+               for t in tensors)
+
+
+def human_size(n: int) -> str:
     return next(f"{n / unit:.{digits}f} {name}" for unit, name, digits in
                 ((2**30, "GiB", 2), (2**20, "MiB", 1), (2**10, "KiB", 1), (1, "B", 0)) if n >= unit or unit == 1)
 
@@ -158,3 +167,15 @@ def check_needs_map(device_map: Any, **given: Any) -> None:
     for name, value in given.items():
         if value is not None and device_map is None:
             raise ValueError(f"{name} needs device_map (say device_map='auto')")
+
+
+def offload_kwargs(max_memory: str | None, offload_folder: str | None, device: str | None) -> dict[str, Any]:
+    """from_pretrained's arguments for the CLI's --max-memory SIZE and --offload-folder DIR: device_map="auto"
+    with a budget for the one device (the CPU, or the GPU named), none when neither is given."""
+    if max_memory is None and offload_folder is None:
+        return {}
+    kw: dict[str, Any] = {"device_map": "auto", "offload_folder": offload_folder}
+    if max_memory is not None:
+        where = torch.device(device) if device is not None else fastest_device()
+        kw["max_memory"] = {"cpu" if where.type == "cpu" else where.index or 0: parse_size(max_memory)}
+    return kw

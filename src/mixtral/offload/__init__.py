@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.placement import human_size, weight_bytes
 from ..checkpoint.source import CheckpointError
 from ..model.moe import Experts
 from .experts import OffloadedExperts, OffloadStats
 from .store import ExpertStore, Field, fields_of
 
 __all__ = ["ExpertStore", "Field", "OffloadStats", "OffloadedExperts", "expert_key", "fields_of", "make_pool",
-           "offload_stats", "plan_slots", "weight_bytes"]
+           "offload_stats", "plan_slots", "plan_summary", "weight_bytes"]
 
 _EXPERT_KEY = re.compile(r"(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\w+)")
 
@@ -31,16 +32,6 @@ def expert_key(name: str) -> tuple[int, str] | None:
     """(layer, tensor) for a state-dict name of an experts module's tensor, else None."""
     m = _EXPERT_KEY.fullmatch(name)
     return (int(m.group(1)), m.group(2)) if m else None
-
-
-def weight_bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    """The bytes of a (meta) module's weights as loaded: floats in `dtype`, quantized buffers as they are."""
-    tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}.values()  # tied weights once
-    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def plan_slots(model: nn.Module, dtype: torch.dtype, budget: int, top_k: int) -> int | None:
@@ -55,9 +46,9 @@ def plan_slots(model: nn.Module, dtype: torch.dtype, budget: int, top_k: int) ->
     slots = (budget - dense) // (per_expert * len(experts))
     if slots < top_k:
         need = dense + top_k * per_expert * len(experts)
-        raise CheckpointError(f"max_memory allows {_size(budget)}: the dense weights take {_size(dense)} and each of "
-                              f"the {len(experts)} layers needs at least {top_k} experts of {_size(per_expert)} "
-                              f"resident, {_size(need)} in all")
+        raise CheckpointError(f"max_memory allows {human_size(budget)}: the dense weights take {human_size(dense)} "
+                              f"and each of the {len(experts)} layers needs at least {top_k} experts of "
+                              f"{human_size(per_expert)} resident, {human_size(need)} in all")
     return None if slots >= experts[0].num_experts else int(slots)
 
 
@@ -92,3 +83,28 @@ def offload_stats(model: nn.Module) -> dict[str, Any] | None:
     return {"slots": layers[0].slots, "experts": layers[0].num_experts, "hits": hits, "misses": misses,
             "hit_rate": hits / max(1, hits + misses), "bytes_read": sum(r["bytes_read"] for r in per_layer),
             "layers": per_layer}
+
+
+def plan_summary(config: Any, dtype: torch.dtype, quantization: str | dict | None, budget: int) -> dict[str, Any]:
+    """What loading with max_memory=budget would hold where (`mixtral info --max-memory`): dense and expert bytes
+    as loaded, expert slots a layer, and the bytes a token reads from disk at uniform random routing, when each of
+    its top-k experts a layer is resident with probability slots / E."""
+    from ..model.mixtral import MixtralForCausalLM
+
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+        if quantization is not None:
+            from ..quantize import _parse, quantize
+
+            quantize(model, *_parse(quantization), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, Experts)]
+    e, k = config.num_local_experts, config.num_experts_per_tok
+    per_expert = weight_bytes(layers[0], dtype) // e
+    total = weight_bytes(model, dtype)
+    dense = total - per_expert * e * len(layers)
+    slots = plan_slots(model, dtype, budget, k)
+    s = e if slots is None else slots
+    return {"weights_bytes": total, "dense_bytes": dense, "expert_bytes": per_expert, "slots": s, "experts": e,
+            "resident_bytes": dense + s * per_expert * len(layers),
+            "offloaded_bytes": (e - s) * per_expert * len(layers),
+            "read_per_token_bytes": int(len(layers) * k * (1 - s / e) * per_expert)}

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..checkpoint.placement import offload_kwargs
 from ..generation.engine import BatchEngine, SamplingParams, Sequence
 from .http import V1Gate, read_json, short
 from .metrics import Metrics
@@ -56,6 +57,8 @@ class ServeSettings:
     max_body_bytes: int = 4 << 20  # request bodies larger than this are refused (413)
     tp: int = 1  # under torchrun: this process is one rank of tp x ep, rank 0 serves HTTP
     ep: int = 1
+    max_memory: str | None = None  # the weights' budget ("18GiB"): experts past it in offload_folder
+    offload_folder: str | None = None
 
 
 def load_engine(s: ServeSettings) -> tuple[Any, Any, BatchEngine]:
@@ -64,7 +67,8 @@ def load_engine(s: ServeSettings) -> tuple[Any, Any, BatchEngine]:
     from ..pipeline import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(s.model, dtype=s.dtype, device=s.device, quantize=s.quantize, tp=s.tp,
-                                          ep=s.ep, progress=os.environ.get("RANK", "0") == "0")
+                                          ep=s.ep, progress=os.environ.get("RANK", "0") == "0",
+                                          **offload_kwargs(s.max_memory, s.offload_folder, s.device))
     model.eval()
     length = s.max_model_len or slot_cache_length(model, s.max_batch, s.kv_cache_gib)
     return model, tok, BatchEngine(model, s.max_batch, length, s.prefill_chunk, compile=s.compile)
@@ -96,7 +100,8 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = Metrics(running=lambda: self.scheduler.running if self.scheduler else 0,
                                waiting=lambda: self.scheduler.waiting if self.scheduler else 0,
-                               batch=lambda: self.scheduler.engine.last_batch if self.scheduler else 0)
+                               batch=lambda: self.scheduler.engine.last_batch if self.scheduler else 0,
+                               offload=lambda: self.model.offload_stats() if self.model is not None else None)
 
     def load(self) -> None:
         s = self.settings

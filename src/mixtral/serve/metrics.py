@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -12,7 +12,7 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.5, 
 
 class Metrics:
     def __init__(self, running: Callable[[], float], waiting: Callable[[], float],
-                 batch: Callable[[], float]) -> None:
+                 batch: Callable[[], float], offload: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("mixtral_requests", "HTTP requests to /v1 routes, by route and status code",
                                 ["route", "status"], registry=r)
@@ -28,6 +28,12 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("mixtral_time_per_output_token_seconds",
                               "Time between a sequence's tokens after the first", buckets=TOKEN_BUCKETS, registry=r)
+        for key, help_text in (("hits", "Experts a step needed that were resident (offloaded experts)"),
+                               ("misses", "Experts read from the offload folder"),
+                               ("bytes_read", "Bytes of experts read from the offload folder"),
+                               ("hit_rate", "hits / (hits + misses) of the offloaded experts")):
+            Gauge(f"mixtral_offload_{key}", help_text, registry=r).set_function(
+                lambda key=key: (offload() or {}).get(key, 0))
         self.e2e = Histogram("mixtral_e2e_request_latency_seconds", "Request arrival to its last token",
                              buckets=LATENCY_BUCKETS, registry=r)
 
