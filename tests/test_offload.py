@@ -197,3 +197,29 @@ def test_memory_stays_within_max_memory(tmp_path):
     assert out["offloaded"]["generate_peak"] < budget + 16 * MB, (out, budget)
     assert out["resident"]["load_peak"] > 0.95 * size, (out, size)  # the measurement sees whole models
     assert out["offloaded"]["tokens"] == out["resident"]["tokens"]
+
+
+# ---- the command line and the server -----------------------------------------------------------------------
+def test_cli_generate_info_and_serve_with_offload(tiny_sp_folder, tmp_path, capsys):
+    from mixtral.cli import main
+    from test_serve import serving
+
+    resident = MixtralForCausalLM.from_pretrained(tiny_sp_folder, progress=False)
+    budget = str(_budget(resident, 2))
+    args = ["generate", "The capital of France is", "--model", tiny_sp_folder, "--max-new-tokens", "12",
+            "--no-stream"]
+    assert main(args) == 0
+    want = capsys.readouterr().out
+    assert main([*args, "--max-memory", budget, "--offload-folder", str(tmp_path / "store"), "--verbose"]) == 0
+    got = capsys.readouterr()
+    assert got.out == want and "offloaded experts: 2 of 4 a layer resident" in got.err
+    assert main(["info", tiny_sp_folder, "--max-memory", budget]) == 0
+    assert "2 of 4 a layer resident" in capsys.readouterr().out
+    assert main(["info", tiny_sp_folder, "--max-memory", "1MiB"]) == 0
+    assert "it cannot load: max_memory allows 1.0 MiB" in capsys.readouterr().out
+
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    with serving(tiny_sp_folder, "--max-memory", budget, "--offload-folder", str(tmp_path / "store")) as s:
+        text = s.post("/v1/completions", body).json()["choices"][0]["text"]
+        assert s.metric("mixtral_offload_misses") > 0 and 0 < s.metric("mixtral_offload_hit_rate") < 1
+    assert text == want.rstrip("\n")
