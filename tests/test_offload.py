@@ -70,10 +70,10 @@ def test_bit_equal_at_every_cache_size(folder, tmp_path, slots):
     want, got = _outputs(resident), _outputs(model)
     for kind in want:
         assert torch.equal(got[kind], want[kind]), kind
-    stats = model.offload_stats()
-    assert stats["misses"] > 0 and stats["hits"] > 0 and stats["slots"] == slots
-    assert stats["bytes_read"] == stats["misses"] * weight_bytes(resident.model.layers[0].mlp.experts,
-                                                                 torch.float32) // 8
+    stats = model.offload_stats()  # the prefetches guess on random weights: they read, and sometimes hit
+    assert stats["misses"] > 0 and stats["hits"] > 0 and stats["prefetched"] > 0 and stats["slots"] == slots
+    assert stats["bytes_read"] == (stats["misses"] + stats["prefetched"]) * weight_bytes(
+        resident.model.layers[0].mlp.experts, torch.float32) // 8
     assert resident.offload_stats() is None
 
 

@@ -78,11 +78,13 @@ def offload_stats(model: nn.Module) -> dict[str, Any] | None:
     if not layers:
         return None
     per_layer = [{"layer": m.layer, "slots": m.slots, "hits": m.stats.hits, "misses": m.stats.misses,
-                  "bytes_read": m.stats.bytes_read, "hit_rate": m.stats.hit_rate} for m in layers]
-    hits, misses = sum(r["hits"] for r in per_layer), sum(r["misses"] for r in per_layer)
-    return {"slots": layers[0].slots, "experts": layers[0].num_experts, "hits": hits, "misses": misses,
-            "hit_rate": hits / max(1, hits + misses), "bytes_read": sum(r["bytes_read"] for r in per_layer),
-            "layers": per_layer}
+                  "bytes_read": m.stats.bytes_read, "hit_rate": m.stats.hit_rate, "prefetched": m.stats.prefetched,
+                  "prefetch_hits": m.stats.prefetch_hits} for m in layers]
+    total = {key: sum(r[key] for r in per_layer) for key in ("hits", "misses", "bytes_read", "prefetched",
+                                                              "prefetch_hits")}
+    return {"slots": layers[0].slots, "experts": layers[0].num_experts, **total,
+            "hit_rate": total["hits"] / max(1, total["hits"] + total["misses"]),
+            "prefetch_accuracy": total["prefetch_hits"] / max(1, total["prefetched"]), "layers": per_layer}
 
 
 def plan_summary(config: Any, dtype: torch.dtype, quantization: str | dict | None, budget: int) -> dict[str, Any]:

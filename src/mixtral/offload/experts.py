@@ -7,12 +7,18 @@ that routes to more experts than there are slots runs in rounds of S experts: ea
 computed on its own (Experts.pair_outputs) and the pairs are summed once, in the resident order.
 
 Eviction: least recently used within the layer (an expert used this step is never evicted for another of the
-same step). Shapes: T tokens, K experts a token, H hidden, E experts, S slots.
+same step). The misses of a step are read in parallel on background threads (the disk serves several requests
+at once). Prefetch: once a layer has its experts, the next layer's router, applied to this layer's input, guesses
+the next layer's experts, and those not resident are read on a background thread while this layer and the next
+attention compute; the next layer waits for them before it looks. A wrong guess costs reads and evictions, never
+a wrong answer. Shapes: T tokens, K experts a token, H hidden, E experts, S slots.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +27,29 @@ from torch import nn
 from ..model.moe import FEW_TOKENS
 from .store import ExpertStore
 
+READ_THREADS = 4  # reads in flight at once: an SSD serves several in parallel; os.preadv releases the GIL
+
+
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="mixtral-offload")
+
 
 @dataclass
 class OffloadStats:
     hits: int = 0  # experts a step needed that were in a slot
-    misses: int = 0  # experts read from the store
-    bytes_read: int = 0
+    misses: int = 0  # experts a step needed that had to be read then
+    bytes_read: int = 0  # misses and prefetches
+    prefetched: int = 0  # experts read ahead on a guess
+    prefetch_hits: int = 0  # of those, the ones a step then needed
 
     @property
     def hit_rate(self) -> float:
         return self.hits / max(1, self.hits + self.misses)
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.prefetch_hits / max(1, self.prefetched)
 
 
 class OffloadedExperts(nn.Module):
@@ -46,15 +65,23 @@ class OffloadedExperts(nn.Module):
         self.register_buffer("slot_of", torch.full((self.num_experts,), -1, dtype=torch.long), persistent=False)
         self.stats = OffloadStats()
         self._tensors = [t for t in pool.state_dict(keep_vars=True).values()]  # (S, ...) each, in the store's order
+        self.next: OffloadedExperts | None = None  # the next layer's experts and router, for prefetching
+        self.next_gate: nn.Module | None = None
+        self._ahead: Future | None = None  # this layer's prefetch in flight
+        self._guessed: set[int] = set()  # experts read ahead and not needed since
 
-    def fetch(self, experts: list[int]) -> None:
-        """Make `experts` (at most S) resident: hits first (they become the most recent), then each miss read into
-        the least recently used slot."""
+    def fetch(self, experts: list[int], ahead: bool = False) -> None:
+        """Make `experts` (at most S) resident: hits first (they become the most recent), then the misses, each
+        into the least recently used slot, read in parallel. ahead: a prefetch (counted apart)."""
         assert len(experts) <= self.slots
         for e in experts:
             if e in self.resident:
                 self.resident.move_to_end(e)
-                self.stats.hits += 1
+                if not ahead:
+                    self.stats.hits += 1
+                    self.stats.prefetch_hits += e in self._guessed
+                    self._guessed.discard(e)
+        reads = []
         for e in experts:
             if e in self.resident:
                 continue
@@ -63,16 +90,36 @@ class OffloadedExperts(nn.Module):
             else:
                 evicted, slot = self.resident.popitem(last=False)
                 self.slot_of[evicted] = -1
-            self.stats.bytes_read += self.store.read(self.layer, e, [t.data[slot] for t in self._tensors])
-            self.stats.misses += 1
+                self._guessed.discard(evicted)
             self.resident[e] = slot
             self.slot_of[e] = slot
+            reads.append(_readers().submit(self.store.read, self.layer, e, [t.data[slot] for t in self._tensors]))
+            if ahead:
+                self._guessed.add(e)
+        self.stats.bytes_read += sum(r.result() for r in reads)
+        if ahead:
+            self.stats.prefetched += len(reads)
+        else:
+            self.stats.misses += len(reads)
+
+    def _prefetch_next(self, x_TH: torch.Tensor) -> None:
+        """Start reading what the next layer's router picks on this layer's input (at most its S experts)."""
+        nxt, gate = self.next, self.next_gate
+        if nxt is None or gate is None:
+            return
+        guess = gate(x_TH)[2].unique().tolist()[:nxt.slots]  # (logits, weights, experts)[2]
+        if any(e not in nxt.resident for e in guess):
+            nxt._ahead = _readers().submit(nxt.fetch, guess, True)
 
     @torch.no_grad()
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        if self._ahead is not None:  # this layer's prefetch must be done before its slots are looked at
+            self._ahead.result()
+            self._ahead = None
         needed = experts_TK.unique().tolist()  # a host sync: the reads are decided on the host
         if len(needed) <= self.slots:
             self.fetch(needed)
+            self._prefetch_next(x_TH)
             return self.pool(x_TH, weights_TK, self.slot_of[experts_TK])
         # more experts than slots (a prompt, a big batch): rounds of S experts, each pair computed once
         t, k = experts_TK.shape
@@ -85,6 +132,7 @@ class OffloadedExperts(nn.Module):
             pairs = torch.isin(experts_N, torch.tensor(chunk, device=experts_N.device)).nonzero()[:, 0]  # (P,)
             y_NH[pairs] = self.pool.pair_outputs(x_TH[pairs // k], weights_TK.reshape(-1)[pairs, None],
                                                  self.slot_of[experts_N[pairs]][:, None], few=few)[:, 0]
+        self._prefetch_next(x_TH)
         return y_NH.view(t, k, -1).sum(dim=1)
 
     def extra_repr(self) -> str:

@@ -50,3 +50,5 @@ class OffloadLoader:
         self.store.open()
         for layer, parent in enumerate(self.parents):
             parent.experts = OffloadedExperts(parent.experts, self.store, layer)
+        for this, nxt in zip(self.parents, self.parents[1:]):  # each layer guesses the next one's experts
+            this.experts.next, this.experts.next_gate = nxt.experts, nxt.gate
