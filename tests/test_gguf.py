@@ -157,7 +157,9 @@ def test_roundtrip(tmp_path, dtype, kind, tol, tied, diff):
     model = tiny_mixtral(tie_word_embeddings=tied, head_dim=32 if tied else None)
     path = tmp_path / f"tiny-{dtype}.gguf"
     save_gguf(model, path, dtype=dtype, progress=False)
-    loaded = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+    # the file's own numbers: dequantized (Q4_0 loads as int4 by default, the same numbers: tests/test_gguf_q4_0.py)
+    loaded = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False,
+                                                        quantization=None if dtype == "q4_0" else "float")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "rope_theta",
                   "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
@@ -262,7 +264,10 @@ def test_dense_llama_equals_transformers(tmp_path, tf_llama, kind, diff):
     tensors = hf_llama_to_llama_cpp(tf_llama.state_dict(), LLAMA["num_attention_heads"], LLAMA["num_key_value_heads"])
     path = tmp_path / f"llama-{kind.name}.gguf"
     write_llama_cpp_gguf(path, LLAMA, tensors, kinds={name: kind for name in tensors})
-    ours = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+    # dequantized, as Transformers loads it (Q4_0 is kept as int4 by default: the same numbers, so it is compared
+    # as it loads by default)
+    ours = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False,
+                                                      quantization=None if kind == QT.Q4_0 else "float")
     assert (ours.config.num_local_experts, ours.config.num_experts_per_tok) == (1, 1)
     assert not ours.config.tie_word_embeddings
     ids = IDS % LLAMA["vocab_size"]

@@ -156,12 +156,12 @@ def _folder_size(path: str) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import MixtralConfig
 
-    native_q4_0 = False
+    gguf_scheme = None
     if args.path.endswith(".gguf"):
         from .checkpoint.gguf import open_gguf
 
         config, source, _ = open_gguf(args.path, progress=False)
-        native_q4_0 = source.stores_q4_0()
+        gguf_scheme = source.nearest_scheme()
     else:
         config = MixtralConfig.from_pretrained(args.path)
     c = config
@@ -181,7 +181,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "size_on_disk_bytes": _folder_size(args.path),
     }
     if args.max_memory is not None:
-        info["plan"] = _memory_plan(config, args, native_q4_0)
+        info["plan"] = _memory_plan(config, args, gguf_scheme)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -209,7 +209,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_plan(config: Any, args: argparse.Namespace, native_q4_0: bool) -> dict[str, Any]:
+def _memory_plan(config: Any, args: argparse.Namespace, gguf_scheme: dict[str, Any] | None) -> dict[str, Any]:
     """What loading with --max-memory would keep where (mixtral.offload.plan_summary)."""
     import torch
 
@@ -219,13 +219,13 @@ def _memory_plan(config: Any, args: argparse.Namespace, native_q4_0: bool) -> di
     from .offload import plan_summary
 
     dtype = parse_dtype(args.dtype) if args.dtype != "auto" else config.torch_dtype or torch.float32
-    quantization = args.quantize or ({"scheme": "int4", "group_size": 32} if native_q4_0 else None)
+    quantization = args.quantize or gguf_scheme  # a quantized GGUF loads quantized
     try:
         plan = plan_summary(config, dtype, quantization, parse_size(args.max_memory))
     except CheckpointError as e:  # too small even for the fewest experts: say so, as the plan
         plan = {"error": str(e)}
     return {**plan, "dtype": str(dtype).removeprefix("torch."),
-            "quantization": "int4 (Q4_0 as stored)" if native_q4_0 and not args.quantize else args.quantize}
+            "quantization": args.quantize or (gguf_scheme and gguf_scheme["scheme"] + " (as the GGUF loads)")}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

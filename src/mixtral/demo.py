@@ -142,7 +142,8 @@ def _build(folder: str, progress: bool) -> None:
     start = time.perf_counter()
     gguf_path = _download_gguf(folder, progress)
     _say(f"reading {GGUF_NAME} and upcycling it to {NUM_EXPERTS} experts, top-{TOP_K}", progress)
-    dense = MixtralForCausalLM.from_pretrained(gguf_path, dtype=torch.float32, progress=progress)
+    dense = MixtralForCausalLM.from_pretrained(gguf_path, dtype=torch.float32, progress=progress,
+                                               quantization="float")  # its Q4_1 weights, dequantized
     model = upcycle(dense)
     del dense
     _say("writing the Mixtral checkpoint (fp32, ~2.8 GB)", progress)

@@ -38,6 +38,7 @@ ARCHITECTURES = ("llama", "mixtral")  # llama.cpp loads Mixtral as "llama" + exp
 # Types we read: float ones as they are, quantized ones through gguf.quants.dequantize (to fp32).
 _FLOAT_TYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 _QUANT_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+_FOUR_BIT_CODES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.Q4_K)  # re-quantized to int4 by default, the rest to int8
 
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -132,6 +133,19 @@ class GGUFSource:
         """Whether every matrix that int4 quantization covers (attention, experts or the dense MLP) is Q4_0 here."""
         matrices = [k for k in self.tensors if _INT4_MATRIX.fullmatch(k)]
         return bool(matrices) and all(self.is_q4_0(k) for k in matrices)
+
+    def nearest_scheme(self) -> dict[str, Any] | None:
+        """The quantization that keeps this file's matrices (attention, experts) nearest to how it stores them, when
+        they are all quantized: int4 in groups of 32 (Q4_0's blocks, taken as they are) where most of their
+        weights have codes of 4 bits or fewer (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K), else int8 (Q5_*, Q6_K, Q8_0);
+        None for a file whose matrices are floats, or partly."""
+        matrices = [self.tensors[k] for k in self.tensors if _INT4_MATRIX.fullmatch(k)]
+        if not matrices or any(t.tensor_type in _FLOAT_TYPES for t in matrices):
+            return None
+        low = sum(int(t.n_elements) for t in matrices if t.tensor_type in _FOUR_BIT_CODES)
+        if low * 2 >= sum(int(t.n_elements) for t in matrices):
+            return {"scheme": "int4", "group_size": 32}
+        return {"scheme": "int8"}
 
     def load_q4_0(self, key: str) -> dict[str, torch.Tensor]:
         """A Q4_0 tensor (..., N, K) as our int4 buffers with groups of 32 (mixtral.kernels' layout): the same numbers,

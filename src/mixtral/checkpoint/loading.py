@@ -205,11 +205,17 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
                               "or Mistral's params.json + consolidated.safetensors")
     config._attn_implementation = check_attn_implementation(attn_implementation or config._attn_implementation)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    # A GGUF whose attention and expert matrices are all Q4_0 loads them as int4 groups of 32, the same numbers,
-    # unless asked otherwise; its output layer stays in floating point, as its file has it (often Q6_K or Q8_0).
-    native_q4_0 = (is_gguf and tp * ep == 1 and quantization in (None, "int4") and source.stores_q4_0())
-    if native_q4_0:
-        quantization = {"scheme": "int4", "group_size": 32}
+    # A quantized GGUF stays quantized unless asked otherwise (see GGUFSource.nearest_scheme): Q4_0 matrices as
+    # they are, others re-quantized as each is read; its output layer stays in floating point, as read.
+    # ("int4" asked of a Q4_0 file is the same: its blocks taken as they are)
+    nearest = source.nearest_scheme() if is_gguf and tp * ep == 1 else None
+    gguf_default = nearest is not None and (quantization is None or quantization == "int4" and source.stores_q4_0())
+    if gguf_default:
+        quantization = nearest
+        if not source.stores_q4_0():
+            warnings.warn(f"{os.path.basename(folder)}: its quantized matrices are re-quantized to "
+                          f"{quantization['scheme']} as they are read (quantization='float' dequantizes them)",
+                          stacklevel=3)
     elif quantization == "float":  # every weight in floating point (a quantized GGUF: dequantized)
         quantization = None
 
@@ -226,7 +232,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         elif saved or quantization is not None:  # swap in empty quantized modules, which loading then fills
             from ..quantize import load_quantizer
 
-            quantizer = load_quantizer(model, quantization, saved, lm_head=not native_q4_0)
+            quantizer = load_quantizer(model, quantization, saved, lm_head=not gguf_default)
     # Our names, spelled as in MixtralForCausalLM ("model." + backbone key), which the format plans expect; when
     # quantizing while loading, the float model's, whose weights the quantizer turns into its buffers as they come.
     own = dict(quantizer.float_state if quantizer else model.state_dict(keep_vars=True))

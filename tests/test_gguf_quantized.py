@@ -1,7 +1,8 @@
-"""A GGUF whose attention and expert matrices are Q4_0 loads them as our int4 (groups of 32) as stored: the same
-numbers bit for bit, never a float copy of those matrices. Oracles: gguf-py's own dequantizer (the same file loaded
-with quantization="float"), Transformers' GGUF loading (test_gguf.py's dense Llama test runs this path too), and the
-logits of the float model."""
+"""A quantized GGUF stays quantized. Q4_0 matrices load as our int4 (groups of 32) as stored: the same numbers bit for
+bit, never a float copy of those matrices. Other types are re-quantized to the nearest scheme as each tensor is
+read: exactly what quantize() gives on the dequantized model. Oracles: gguf-py's own dequantizer (the same file
+loaded with quantization="float"), Transformers' GGUF loading (test_gguf.py's dense Llama test runs the Q4_0 path
+too), quantize() after loading, and the demo model's perplexity on real English."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import mixtral
 from mixtral import kernels
 from mixtral.checkpoint.gguf import GGUFSource, save_gguf
 from mixtral.quantize.modules import QuantizedExperts, QuantizedLinear
-from test_gguf import (TINY, _tiny_byte_level_data, logits, per_expert_tensors, tiny_mixtral,
-                       write_llama_cpp_gguf)
+from test_gguf import (LLAMA, TINY, _tiny_byte_level_data, hf_llama_to_llama_cpp, logits, per_expert_tensors,
+                       tf_llama, tiny_mixtral, write_llama_cpp_gguf)  # noqa: F401 - tf_llama: a fixture
 
 
 def _files(tmp_path) -> dict[str, str]:
@@ -90,9 +91,13 @@ def test_q4_0_choices(tmp_path, diff):
     int8 = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False, quantization="int8")
     assert int8.model.layers[0].mlp.experts.scheme == "int8"
 
-    q8 = tmp_path / "q8_0.gguf"
+    q8 = tmp_path / "q8_0.gguf"  # other quantized types: re-quantized to the nearest scheme, unless asked for floats
     save_gguf(tiny_mixtral(), q8, dtype="q8_0", progress=False)
-    assert "quantization_config" not in mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False).config.extra
+    with pytest.warns(UserWarning, match="re-quantized to int8"):
+        assert mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False).model.layers[0].mlp.experts.scheme \
+            == "int8"
+    assert "quantization_config" not in mixtral.MixtralForCausalLM.from_pretrained(
+        q8, progress=False, quantization="float").config.extra
 
     from mixtral.cli import main  # convert writes float formats: the Q4_0 matrices dequantized
 
@@ -111,3 +116,55 @@ def test_q4_0_choices(tmp_path, diff):
     diff("gguf q4_0 native saved and reloaded", logits(back), logits(native), tol=0.0)
     reader = gguf.GGUFReader(path)
     assert {t.tensor_type for t in reader.tensors if ".attn_q." in t.name} == {QT.Q4_0}
+
+
+@pytest.mark.parametrize("kind, scheme", [(QT.Q4_K, "int4"), (QT.Q4_1, "int4"),
+                                          (QT.Q5_0, "int8"), (QT.Q6_K, "int8"), (QT.Q8_0, "int8")],
+                         ids=lambda k: getattr(k, "name", k))
+def test_other_types_requantize_to_the_nearest_scheme(tmp_path, tf_llama, kind, scheme, diff):
+    """Each quantized matrix is re-quantized as it is read: bit for bit what quantize() gives on the dequantized
+    model (the output layer left as read), and near the dequantized model's logits."""
+    from mixtral.quantize import quantize
+
+    tensors = hf_llama_to_llama_cpp(tf_llama.state_dict(), LLAMA["num_attention_heads"], LLAMA["num_key_value_heads"])
+    path = tmp_path / f"llama-{kind.name}.gguf"
+    write_llama_cpp_gguf(path, LLAMA, tensors, kinds={name: kind for name in tensors})
+    with pytest.warns(UserWarning, match=f"re-quantized to {scheme}"):
+        ours = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+    dequantized = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False,
+                                                            quantization="float")
+    want = quantize(dequantized, scheme, 32 if scheme == "int4" else None, progress=False, lm_head=False)
+    state, expected = ours.state_dict(), want.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    ids = torch.tensor([[1, 5, 9, 33, 2, 17, 60, 4]]) % LLAMA["vocab_size"]
+    mine, ref = logits(ours, ids), logits(mixtral.MixtralForCausalLM.from_pretrained(
+        path, dtype=torch.float32, progress=False, quantization="float"), ids)
+    diff(f"gguf {kind.name} re-quantized to {scheme} vs dequantized (relative)", mine / ref.abs().max(),
+         ref / ref.abs().max(), tol=0.1)
+
+
+def test_the_demo_gguf_requantized_keeps_its_perplexity():
+    """The demo's real SmolLM2 file (Q4_1 matrices) loads as int4 in groups of 32 by default: its perplexity on real
+    English is the dequantized model's (Q4_1's 16 levels a block of 32, min and step, are a grid int4 keeps)."""
+    import math
+    import os
+    import warnings
+
+    from mixtral import MixtralTokenizer
+    from mixtral.demo import GGUF_NAME, demo_model_path
+
+    folder = demo_model_path()
+    tok = MixtralTokenizer.from_pretrained(folder)
+    text = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "data", "english.txt")
+    ids = torch.tensor([tok.encode(open(text, encoding="utf-8").read())[:320]])
+
+    def perplexity(**kw) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = mixtral.MixtralForCausalLM.from_pretrained(os.path.join(folder, GGUF_NAME), progress=False, **kw)
+        with torch.no_grad():
+            return math.exp(model(ids, labels=ids).loss.item())
+
+    dequantized, kept = perplexity(quantization="float"), perplexity()
+    print(f"\ndemo GGUF perplexity on {ids.shape[1]} tokens: dequantized {dequantized:.4f}, int4 {kept:.4f}")
+    assert dequantized < 30 and kept <= 1.001 * dequantized
