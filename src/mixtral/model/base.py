@@ -120,9 +120,11 @@ class MixtralPreTrainedModel(nn.Module):
 
         Built on the meta device and filled from memory-mapped files: no random init, no second copy.
         quantization="int8" | "int4" (or {"scheme": "int4", "group_size": 32}) quantizes each weight as it is
-        read, as mixtral.quantize would after loading, so that the float model never exists whole. A GGUF whose
-        attention and expert matrices are all Q4_0 loads them as int4 (groups of 32) as stored, unless
-        quantization says otherwise ("float": every weight dequantized).
+        read, as mixtral.quantize would after loading, so that the float model never exists whole. A quantized
+        GGUF stays quantized: Q4_0 matrices as stored (int4, groups of 32), other types re-quantized to the
+        nearest scheme as they are read; quantization="float" dequantizes every weight.
+        device_map="auto" with max_memory and offload_folder keeps the experts that do not fit on disk
+        (mixtral.offload); offload_stats() says what they cost.
         tp=N / ep=M (under torchrun, N x M processes): tensor / expert parallel, on a 2-D mesh when both; each rank
         reads only its slices of the memory-mapped safetensors, so that its memory is about its share of the weights.
         Transformers' device_map, max_memory, offload_folder, load_in_8bit, load_in_4bit and quantization_config map
