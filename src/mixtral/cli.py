@@ -122,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stats = model.offload_stats()
     if args.verbose and stats is not None:
         print(f"offloaded experts: {stats['slots']} of {stats['experts']} a layer resident; {stats['hits']} hits, "
-              f"{stats['misses']} misses ({stats['hit_rate']:.1%} hits), {stats['bytes_read'] / 2**20:,.1f} MiB read",
+              f"{stats['misses']} misses ({stats['hit_rate']:.1%} hits); {stats['prefetched']} read ahead "
+              f"({stats['prefetch_accuracy']:.1%} then used); {stats['bytes_read'] / 2**20:,.1f} MiB read",
               file=sys.stderr)
     return 0
 

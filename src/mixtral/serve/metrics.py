@@ -31,7 +31,9 @@ class Metrics:
         for key, help_text in (("hits", "Experts a step needed that were resident (offloaded experts)"),
                                ("misses", "Experts read from the offload folder"),
                                ("bytes_read", "Bytes of experts read from the offload folder"),
-                               ("hit_rate", "hits / (hits + misses) of the offloaded experts")):
+                               ("hit_rate", "hits / (hits + misses) of the offloaded experts"),
+                               ("prefetched", "Experts read ahead on the next layer's router's guess"),
+                               ("prefetch_accuracy", "Share of the experts read ahead that a step then used")):
             Gauge(f"mixtral_offload_{key}", help_text, registry=r).set_function(
                 lambda key=key: (offload() or {}).get(key, 0))
         self.e2e = Histogram("mixtral_e2e_request_latency_seconds", "Request arrival to its last token",
