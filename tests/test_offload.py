@@ -114,7 +114,17 @@ def test_the_store_is_reused_and_checked(folder, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(again(IDS).logits, resident(IDS).logits)
 
-    with open(store / "layer_1.bin", "r+b") as f:  # cut short: a clear error, never a wrong answer
+    layer = again.model.layers[1].mlp.experts
+    size = os.path.getsize(store / "layer_1.bin")
+    with open(store / "layer_1.bin", "r+b") as f:  # cut short while in use: the read fails, the step with it
+        f.truncate(size // 2)
+    for _ in range(2):  # and again: no expert is taken to be in a half-read slot
+        with pytest.raises(CheckpointError, match="truncated"), torch.no_grad():
+            again(IDS)
+        assert sorted([*layer.resident.values(), *layer.free]) == [0, 1]
+        assert all(layer.slot_of[e] == s for e, s in layer.resident.items()) and (layer.slot_of >= 0).sum() == len(
+            layer.resident)
+    with open(store / "layer_1.bin", "r+b") as f:  # cut short: a clear error at loading, never a wrong answer
         f.truncate(1000)
     with pytest.raises(CheckpointError, match="layer_1.bin holds 1000 bytes"):
         _offloaded(folder, resident, 2, store)
@@ -185,7 +195,7 @@ def test_memory_stays_within_max_memory(tmp_path):
     torch.manual_seed(0)
     MixtralForCausalLM(MixtralConfig(**BIG)).save_pretrained(tmp_path / "big", max_shard_size="8MB",
                                                              progress=False)
-    size = sum(os.path.getsize(tmp_path / "big" / f) for f in os.listdir(tmp_path / "big") if f.endswith(".safetensors"))
+    size = sum(os.path.getsize(f) for f in (tmp_path / "big").glob("*.safetensors"))
     budget = size // 3  # 2 of 8 experts a layer resident
     proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "big"), str(tmp_path / "store"),
                            str(budget)], capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,7 @@ class OffloadedExperts(nn.Module):
         self.pool, self.store, self.layer = pool, store, layer
         self.num_experts, self.slots = store.num_experts, pool.num_experts
         self.resident: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
+        self.free = list(range(self.slots))[::-1]  # slots that hold no expert
         self.register_buffer("slot_of", torch.full((self.num_experts,), -1, dtype=torch.long), persistent=False)
         self.stats = OffloadStats()
         self._tensors = [t for t in pool.state_dict(keep_vars=True).values()]  # (S, ...) each, in the store's order
@@ -81,22 +82,30 @@ class OffloadedExperts(nn.Module):
                     self.stats.hits += 1
                     self.stats.prefetch_hits += e in self._guessed
                     self._guessed.discard(e)
-        reads = []
+        reads = {}
         for e in experts:
             if e in self.resident:
                 continue
-            if len(self.resident) < self.slots:
-                slot = len(self.resident)
+            if self.free:
+                slot = self.free.pop()
             else:
                 evicted, slot = self.resident.popitem(last=False)
                 self.slot_of[evicted] = -1
                 self._guessed.discard(evicted)
             self.resident[e] = slot
             self.slot_of[e] = slot
-            reads.append(_readers().submit(self.store.read, self.layer, e, [t.data[slot] for t in self._tensors]))
+            reads[e] = _readers().submit(self.store.read, self.layer, e, [t.data[slot] for t in self._tensors])
             if ahead:
                 self._guessed.add(e)
-        self.stats.bytes_read += sum(r.result() for r in reads)
+        wait(reads.values())  # all of them, failed or not: none may still be writing into a slot after this
+        failed = next((r.exception() for r in reads.values() if r.exception() is not None), None)
+        if failed is not None:  # slots half-written: no expert is taken to be in them, and the step fails
+            for e in reads:
+                self.free.append(self.resident.pop(e))
+                self.slot_of[e] = -1
+                self._guessed.discard(e)
+            raise failed
+        self.stats.bytes_read += sum(r.result() for r in reads.values())
         if ahead:
             self.stats.prefetched += len(reads)
         else:
