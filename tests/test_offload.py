@@ -190,7 +190,9 @@ print(json.dumps(out))
 def test_memory_stays_within_max_memory(tmp_path):
     """A checkpoint 3x its max_memory (in 8 MB shards): the process's peak RSS above where it started stays within
     max_memory plus one layer's experts being laid out, one shard and 16 MB of torch's own (loading), within
-    max_memory plus 16 MB while generating; the same process loading it whole peaks above the checkpoint's size,
+    max_memory plus 32 MB while generating (what max_memory does not count: the KV cache, activations, the
+    interpreter's and the reader threads' allocations; 16-27 MB measured), under 0.65 of what the same process
+    holds loading it whole, which peaks above the checkpoint's size,
     and both generate the same tokens."""
     torch.manual_seed(0)
     MixtralForCausalLM(MixtralConfig(**BIG)).save_pretrained(tmp_path / "big", max_shard_size="8MB",
@@ -204,7 +206,8 @@ def test_memory_stays_within_max_memory(tmp_path):
     MB = 2**20
     layer_experts = 8 * 3 * BIG["hidden_size"] * BIG["intermediate_size"] * 4
     assert out["offloaded"]["load_peak"] < budget + layer_experts + 8 * MB + 16 * MB, (out, budget, size)
-    assert out["offloaded"]["generate_peak"] < budget + 16 * MB, (out, budget)
+    assert out["offloaded"]["generate_peak"] < budget + 32 * MB, (out, budget)
+    assert out["offloaded"]["generate_peak"] < 0.65 * out["resident"]["load_peak"], out
     assert out["resident"]["load_peak"] > 0.95 * size, (out, size)  # the measurement sees whole models
     assert out["offloaded"]["tokens"] == out["resident"]["tokens"]
 
