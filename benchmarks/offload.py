@@ -33,6 +33,7 @@ def child(dtype: str, slots: int, store: str, new_tokens: int) -> dict:
 
     from mixtral import MixtralForCausalLM
     from mixtral.checkpoint.placement import weight_bytes
+    from mixtral.offload import weight_split
 
     torch.set_num_threads(C.THREADS)
     kw = {}
@@ -74,6 +75,7 @@ def child(dtype: str, slots: int, store: str, new_tokens: int) -> dict:
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("hits", "misses", "prefetched", "prefetch_hits")}
     return {"slots": slots or 8, "load_s": load_s, "load_peak_bytes": load_peak, "run_peak_bytes": run_peak,
             "budget_bytes": kw.get("max_memory", {}).get("cpu"), "weights_bytes": weight_bytes(model, model.dtype),
+            **dict(zip(("dense_bytes", "expert_bytes", "layers"), weight_split(model, model.dtype)[:3])),
             "decode_tok_s": new_tokens / decode_s, "prefill_tok_s": PREFILL / prefill_s,
             "read_per_token_bytes": read / new_tokens, **delta,
             "hit_rate": delta["hits"] / max(1, delta["hits"] + delta["misses"]),
@@ -84,13 +86,10 @@ def child(dtype: str, slots: int, store: str, new_tokens: int) -> dict:
 def _budget(meta, slots: int, dtype: str) -> int:
     import torch
 
-    from mixtral.checkpoint.placement import weight_bytes
+    from mixtral.offload import weight_split
 
-    dt = getattr(torch, dtype)
-    experts = meta.model.layers[0].mlp.experts
-    per_expert = weight_bytes(experts, dt) // experts.num_experts
-    dense = weight_bytes(meta, dt) - per_expert * experts.num_experts * len(meta.model.layers)
-    return dense + slots * per_expert * len(meta.model.layers)
+    dense, per_expert, layers, _ = weight_split(meta, getattr(torch, dtype))
+    return dense + slots * per_expert * layers
 
 
 def disk_bandwidth(folder: str) -> float:
@@ -154,7 +153,6 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     disk_bw = disk_bandwidth(store)
     resident = rows[0]
-    per_expert = (resident["weights_bytes"] - _dense_bytes(resident)) / 64
     print(f"\nbench config, {dtype}, batch 1; CPU: {cpu}, {os.cpu_count()} cores; page cache dropped: {dropped}; "
           f"disk {disk_bw / 1e9:.2f} GB/s (4 parallel expert reads), memory {memory_bw / 1e9:.1f} GB/s")
     head = (f"{'experts resident':<18}{'budget GB':>10}{'peak GB':>9}{'decode tok/s':>14}{'x resident':>11}"
@@ -162,7 +160,8 @@ def main() -> None:
     print(head)
     for r in rows:
         miss_s = r["read_per_token_bytes"] / disk_bw
-        touched = _dense_bytes(resident) + 8 * 2 * per_expert  # a token's reads from memory
+        # a token's reads from memory: the dense weights and its top-2 experts a layer
+        touched = resident["dense_bytes"] + resident["layers"] * 2 * resident["expert_bytes"]
         bound = 1 / (miss_s + touched / memory_bw)
         r.update(bound_tok_s=bound, disk_bytes_per_s=disk_bw)
         budget = f"{r['budget_bytes'] / 1e9:.2f}" if r["budget_bytes"] else "-"
@@ -178,13 +177,6 @@ def main() -> None:
         json.dump({"cpu": cpu, "dtype": dtype, "disk_bytes_per_s": disk_bw, "memory_bytes_per_s": memory_bw,
                    "page_cache_dropped": dropped, "rows": rows}, f, indent=2)
     print(f"wrote {path}")
-
-
-def _dense_bytes(resident: dict) -> float:
-    cfg = C.BENCH_CONFIG
-    expert = 3 * cfg["hidden_size"] * cfg["intermediate_size"]
-    item = resident["weights_bytes"] / C.total_parameters(cfg)
-    return resident["weights_bytes"] - 8 * 8 * expert * item
 
 
 if __name__ == "__main__":

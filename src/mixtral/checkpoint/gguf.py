@@ -131,21 +131,24 @@ class GGUFSource:
 
     def stores_q4_0(self) -> bool:
         """Whether every matrix that int4 quantization covers (attention, experts or the dense MLP) is Q4_0 here."""
-        matrices = [k for k in self.tensors if _INT4_MATRIX.fullmatch(k)]
-        return bool(matrices) and all(self.is_q4_0(k) for k in matrices)
+        matrices = self._int4_matrices()
+        return bool(matrices) and all(t.tensor_type == QT.Q4_0 for t in matrices)
 
     def nearest_scheme(self) -> dict[str, Any] | None:
         """The quantization that keeps this file's matrices (attention, experts) nearest to how it stores them, when
         they are all quantized: int4 in groups of 32 (Q4_0's blocks, taken as they are) where most of their
         weights have codes of 4 bits or fewer (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K), else int8 (Q5_*, Q6_K, Q8_0);
         None for a file whose matrices are floats, or partly."""
-        matrices = [self.tensors[k] for k in self.tensors if _INT4_MATRIX.fullmatch(k)]
+        matrices = self._int4_matrices()
         if not matrices or any(t.tensor_type in _FLOAT_TYPES for t in matrices):
             return None
         low = sum(int(t.n_elements) for t in matrices if t.tensor_type in _FOUR_BIT_CODES)
         if low * 2 >= sum(int(t.n_elements) for t in matrices):
             return {"scheme": "int4", "group_size": 32}
         return {"scheme": "int8"}
+
+    def _int4_matrices(self) -> list[Any]:
+        return [t for name, t in self.tensors.items() if _INT4_MATRIX.fullmatch(name)]
 
     def load_q4_0(self, key: str) -> dict[str, torch.Tensor]:
         """A Q4_0 tensor (..., N, K) as our int4 buffers with groups of 32 (mixtral.kernels' layout): the same numbers,

@@ -23,7 +23,7 @@ from .experts import OffloadedExperts, OffloadStats
 from .store import ExpertStore, Field, fields_of
 
 __all__ = ["ExpertStore", "Field", "OffloadStats", "OffloadedExperts", "expert_key", "fields_of", "make_pool",
-           "offload_stats", "plan_slots", "plan_summary", "weight_bytes"]
+           "offload_stats", "plan_slots", "plan_summary", "weight_bytes", "weight_split"]
 
 _EXPERT_KEY = re.compile(r"(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\w+)")
 
@@ -34,22 +34,27 @@ def expert_key(name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2)) if m else None
 
 
+def weight_split(model: nn.Module, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(dense bytes, bytes of one expert, layers, experts a layer) of a (meta) model's weights as loaded."""
+    layers = [m for m in model.modules() if isinstance(m, Experts)]
+    e = layers[0].num_experts
+    per_expert = weight_bytes(layers[0], dtype) // e
+    return weight_bytes(model, dtype) - per_expert * e * len(layers), per_expert, len(layers), e
+
+
 def plan_slots(model: nn.Module, dtype: torch.dtype, budget: int, top_k: int) -> int | None:
     """Expert slots a layer when the weights do not fit `budget` bytes (None when they do): what the budget leaves
     after the dense part, shared by the layers; an error when that is fewer than top_k."""
-    experts = [m for m in model.modules() if isinstance(m, Experts)]
-    total = weight_bytes(model, dtype)
-    if total <= budget or not experts:
+    if weight_bytes(model, dtype) <= budget or not any(isinstance(m, Experts) for m in model.modules()):
         return None
-    per_expert = weight_bytes(experts[0], dtype) // experts[0].num_experts
-    dense = total - per_expert * experts[0].num_experts * len(experts)
-    slots = (budget - dense) // (per_expert * len(experts))
+    dense, per_expert, layers, e = weight_split(model, dtype)
+    slots = (budget - dense) // (per_expert * layers)
     if slots < top_k:
-        need = dense + top_k * per_expert * len(experts)
+        need = dense + top_k * per_expert * layers
         raise CheckpointError(f"max_memory allows {human_size(budget)}: the dense weights take {human_size(dense)} "
-                              f"and each of the {len(experts)} layers needs at least {top_k} experts of "
+                              f"and each of the {layers} layers needs at least {top_k} experts of "
                               f"{human_size(per_expert)} resident, {human_size(need)} in all")
-    return None if slots >= experts[0].num_experts else int(slots)
+    return None if slots >= e else int(slots)
 
 
 def make_pool(experts: nn.Module, slots: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -99,14 +104,11 @@ def plan_summary(config: Any, dtype: torch.dtype, quantization: str | dict | Non
             from ..quantize import _parse, quantize
 
             quantize(model, *_parse(quantization), progress=False)
-    layers = [m for m in model.modules() if isinstance(m, Experts)]
-    e, k = config.num_local_experts, config.num_experts_per_tok
-    per_expert = weight_bytes(layers[0], dtype) // e
-    total = weight_bytes(model, dtype)
-    dense = total - per_expert * e * len(layers)
+    dense, per_expert, layers, e = weight_split(model, dtype)
+    k = config.num_experts_per_tok
     slots = plan_slots(model, dtype, budget, k)
     s = e if slots is None else slots
-    return {"weights_bytes": total, "dense_bytes": dense, "expert_bytes": per_expert, "slots": s, "experts": e,
-            "resident_bytes": dense + s * per_expert * len(layers),
-            "offloaded_bytes": (e - s) * per_expert * len(layers),
-            "read_per_token_bytes": int(len(layers) * k * (1 - s / e) * per_expert)}
+    return {"weights_bytes": weight_bytes(model, dtype), "dense_bytes": dense, "expert_bytes": per_expert,
+            "slots": s, "experts": e, "resident_bytes": dense + s * per_expert * layers,
+            "offloaded_bytes": (e - s) * per_expert * layers,
+            "read_per_token_bytes": int(layers * k * (1 - s / e) * per_expert)}

@@ -49,7 +49,7 @@ def fields_of(experts: torch.nn.Module) -> list[Field]:
 
 def _bytes(t: torch.Tensor) -> Any:
     """A contiguous CPU tensor's memory as a writable buffer (numpy has no bfloat16: bytes, not values)."""
-    return t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy()
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 class ExpertStore:
