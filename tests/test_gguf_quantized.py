@@ -64,10 +64,13 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     matrix = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|\.\d+)?)\.weight")
     assert dequantized_keys and not [k for k in dequantized_keys if matrix.fullmatch(k)]  # none was ever float
     assert native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int4",
-                                                           "group_size": 32}
+                                                           "group_size": 32, "symmetric": True}
     assert not isinstance(native.lm_head, QuantizedLinear) and native.lm_head.weight.dtype == torch.float32  # as read
     experts = native.model.layers[0].mlp.experts
     assert isinstance(experts, QuantizedExperts) and (experts.scheme, experts.group_size) == ("int4", 32)
+    # Q4_0's 4.5 bits a weight: 4-bit codes and an fp16 scale a block of 32, no zeros
+    bits = 8 * sum(t.numel() * t.element_size() for t in experts.state_dict().values())
+    assert experts.symmetric and bits == 4.5 * (experts.gate_up_proj_packed.numel() + experts.down_proj_packed.numel()) * 2
 
     float_model = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False, quantization="float")
     assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in float_model.modules())

@@ -177,6 +177,23 @@ def test_quantize_int4_error(group_size):
     assert torch.equal(packed[1] >> 4, q[1, :, 1::2].to(torch.uint8))
 
 
+def test_quantize_int4_symmetric():
+    """llama.cpp's Q4_0: w = (q - 8) d, no zeros. Weights that are such values (code 0 in every group, d in fp16)
+    come back exactly; others within |d|."""
+    q = torch.randint(0, 16, (2, 8, 128), generator=torch.Generator().manual_seed(0))
+    q[..., ::32] = 0  # each group's largest magnitude is -8 d
+    d = (torch.rand(2, 8, 4, generator=torch.Generator().manual_seed(1)) + 0.5).half()
+    w = (q - 8) * d.float().repeat_interleave(32, -1)
+    packed, scales, zeros = kernels.quantize_int4(w, 32, symmetric=True)
+    assert zeros.shape == (2, 8, 0) and scales.dtype == torch.float16
+    assert torch.equal(scales, d) and torch.equal(kernels.dequantize_int4(packed, scales, zeros), w)
+    w2 = randn(4, 64, 256)
+    packed, scales, zeros = kernels.quantize_int4(w2, 32, symmetric=True)
+    err = (kernels.dequantize_int4(packed, scales, zeros) - w2).abs().unflatten(-1, (8, 32)).amax(dim=-1)
+    # within |d| / 2, except that codes stop at 7 d on the side away from the largest magnitude (-8 d): within |d|
+    assert (err <= scales.float().abs() * (1 + 1e-3)).all()
+
+
 def test_quantize_int4_rejects_bad_shapes():
     with pytest.raises(ValueError):
         kernels.quantize_int4(randn(4, 100), 128)
@@ -186,9 +203,12 @@ def test_quantize_int4_rejects_bad_shapes():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 65])
-@pytest.mark.parametrize("k, group_size", [(512, 128), (512, 256), (192, 64), (576, 32), (160, 32), (96, 48)])
-def test_linear_int4(dtype, m, k, group_size):
-    x, (packed, scales, zeros) = randn(m, k, dtype=dtype), kernels.quantize_int4(randn(37, k, seed=1), group_size)
+@pytest.mark.parametrize("k, group_size, symmetric", [(512, 128, False), (512, 256, False), (192, 64, False),
+                                                      (576, 32, False), (160, 32, False), (96, 48, False),
+                                                      (576, 32, True), (160, 32, True), (512, 128, True)])
+def test_linear_int4(dtype, m, k, group_size, symmetric):
+    x = randn(m, k, dtype=dtype)
+    packed, scales, zeros = kernels.quantize_int4(randn(37, k, seed=1), group_size, symmetric)
     y = kernels.linear_int4(x, packed, scales, zeros)
     assert y.dtype == dtype
     assert_matches(y, F.linear(x.float(), kernels.dequantize_int4(packed, scales, zeros)))
@@ -196,10 +216,11 @@ def test_linear_int4(dtype, m, k, group_size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 x: the VDPBF16PS kernel, any group size
 @pytest.mark.parametrize("t", [1, 5, 64])
-@pytest.mark.parametrize("k, group_size", [(256, 128), (320, 32), (192, 64), (512, 256)])
-def test_expert_linear_int4(dtype, t, k, group_size):
+@pytest.mark.parametrize("k, group_size, symmetric", [(256, 128, False), (320, 32, False), (192, 64, False),
+                                                      (512, 256, False), (320, 32, True), (256, 128, True)])
+def test_expert_linear_int4(dtype, t, k, group_size, symmetric):
     x, experts = randn(t, k, dtype=dtype), routing(t)
-    packed, scales, zeros = kernels.quantize_int4(randn(8, 33, k, seed=1), group_size)
+    packed, scales, zeros = kernels.quantize_int4(randn(8, 33, k, seed=1), group_size, symmetric)
     y = kernels.expert_linear_int4(x, packed, scales, zeros, experts)
     ref = torch.einsum("tk,tjnk->tjn", x.float(), kernels.dequantize_int4(packed, scales, zeros)[experts])
     assert_matches(y, ref)

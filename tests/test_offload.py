@@ -94,6 +94,37 @@ def test_quantized_and_q4_0_gguf_offload_equal_resident(folder, tmp_path):
         assert torch.equal(offloaded(IDS).logits, native(IDS).logits)
 
 
+def test_eviction_least_frequently_used_with_aging(folder, tmp_path):
+    """The evicted expert is the one with the fewest aged uses (the least recent of ties), never one the step needs;
+    and old uses fade: after HALF_LIFE steps a use counts half of a new one."""
+    from mixtral.offload.experts import HALF_LIFE
+
+    resident = MixtralForCausalLM.from_pretrained(folder, progress=False)
+    layer = _offloaded(folder, resident, 3, tmp_path / "store").model.layers[0].mlp.experts
+
+    def step(experts: list[int]) -> None:  # what forward does before it computes
+        layer._count(experts)
+        layer.fetch(experts)
+
+    for experts in ([0, 1], [0, 2], [0, 1], [0, 2]):  # uses: 0 four times, 1 and 2 twice; 2 the most recent
+        step(experts)
+    assert set(layer.resident) == {0, 1, 2}
+    step([3, 2])  # evicts 1 (fewer uses than 0; 2 is needed), though 0 is the least recently used
+    assert set(layer.resident) == {0, 2, 3}
+    step([4, 3])  # 0: 4 uses, 2: 3 uses; evicts 2
+    assert set(layer.resident) == {0, 3, 4}
+    assert layer._weight == pytest.approx(2 ** (6 / HALF_LIFE))  # a use now weighs this much more than at first
+    for _ in range(40):
+        step([5, 3])  # 5: 40 uses
+    for _ in range(3 * HALF_LIFE):
+        step([3])  # 5 idle: its uses now count 1/8 of a new one
+    for _ in range(7):
+        step([4, 3])  # 4: 8 uses in all, fewer than 5's 40 but more once aged
+    assert set(layer.resident) == {3, 4, 5}
+    step([6, 3])  # evicts 5, which counting uses without aging would keep
+    assert set(layer.resident) == {3, 4, 6}
+
+
 def test_the_store_is_reused_and_checked(folder, tmp_path, monkeypatch):
     resident = MixtralForCausalLM.from_pretrained(folder, progress=False)
     store = tmp_path / "store"

@@ -47,10 +47,12 @@ def _dequantized_copy(q):
     return ref
 
 
-@pytest.mark.parametrize("scheme,rel_tol", [("int8", 0.02), ("int4", 0.2)])
-def test_quantized_equals_dequantized_and_close_to_float(model, scheme, rel_tol):
+@pytest.mark.parametrize("scheme,symmetric,rel_tol", [("int8", False, 0.02), ("int4", False, 0.2),
+                                                     ("int4", True, 0.2)])
+def test_quantized_equals_dequantized_and_close_to_float(model, scheme, symmetric, rel_tol):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-    q = quantize(copy.deepcopy(model), scheme, group_size=32, progress=False)
+    q = quantize(copy.deepcopy(model), scheme, group_size=32, symmetric=symmetric, progress=False)
+    assert q.config.extra["quantization_config"].get("symmetric", False) == symmetric
     ref = _dequantized_copy(q)
     with torch.no_grad():
         float_logits, q_logits, ref_logits = model(ids).logits, q(ids).logits, ref(ids).logits
@@ -79,7 +81,8 @@ def test_save_and_reload(model, scheme, tmp_path):
     assert isinstance(back.model.layers[0].mlp.experts, QuantizedExperts)
     scale = back.model.layers[0].self_attn.q_proj.scale if scheme == "int8" else \
         back.model.layers[0].self_attn.q_proj.scales
-    assert scale.dtype == torch.float32  # scales are not rounded to the activation dtype
+    # scales are not rounded to the activation dtype (bf16): int8's stay fp32, int4's fp16 (llama.cpp's blocks')
+    assert scale.dtype == (torch.float32 if scheme == "int8" else torch.float16)
     ids = torch.randint(0, 128, (1, 7))
     with torch.no_grad():
         assert torch.equal(q(ids).logits, back(ids).logits)

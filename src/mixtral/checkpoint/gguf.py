@@ -136,15 +136,15 @@ class GGUFSource:
 
     def nearest_scheme(self) -> dict[str, Any] | None:
         """The quantization that keeps this file's matrices (attention, experts) nearest to how it stores them, when
-        they are all quantized: int4 in groups of 32 (Q4_0's blocks, taken as they are) where most of their
-        weights have codes of 4 bits or fewer (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K), else int8 (Q5_*, Q6_K, Q8_0);
-        None for a file whose matrices are floats, or partly."""
+        they are all quantized: int4 in groups of 32 where most of their weights have codes of 4 bits or fewer
+        (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K), symmetric where all are Q4_0 (its blocks taken as they are, 4.5 bits a
+        weight), else int8 (Q5_*, Q6_K, Q8_0); None for a file whose matrices are floats, or partly."""
         matrices = self._int4_matrices()
         if not matrices or any(t.tensor_type in _FLOAT_TYPES for t in matrices):
             return None
         low = sum(int(t.n_elements) for t in matrices if t.tensor_type in _FOUR_BIT_CODES)
         if low * 2 >= sum(int(t.n_elements) for t in matrices):
-            return {"scheme": "int4", "group_size": 32}
+            return {"scheme": "int4", "group_size": 32, **({"symmetric": True} if self.stores_q4_0() else {})}
         return {"scheme": "int8"}
 
     def _int4_matrices(self) -> list[Any]:
@@ -153,18 +153,18 @@ class GGUFSource:
     def load_q4_0(self, key: str) -> dict[str, torch.Tensor]:
         """A Q4_0 tensor (..., N, K) as our int4 buffers with groups of 32 (mixtral.kernels' layout): the same numbers,
         and never a float copy. A Q4_0 block is an fp16 scale d and 16 bytes whose low nibbles are its values 0-15 and
-        high nibbles 16-31, w = d (q - 8): our q * scale + zero with scale d and zero -8d (both exact in fp32)."""
+        high nibbles 16-31, w = d (q - 8): our q * scale + zero with scale d and zero -8d (both exact in fp16)."""
         t = self.tensors[key]
         *lead, n, k = self.shape(key)
         rows, groups = int(np.prod(lead, dtype=np.int64)) * n, k // 32
         packed = torch.empty(rows, k // 2, dtype=torch.uint8)
-        scales = torch.empty(rows, groups)
+        scales = torch.empty(rows, groups, dtype=torch.float16)
         try:
             blocks = np.asarray(t.data).reshape(rows, groups, 18)
             step = max(1, (1 << 22) // k)  # rows a chunk: a few MB of temporaries at a time
             for r in range(0, rows, step):
                 chunk = torch.from_numpy(np.array(blocks[r:r + step]))  # (R, G, 18) uint8, copied off the read-only map
-                scales[r:r + step] = chunk[..., :2].contiguous().view(torch.float16)[..., 0].float()
+                scales[r:r + step] = chunk[..., :2].contiguous().view(torch.float16)[..., 0]
                 qs = chunk[..., 2:]  # (R, G, 16)
                 q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(-1, k)  # (R, K): values in column order
                 packed[r:r + step] = q[:, 0::2] | q[:, 1::2] << 4
@@ -370,6 +370,27 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike, dtype: str = "f32
             return QT.F16  # rows must be whole 32-value blocks; llama.cpp's converter falls back the same way
         return QT.Q8_0 if kind == QT.Q4_0 and name == "output.weight" else kind
 
+    writer = gguf_writer(path, cfg, file_type, tokenizer_data)
+    # Tensor infos first, then the data one tensor at a time: the file never sits in memory whole.
+    items = list(_gguf_items(model))
+    types = [tensor_type(name, w, keep) for name, w, keep in items]
+    for (name, w, _), t in zip(items, types):
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        writer.add_tensor_info(name, tuple(w.shape), np.dtype(np.float32), w.numel() // block * size, raw_dtype=t)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for (name, w, _), t in tqdm(list(zip(items, types)), desc="Writing GGUF", unit="tensor",
+                                    disable=not progress):
+            writer.write_tensor_data(_encode(w, t))
+    finally:
+        writer.close()
+
+
+def gguf_writer(path: str, cfg: MixtralConfig, file_type: gguf.LlamaFileType,
+                tokenizer_data: dict | None = None) -> gguf.GGUFWriter:
+    """A GGUFWriter (arch "llama") holding the metadata of a model of this config; its tensors are the caller's."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("mixtral" if cfg.num_local_experts > 1 else "llama")
     writer.add_context_length(cfg.max_position_embeddings)
@@ -397,19 +418,4 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike, dtype: str = "f32
         for kind_, value in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_id), ("pad", cfg.pad_token_id)):
             if isinstance(value, int):
                 getattr(writer, f"add_{kind_}_token_id")(value)
-
-    # Tensor infos first, then the data one tensor at a time: the file never sits in memory whole.
-    items = list(_gguf_items(model))
-    types = [tensor_type(name, w, keep) for name, w, keep in items]
-    for (name, w, _), t in zip(items, types):
-        block, size = gguf.GGML_QUANT_SIZES[t]
-        writer.add_tensor_info(name, tuple(w.shape), np.dtype(np.float32), w.numel() // block * size, raw_dtype=t)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for (name, w, _), t in tqdm(list(zip(items, types)), desc="Writing GGUF", unit="tensor",
-                                    disable=not progress):
-            writer.write_tensor_data(_encode(w, t))
-    finally:
-        writer.close()
+    return writer

@@ -133,7 +133,7 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
     checkpoint tensor's float copy (e.g. one expert's w1) is the most that ever exists."""
     out = quantizer.empty(name, tuple(shape), device)
     meta = torch.empty(shape, device="meta")
-    native = quantizer.scheme_of(name) == ("int4", 32) and all(getattr(source, "is_q4_0", lambda key: False)(p.key)
+    native = quantizer.scheme_of(name)[:2] == ("int4", 32) and all(getattr(source, "is_q4_0", lambda key: False)(p.key)
                                                                 for p in recipe.parts)
     for index, part in _row_blocks(recipe, len(shape)) or [((), recipe)]:
         if native:  # GGUF's Q4_0 blocks are int4 groups of 32 already: taken as they are
@@ -151,13 +151,15 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
 def _copy_q4_0(out: dict[str, torch.Tensor], quantizer: Any, name: str, index: tuple, recipe: Recipe, source: Any,
                meta: torch.Tensor) -> None:
     """Fill out[...][index] (the int4 buffers of weight `name`) with the recipe's Q4_0 tensors, as stored. A row
-    permutation (q/k) applies to packed rows, scales and zeros alike."""
+    permutation (q/k) applies to packed rows, scales and zeros alike; symmetric int4 takes no zeros (Q4_0's are -8d)."""
     for part in recipe.parts:
         want, got = tuple(meta[index][part.index].shape), source.shape(part.key)
         if want != got:
             raise CheckpointError(f"shape mismatch for {part.key} (part of {name}): checkpoint has {got}, model "
                                   f"expects {want}")
         for kind, t in source.load_q4_0(part.key).items():
+            if kind == "zeros" and quantizer.scheme_of(name)[2]:
+                continue
             out[quantizer.buffer(name, kind)][index][part.index].copy_(part.transform(t) if part.transform else t)
 
 
@@ -285,7 +287,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         if quantizer and name in quantizer:
             state.update(_assemble_quantized(quantizer, name, recipes[key], param.shape, source, dtype, device))
         else:
-            keep = not param.is_floating_point() or _QUANT_SCALES.fullmatch(key)  # int codes, fp32 scales as saved
+            keep = not param.is_floating_point() or _QUANT_SCALES.fullmatch(key)  # int codes; scales in their own dtype
             state[name] = _assemble(recipes[key], param.shape, source, param.dtype if keep else dtype, device, key,
                                     shardings.get(key))
         if offloader and offloader.absorb(state):

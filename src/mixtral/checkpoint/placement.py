@@ -110,7 +110,7 @@ def check_fits(model: torch.nn.Module, dtype: torch.dtype, device: torch.device,
 
 def weight_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     """The bytes of a (meta) module's weights as loaded: float parameters in `dtype`, buffers (quantized codes and
-    their fp32 scales) as they are; tied weights once."""
+    their scales) as they are; tied weights once."""
     params = {id(p) for p in module.parameters()}
     tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}.values()
     return sum(t.numel() * (dtype.itemsize if id(t) in params and t.is_floating_point() else t.element_size())

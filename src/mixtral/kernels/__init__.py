@@ -14,7 +14,10 @@ Quantized layouts (weight-only; x stays fp32 or bf16):
 - int8, symmetric per output row: w[n, k] ~ qweight[n, k] * scale[n], qweight in [-127, 127].
 - int4, asymmetric per group of `group_size` consecutive columns: w[n, k] ~ q[n, k] * scales[n, g] + zeros[n, g]
   with g = k // group_size and q in [0, 15]; `zeros` is the value of code 0 (the group's minimum), so the error is
-  at most scales / 2. Two codes a byte, in column order: packed[n, i] = q[n, 2i] | q[n, 2i + 1] << 4.
+  at most scales / 2. Two codes a byte, in column order: packed[n, i] = q[n, 2i] | q[n, 2i + 1] << 4. Scales and
+  zeros are fp16, as llama.cpp's block scales (the product is fp32): 4.25 bits a weight in groups of 128, 5 in 32.
+  Symmetric int4 (llama.cpp's Q4_0) has no zeros (an empty (..., N, 0) tensor): w = (q - 8) * scales, 4.5 bits
+  a weight in groups of 32.
   The kernels take group sizes of 32, 64 and multiples of 128; others run the torch fallback.
 """
 
@@ -155,16 +158,29 @@ def expert_linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 
 
 # ---- int4 weights ----------------------------------------------------------------------------------------------
-def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(..., N, K) float -> (packed uint8 (..., N, K/2), scales, zeros float32 (..., N, K/group_size)): asymmetric."""
+def quantize_int4(w: torch.Tensor, group_size: int = 128,
+                  symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., N, K) float -> (packed uint8 (..., N, K/2), scales, zeros float16 (..., N, K/group_size)): asymmetric,
+    or symmetric (zeros (..., N, 0)) as llama.cpp's Q4_0: the value of largest magnitude m is code 0, scale -m/8.
+
+    The codes are chosen against the fp16 scale and zero, so the rounding of those two costs only what it moves."""
     k = w.shape[-1]
     if k % 2 or group_size <= 0 or k % group_size:
         raise ValueError(f"int4 needs an even K divisible by group_size; got K={k}, group_size={group_size}")
     w_NGS = w.float().unflatten(-1, (k // group_size, group_size))  # S = group_size
-    zeros = w_NGS.amin(dim=-1)  # (..., N, G)
-    scales = (w_NGS.amax(dim=-1) - zeros) / 15
-    safe = scales.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    q = ((w_NGS - zeros.unsqueeze(-1)) / safe).round().clamp(0, 15).to(torch.uint8).flatten(-2)  # (..., N, K)
+    if symmetric:
+        m = w_NGS.gather(-1, w_NGS.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # (..., N, G), signed
+        scales = (m / -8).half()
+        zeros = scales.new_empty(*scales.shape[:-1], 0)
+        offset = -8 * scales.float()
+    else:
+        zeros = w_NGS.amin(dim=-1).half()  # (..., N, G)
+        scales = ((w_NGS.amax(dim=-1) - zeros) / 15).half()
+        offset = zeros.float()
+    if not (scales.isfinite().all() and zeros.isfinite().all()):
+        raise ValueError("int4 stores scales and zeros in float16: these weights exceed its range (65504)")
+    safe = torch.where(scales == 0, torch.finfo(torch.float32).tiny, scales.float()).unsqueeze(-1)  # (..., N, G, 1)
+    q = ((w_NGS - offset.unsqueeze(-1)) / safe).round().clamp(0, 15).to(torch.uint8).flatten(-2)  # (..., N, K)
     packed = q[..., 0::2] | (q[..., 1::2] << 4)  # (..., N, K/2)
     return packed, scales, zeros
 
@@ -176,7 +192,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         p = packed[..., rows, :]
         q = torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)  # (..., n, K), column order
         q_nGS = q.unflatten(-1, (scales.shape[-1], -1)).float()
-        return (q_nGS * scales[..., rows, :, None] + zeros[..., rows, :, None]).flatten(-2)
+        s = scales[..., rows, :, None].float()
+        zero = -8 * s if zeros.shape[-1] == 0 else zeros[..., rows, :, None].float()  # symmetric: see module doc
+        return (q_nGS * s + zero).flatten(-2)
 
     return _by_row_blocks((*packed.shape[:-1], packed.shape[-1] * 2), dtype, packed.device, block)
 

@@ -42,6 +42,11 @@ constexpr int64_t kPrefetchOneRow = 8192, kOneRowBytes = 4096;
 
 inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull : (1ull << n) - 1; }
 
+// int4 scales and zeros are fp16 (as llama.cpp's block scales): 16 fp32 copies of one.
+inline __m512 broadcast_half(uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16(short(h))); }
+// Symmetric int4 (zeros null: llama.cpp's Q4_0) has w = (q - 8) scale: the zero is -8 scale (exact in fp32).
+inline __m512 symmetric_zero(__m512 scale) { return _mm512_mul_ps(_mm512_set1_ps(-8.0f), scale); }
+
 // ---- weight formats ------------------------------------------------------------------------------------------
 // kCols columns per 64-byte chunk of a row; V vectors of x (64 V bytes) per chunk. `chunk` makes what `weights`
 // widens from a chunk's address (the address itself, or with the int4 group's table); `finish` ends a row's dot
@@ -110,17 +115,18 @@ struct Int4 : Rows {
     const uint8_t* codes;
     __m512 table;
   };
-  const float* scales;
-  const float* zeros;
+  const uint16_t* scales;  // fp16
+  const uint16_t* zeros;  // null: symmetric (see symmetric_zero)
   int64_t G;
   uint32_t chunks_per_group;
   Int4 expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros + e * N * G, G, chunks_per_group};
+    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, chunks_per_group};
   }
   int64_t group(int64_t s) const { return uint32_t(s) / chunks_per_group; }
   Chunk chunk(const uint8_t* p, int64_t n, int64_t g) const {
     const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return {p, _mm512_fmadd_ps(codes, _mm512_set1_ps(scales[n * G + g]), _mm512_set1_ps(zeros[n * G + g]))};
+    const __m512 scale = broadcast_half(scales[n * G + g]);
+    return {p, _mm512_fmadd_ps(codes, scale, zeros ? broadcast_half(zeros[n * G + g]) : symmetric_zero(scale))};
   }
   static __m512 weights(const Chunk& w, int v) {
     const __m512i codes = _mm512_loadu_si512(w.codes);
@@ -132,11 +138,11 @@ struct Int4 : Rows {
 // Lane j (columns 8j..8j+7 of a 128-column chunk) gets value j >> lane_shift of the chunk's groups, which start at p
 // with `left` of them left in the row (none read past it): per-lane scales or zeros for groups of 32 (shift 2), 64
 // (3), or 128 and more (4: one value in every lane).
-inline __m512 spread_groups(const float* p, int64_t left, int lane_shift) {
+inline __m512 spread_groups(const uint16_t* p, int64_t left, int lane_shift) {
   const __mmask16 valid = (__mmask16)((1u << std::min<int64_t>(16 >> lane_shift, left)) - 1);
   const __m512i lane_group =
       _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), lane_shift);
-  return _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, p));
+  return _mm512_permutexvar_ps(lane_group, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p)));
 }
 
 // int4 in groups of 32 or 64 columns (llama.cpp's blocks are 32): a 128-column chunk spans 4 or 2 groups, and lane
@@ -150,18 +156,18 @@ struct Int4Lanes : Rows {
     const uint8_t* codes;
     __m512 scale, zero;
   };
-  const float* scales;
-  const float* zeros;
+  const uint16_t* scales;  // fp16
+  const uint16_t* zeros;  // null: symmetric (see symmetric_zero)
   int64_t G;
   int lane_shift;  // 2 for groups of 32, 3 for 64
   Int4Lanes expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros + e * N * G, G, lane_shift};
+    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift};
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
   Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
     const int64_t g0 = s * (16 >> lane_shift);
-    return {p, spread_groups(scales + n * G + g0, G - g0, lane_shift),
-            spread_groups(zeros + n * G + g0, G - g0, lane_shift)};
+    const __m512 scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
+    return {p, scale, zeros ? spread_groups(zeros + n * G + g0, G - g0, lane_shift) : symmetric_zero(scale)};
   }
   static __m512 weights(const Chunk& w, int v) {
     const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -185,19 +191,19 @@ struct Int4Bf16 : Rows {
     __m512i codes;
     __m512 scale, zero;  // per lane: the group's scale, and zero - 128 scale
   };
-  const float* scales;
-  const float* zeros;
+  const uint16_t* scales;  // fp16
+  const uint16_t* zeros;  // null: symmetric (see symmetric_zero)
   int64_t G;
   int lane_shift;            // lane j's group in the chunk is j >> lane_shift: 2 for groups of 32, 3 for 64, 4 (one)
   int64_t chunks_per_group;  // groups of 128k columns: k, else 1
   Int4Bf16 expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros + e * N * G, G, lane_shift, chunks_per_group};
+    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift, chunks_per_group};
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
   Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
     const int64_t g0 = s * (16 >> lane_shift) / chunks_per_group;
     const __m512 scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
-    const __m512 zero = spread_groups(zeros + n * G + g0, G - g0, lane_shift);
+    const __m512 zero = zeros ? spread_groups(zeros + n * G + g0, G - g0, lane_shift) : symmetric_zero(scale);
     return {_mm512_loadu_si512(p), scale, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), scale, zero)};
   }
   struct Unpacked {
@@ -498,24 +504,26 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
                   K % group_size == 0,
               "group_size must be 32, 64 or a multiple of 128, and divide K");
   const int64_t G = K / group_size;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
-                  zeros.scalar_type() == at::kFloat && scales.is_contiguous() && zeros.is_contiguous() &&
-                  scales.numel() == E * N * G && zeros.numel() == E * N * G,
-              "int4 weights need uint8 packed and contiguous float32 scales and zeros (", experts ? "E, " : "",
-              "N, K / group_size)");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
+                  zeros.scalar_type() == at::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.numel() == E * N * G && (zeros.numel() == E * N * G || zeros.numel() == 0),
+              "int4 weights need uint8 packed and contiguous float16 scales and zeros (", experts ? "E, " : "",
+              "N, K / group_size); zeros empty for symmetric int4");
+  const auto* scales16 = static_cast<const uint16_t*>(scales.data_ptr());
+  const auto* zeros16 = zeros.numel() ? static_cast<const uint16_t*>(zeros.data_ptr()) : nullptr;
   const int lane_shift = group_size == 32 ? 2 : group_size == 64 ? 3 : 4;  // see spread_groups
 #ifdef __AVX512BF16__
   if (x.scalar_type() == at::kBFloat16) {
-    const Int4Bf16 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G, lane_shift,
+    const Int4Bf16 f{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift,
                      std::max<int64_t>(1, group_size / Int4::kCols)};
     return apply(f, x, permute_for_int4_bf16(x), N, experts, E);
   }
 #endif
   if (group_size < Int4::kCols) {
-    const Int4Lanes f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G, lane_shift};
+    const Int4Lanes f{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift};
     return apply(f, x, permute_for_int4(x), N, experts, E);
   }
-  const Int4 f{rows_of(packed, K / 2), scales.data_ptr<float>(), zeros.data_ptr<float>(), G,
+  const Int4 f{rows_of(packed, K / 2), scales16, zeros16, G,
                uint32_t(group_size / Int4::kCols)};
   return apply(f, x, permute_for_int4(x), N, experts, E);
 }

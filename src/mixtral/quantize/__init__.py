@@ -23,9 +23,12 @@ _BLOCK_ELEMENTS = 1 << 18
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = None,
+def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = None, symmetric: bool = False,
              progress: bool = True, lm_head: bool = True) -> nn.Module:
     """Replace attention and expert weights with int8 (per output channel) or int4 (per group) versions, in place.
+
+    int4 is asymmetric (a scale and a zero per group, fp16), or with symmetric=True llama.cpp's Q4_0: w = (q - 8) *
+    scale, a scale per group and no zero (4.5 bits a weight in groups of 32 where asymmetric takes 5).
 
     lm_head=True also stores the causal LM's output layer in int8 (per row), whatever the scheme: it is the largest
     weight a token reads after the experts, and its errors go straight into the logits, so it keeps 8 bits (as
@@ -40,21 +43,23 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
     if config.extra.get("quantization_config"):
         raise ValueError(f"the model is already quantized ({config.extra['quantization_config']})")
     group_size = _group_size(config, scheme, group_size)
+    symmetric = symmetric and scheme == "int4"
     modules = [m for m in model.modules() if isinstance(m, (Attention, Experts))]
     for module in tqdm(modules, desc=f"Quantizing to {scheme}", disable=not progress):
         if isinstance(module, Attention):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(module, name, QuantizedLinear(getattr(module, name), scheme, group_size))
+                setattr(module, name, QuantizedLinear(getattr(module, name), scheme, group_size, symmetric))
     for parent in list(model.modules()):
         experts = getattr(parent, "experts", None)
         if isinstance(experts, Experts) and not isinstance(experts, QuantizedExperts):
-            parent.experts = QuantizedExperts(experts, scheme, group_size)
+            parent.experts = QuantizedExperts(experts, scheme, group_size, symmetric)
     head = getattr(model, "lm_head", None)
     quantize_head = lm_head and isinstance(head, nn.Linear) and not config.tie_word_embeddings
     if quantize_head:
         model.lm_head = QuantizedLinear(head, "int8", group_size)
     config.extra["quantization_config"] = {"quant_method": "mixtral", "scheme": scheme,
                                            **({"group_size": group_size} if scheme == "int4" else {}),
+                                           **({"symmetric": True} if symmetric else {}),
                                            **({"lm_head": "int8"} if quantize_head else {})}
     return model
 
@@ -73,20 +78,22 @@ def _group_size(config, scheme: str, group_size: int | None) -> int:
     return group_size
 
 
-def _parse(spec: str | dict) -> tuple[str, int | None]:
-    """(scheme, group_size) from "int8" | "int4" or {"scheme": "int4", "group_size": 32} (config.json's form too)."""
+def _parse(spec: str | dict) -> tuple[str, int | None, bool]:
+    """(scheme, group_size, symmetric) from "int8" | "int4" or {"scheme": "int4", "group_size": 32, "symmetric":
+    True} (config.json's form too)."""
     if isinstance(spec, str):
-        scheme, group_size = spec, None
+        scheme, group_size, symmetric = spec, None, False
     elif isinstance(spec, dict):
-        unknown = set(spec) - {"scheme", "group_size", "quant_method", "lm_head"}
+        unknown = set(spec) - {"scheme", "group_size", "symmetric", "quant_method", "lm_head"}
         if unknown or "scheme" not in spec or spec.get("quant_method", "mixtral") != "mixtral":
-            raise ValueError(f"quantization={spec!r}: expected {{'scheme': one of {SCHEMES}, 'group_size': int}}")
-        scheme, group_size = spec["scheme"], spec.get("group_size")
+            raise ValueError(f"quantization={spec!r}: expected {{'scheme': one of {SCHEMES}, 'group_size': int, "
+                             "'symmetric': bool}")
+        scheme, group_size, symmetric = spec["scheme"], spec.get("group_size"), bool(spec.get("symmetric", False))
     else:
         raise TypeError(f"quantization must be a scheme name or a dict, got {type(spec).__name__}")
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}: expected one of {SCHEMES}")
-    return scheme, group_size
+    return scheme, group_size, symmetric
 
 
 class LoadQuantizer:
@@ -96,11 +103,13 @@ class LoadQuantizer:
     `float_state` keeps the float model's names and shapes, which the checkpoint formats know how to read.
     """
 
-    def __init__(self, model: nn.Module, scheme: str, group_size: int | None, lm_head: bool = True) -> None:
+    def __init__(self, model: nn.Module, scheme: str, group_size: int | None, symmetric: bool = False,
+                 lm_head: bool = True) -> None:
         self.float_state = dict(model.state_dict(keep_vars=True))
-        quantize(model, scheme, group_size, progress=False, lm_head=lm_head)
+        quantize(model, scheme, group_size, symmetric, progress=False, lm_head=lm_head)
         self._prefix: dict[str, str] = {}  # float weight name -> the name prefix of the buffers that replace it
-        self._scheme: dict[str, tuple[str, int]] = {}  # float weight name -> (scheme, group size): the module's
+        # float weight name -> (scheme, group size, symmetric): the module's
+        self._scheme: dict[str, tuple[str, int, bool]] = {}
         for name in self.float_state.keys() - model.state_dict().keys():
             module_name = name.rpartition(".")[0]
             module = model.get_submodule(module_name)
@@ -108,13 +117,13 @@ class LoadQuantizer:
             # weight's name: experts.gate_up_proj_qweight.
             linear = isinstance(module, QuantizedLinear)
             self._prefix[name] = f"{module_name}." if linear else f"{name}_"
-            self._scheme[name] = module.scheme, module.group_size
+            self._scheme[name] = module.scheme, module.group_size, module.symmetric
 
     def __contains__(self, name: str) -> bool:
         return name in self._prefix
 
-    def scheme_of(self, name: str) -> tuple[str, int]:
-        """(scheme, group size) of the buffers that replace float weight `name`."""
+    def scheme_of(self, name: str) -> tuple[str, int, bool]:
+        """(scheme, group size, symmetric) of the buffers that replace float weight `name`."""
         return self._scheme[name]
 
     def buffer(self, name: str, part: str) -> str:
@@ -147,7 +156,7 @@ def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict |
     scheme is an error."""
     want = None if requested is None else _parse(requested)
     if saved:
-        have = (saved["scheme"], saved.get("group_size"))
+        have = (saved["scheme"], saved.get("group_size"), bool(saved.get("symmetric", False)))
         if want is not None and (want[0] != have[0] or want[0] == "int4" and want[1] not in (None, have[1])):
             raise ValueError(f"the checkpoint is already quantized ({saved}); it cannot be loaded with "
                              f"quantization={requested!r} (leave quantization out, or ask for the same scheme)")

@@ -16,23 +16,25 @@ SCHEMES = ("int8", "int4")
 PARTS = {"int8": ("qweight", "scale"), "int4": ("packed", "scales", "zeros")}  # the buffers of each scheme
 
 
-def _quantize(w: torch.Tensor, scheme: str, group_size: int) -> dict[str, torch.Tensor]:
+def _quantize(w: torch.Tensor, scheme: str, group_size: int, symmetric: bool = False) -> dict[str, torch.Tensor]:
     if scheme == "int8":
         qweight, scale = kernels.quantize_int8(w)
         return {"qweight": qweight, "scale": scale}
-    packed, scales, zeros = kernels.quantize_int4(w, group_size)
+    packed, scales, zeros = kernels.quantize_int4(w, group_size, symmetric)
     return {"packed": packed, "scales": scales, "zeros": zeros}
 
 
-def _empty(shape: tuple[int, ...], scheme: str, group_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Buffers of the right shapes, unfilled (for loading a quantized checkpoint)."""
+def _empty(shape: tuple[int, ...], scheme: str, group_size: int, symmetric: bool = False,
+           device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Buffers of the right shapes, unfilled (for loading a quantized checkpoint); symmetric int4 has empty zeros."""
     *lead, n, k = shape
     if scheme == "int8":
         return {"qweight": torch.empty(*lead, n, k, dtype=torch.int8, device=device),
                 "scale": torch.empty(*lead, n, device=device)}
     g = k // group_size
     return {"packed": torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device),
-            "scales": torch.empty(*lead, n, g, device=device), "zeros": torch.empty(*lead, n, g, device=device)}
+            "scales": torch.empty(*lead, n, g, dtype=torch.float16, device=device),
+            "zeros": torch.empty(*lead, n, 0 if symmetric else g, dtype=torch.float16, device=device)}
 
 
 def _linear(scheme: str, x: torch.Tensor, q: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -56,13 +58,13 @@ def _dequantize(scheme: str, q: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 class QuantizedLinear(nn.Module):
     """y = x @ dequantize(W).T (+ bias), W stored quantized."""
 
-    def __init__(self, linear: nn.Linear, scheme: str, group_size: int) -> None:
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int, symmetric: bool = False) -> None:
         super().__init__()
-        self.scheme, self.group_size = scheme, group_size
+        self.scheme, self.group_size, self.symmetric = scheme, group_size, symmetric
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight
-        q = _empty(tuple(w.shape), scheme, group_size, w.device) if w.is_meta else _quantize(w.detach(), scheme,
-                                                                                             group_size)
+        q = (_empty(tuple(w.shape), scheme, group_size, symmetric, w.device) if w.is_meta
+             else _quantize(w.detach(), scheme, group_size, symmetric))
         for name, t in q.items():
             self.register_buffer(name, t)
         self.bias = linear.bias
@@ -75,20 +77,21 @@ class QuantizedLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, scheme={self.scheme}, group_size={self.group_size}"
+        return (f"{self.in_features}, {self.out_features}, scheme={self.scheme}, group_size={self.group_size}"
+                + (", symmetric" if self.symmetric else ""))
 
 
 class QuantizedExperts(Experts):
     """Experts with gate_up_proj and down_proj quantized; routing and dispatch are Experts' own."""
 
-    def __init__(self, experts: Experts, scheme: str, group_size: int) -> None:
+    def __init__(self, experts: Experts, scheme: str, group_size: int, symmetric: bool = False) -> None:
         nn.Module.__init__(self)
         self.num_experts, self.act = experts.num_experts, experts.act
-        self.scheme, self.group_size = scheme, group_size
+        self.scheme, self.group_size, self.symmetric = scheme, group_size, symmetric
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(experts, name)
-            q = _empty(tuple(w.shape), scheme, group_size, w.device) if w.is_meta else _quantize(w.detach(), scheme,
-                                                                                                 group_size)
+            q = (_empty(tuple(w.shape), scheme, group_size, symmetric, w.device) if w.is_meta
+                 else _quantize(w.detach(), scheme, group_size, symmetric))
             for part, t in q.items():
                 self.register_buffer(f"{name}_{part}", t)  # e.g. gate_up_proj_qweight (E, 2I, H)
 
