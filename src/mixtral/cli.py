@@ -121,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text)
     stats = model.offload_stats()
     if args.verbose and stats is not None:
-        print(f"offloaded experts: {stats['slots']} of {stats['experts']} a layer resident; {stats['hits']} hits, "
+        print(f"offloaded experts: {stats['slots']} of {stats['experts']} resident; {stats['hits']} hits, "
               f"{stats['misses']} misses ({stats['hit_rate']:.1%} hits); {stats['prefetched']} read ahead "
               f"({stats['prefetch_accuracy']:.1%} then used); {stats['bytes_read'] / 2**20:,.1f} MiB read",
               file=sys.stderr)

@@ -317,19 +317,20 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
 
 
 def _offload_slots(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, budget: int | None,
-                   may_offload: bool, folder: Any, ranks: int) -> int | None:
-    """Expert slots a layer when the weights must be offloaded to fit `budget` (None: they fit, or no budget)."""
+                   may_offload: bool, folder: Any, ranks: int) -> list[int] | None:
+    """Expert slots of each layer when the weights must be offloaded to fit `budget` (None: they fit, or no
+    budget)."""
     if budget is None:
         return None
     if not may_offload:
         check_fits(model, dtype, device, budget)
         return None
-    from ..offload import plan_slots
+    from ..offload import plan_slots, slots_text
 
     slots = plan_slots(model, dtype, budget, model.config.num_experts_per_tok)
     if slots is not None and folder is None:
         raise CheckpointError(f"the weights do not fit max_memory (or the free memory) on {device}: pass "
-                              f"offload_folder=DIR to keep on disk the experts that do not ({slots} a layer fit)")
+                              f"offload_folder=DIR to keep on disk the experts that do not ({slots_text(slots)} a layer fit)")
     if slots is not None and ranks > 1:
         raise CheckpointError("offloading experts and tp/ep do not go together: give each rank the memory it needs")
     return slots

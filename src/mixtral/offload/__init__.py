@@ -1,8 +1,9 @@
 """Experts offloaded to disk, for models bigger than memory: applied while loading (from_pretrained(device_map="auto",
 max_memory=..., offload_folder=...)), never threaded through the model.
 
-The dense part (embeddings, attention, norms, routers, LM head) stays resident; each layer keeps `slots` of its E
-experts in a pool (S = what max_memory leaves, at least top-k) and reads the others from an ExpertStore on demand.
+The dense part (embeddings, attention, norms, routers, LM head) stays resident; each layer keeps S of its E
+experts in a pool (what max_memory leaves, shared by the layers: some layers hold one more than others; at least
+top-k) and reads the others from an ExpertStore on demand.
 What it costs on Mixtral-8x7B in bf16: 3.2 GB of dense weights plus 352 MB an expert slot (x 32 layers), and
 for each miss one read of 352 MB at the disk's speed (about 0.35 s at 1 GB/s).
 """
@@ -42,19 +43,26 @@ def weight_split(model: nn.Module, dtype: torch.dtype) -> tuple[int, int, int, i
     return weight_bytes(model, dtype) - per_expert * e * len(layers), per_expert, len(layers), e
 
 
-def plan_slots(model: nn.Module, dtype: torch.dtype, budget: int, top_k: int) -> int | None:
-    """Expert slots a layer when the weights do not fit `budget` bytes (None when they do): what the budget leaves
-    after the dense part, shared by the layers; an error when that is fewer than top_k."""
+def plan_slots(model: nn.Module, dtype: torch.dtype, budget: int, top_k: int) -> list[int] | None:
+    """Expert slots of each layer when the weights do not fit `budget` bytes (None when they do): the experts that
+    the budget leaves room for after the dense part, shared by the layers as evenly as they go (the first layers
+    take the remainder, one more each); an error when a layer would get fewer than top_k."""
     if weight_bytes(model, dtype) <= budget or not any(isinstance(m, Experts) for m in model.modules()):
         return None
     dense, per_expert, layers, e = weight_split(model, dtype)
-    slots = (budget - dense) // (per_expert * layers)
+    total = max(0, budget - dense) // per_expert
+    slots = total // layers
     if slots < top_k:
         need = dense + top_k * per_expert * layers
         raise CheckpointError(f"max_memory allows {human_size(budget)}: the dense weights take {human_size(dense)} "
                               f"and each of the {layers} layers needs at least {top_k} experts of "
                               f"{human_size(per_expert)} resident, {human_size(need)} in all")
-    return None if slots >= e else int(slots)
+    return None if slots >= e else [int(slots) + (layer < total % layers) for layer in range(layers)]
+
+
+def slots_text(slots: list[int]) -> str:
+    """"4" or "4-5": the slots a layer, for messages."""
+    return str(min(slots)) if min(slots) == max(slots) else f"{min(slots)}-{max(slots)}"
 
 
 def make_pool(experts: nn.Module, slots: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -87,7 +95,7 @@ def offload_stats(model: nn.Module) -> dict[str, Any] | None:
                   "prefetch_hits": m.stats.prefetch_hits} for m in layers]
     total = {key: sum(r[key] for r in per_layer) for key in ("hits", "misses", "bytes_read", "prefetched",
                                                               "prefetch_hits")}
-    return {"slots": layers[0].slots, "experts": layers[0].num_experts, **total,
+    return {"slots": sum(m.slots for m in layers), "experts": sum(m.num_experts for m in layers), **total,
             "hit_rate": total["hits"] / max(1, total["hits"] + total["misses"]),
             "prefetch_accuracy": total["prefetch_hits"] / max(1, total["prefetched"]), "layers": per_layer}
 
@@ -106,9 +114,8 @@ def plan_summary(config: Any, dtype: torch.dtype, quantization: str | dict | Non
             quantize(model, *_parse(quantization), progress=False)
     dense, per_expert, layers, e = weight_split(model, dtype)
     k = config.num_experts_per_tok
-    slots = plan_slots(model, dtype, budget, k)
-    s = e if slots is None else slots
+    slots = plan_slots(model, dtype, budget, k) or [e] * layers
     return {"weights_bytes": weight_bytes(model, dtype), "dense_bytes": dense, "expert_bytes": per_expert,
-            "slots": s, "experts": e, "resident_bytes": dense + s * per_expert * layers,
-            "offloaded_bytes": (e - s) * per_expert * layers,
-            "read_per_token_bytes": int(layers * k * (1 - s / e) * per_expert)}
+            "slots": slots_text(slots), "experts": e, "resident_bytes": dense + sum(slots) * per_expert,
+            "offloaded_bytes": (e * layers - sum(slots)) * per_expert,
+            "read_per_token_bytes": int(sum(k * (1 - s / e) * per_expert for s in slots))}

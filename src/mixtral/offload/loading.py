@@ -18,13 +18,14 @@ from .store import ExpertStore, fields_of
 
 
 class OffloadLoader:
-    def __init__(self, model: nn.Module, slots: int, folder: str | os.PathLike, files: list[str],
+    def __init__(self, model: nn.Module, slots: list[int], folder: str | os.PathLike, files: list[str],
                  dtype: torch.dtype, device: torch.device) -> None:
         self.parents = [m for m in model.modules() if isinstance(getattr(m, "experts", None), Experts)]
         num_experts = self.parents[0].experts.num_experts
-        for parent in self.parents:  # the meta experts become empty pools of `slots` experts
-            make_pool(parent.experts, slots, dtype, device)
-        self.store = ExpertStore(folder, fields_of(self.parents[0].experts), len(self.parents), num_experts,
+        fields = fields_of(self.parents[0].experts)
+        for parent, s in zip(self.parents, slots, strict=True):  # the meta experts become empty pools of s experts
+            make_pool(parent.experts, s, dtype, device)
+        self.store = ExpertStore(folder, fields, len(self.parents), num_experts,
                                  source_id(files, dtype))
         self.reused = self.store.matches()
         if not self.reused:

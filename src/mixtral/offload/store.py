@@ -1,4 +1,5 @@
-"""Experts kept on disk, one file per layer, each expert's tensors contiguous: one read brings an expert into a slot.
+"""Experts kept on disk, one file per layer, each expert's tensors contiguous: a few large reads, in parallel, bring
+an expert into a slot.
 
 Layout of `layer_{l}.bin`: expert e's record starts at e * record_bytes and holds the expert's tensors (`fields`:
 the pool's per-expert tensors, e.g. gate_up_proj and down_proj, or their int4 buffers) back to back, padded to
@@ -23,6 +24,9 @@ import torch
 from ..checkpoint.source import CheckpointError
 
 ALIGN = 4096
+# Largest single read: an expert (99 MB in 8x7B's Q4_0) is read as several, in parallel, since the disk serves
+# more at a deeper queue (measured 1.1 GB/s one 4 MiB read at a time, 2.0 GB/s with 4 in flight).
+PIECE = 8 << 20
 MANIFEST = "manifest.json"
 
 
@@ -129,15 +133,25 @@ class ExpertStore:
                                       f"truncated or from another model; delete {self.folder} to lay it out again")
             self._fds[layer] = os.open(path, os.O_RDONLY)
 
-    def read(self, layer: int, expert: int, into: list[torch.Tensor]) -> int:
-        """Expert `expert` of `layer` into `into` (one contiguous tensor per field, in order), in one read; returns
-        the bytes read."""
-        fd, start = self._fds[layer], expert * self.record_bytes
-        want = sum(f.nbytes for f in self.fields)
-        got = os.preadv(fd, [_bytes(t) for t in into], start)
-        os.posix_fadvise(fd, start, self.record_bytes, os.POSIX_FADV_DONTNEED)
-        if got != want:
-            raise CheckpointError(f"{self.path(layer)}: read {got} of expert {expert}'s {want} bytes (truncated?)")
+    def pieces(self, into: list[torch.Tensor]) -> list[tuple[int, Any]]:
+        """An expert's record as reads of at most PIECE bytes: (offset in the record, the slot's bytes it fills),
+        given the slot's tensors `into` (one contiguous tensor per field, in order)."""
+        out = []
+        for f, t in zip(self.fields, into):
+            view = _bytes(t)
+            for start in range(0, f.nbytes, PIECE):
+                out.append((self.offsets[f.name] + start, view[start:start + PIECE]))
+        return out
+
+    def read(self, layer: int, expert: int, offset: int, into: Any) -> int:
+        """Bytes [offset, offset + len(into)) of expert `expert`'s record in `layer` into the buffer `into`, in one
+        read (the page cache released after it); returns the bytes read."""
+        fd, start = self._fds[layer], expert * self.record_bytes + offset
+        got = os.preadv(fd, [into], start)
+        os.posix_fadvise(fd, start, len(into), os.POSIX_FADV_DONTNEED)
+        if got != len(into):
+            raise CheckpointError(f"{self.path(layer)}: read {got} of {len(into)} bytes of expert {expert} at "
+                                  f"{offset} (truncated?)")
         return got
 
     def close(self) -> None:
