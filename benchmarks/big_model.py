@@ -179,7 +179,8 @@ def ours(gguf_path: str, store: str, budget: int, tokens: int) -> dict:
     dense = weight_bytes(model, model.dtype) - per_expert * sum(p.slots for p in pools)
     return {"engine": "ours", "load_s": load_s, "load_read_bytes": load_read, "budget_bytes": budget,
             "slots": model.offload_stats()["slots"], "dense_bytes": dense, "expert_bytes": per_expert,
-            "layers": len(pools), "rss_after_import_bytes": rss_base, "prefill_tok_s": tokens / prefill_s, "decode_tok_s": tokens / decode_s,
+            "layers": len(pools), "rss_after_import_bytes": rss_base, "prefill_tok_s": tokens / prefill_s,
+            "decode_tok_s": tokens / decode_s,
             "prefill_disk_bytes": disk1 - disk0, "decode_disk_bytes_per_token": (disk2 - disk1) / tokens,
             "prefill": delta(stats0, stats1), "decode": delta(stats1, stats2),
             "expert_load": [(c / c.sum()).tolist() for c in loads], "peak_rss_bytes": C.peak_rss_bytes()}
@@ -203,7 +204,8 @@ def sample_disk_bandwidth(store: str) -> float:
     picks = [(int(rng.integers(manifest["num_layers"])), int(rng.integers(manifest["num_experts"])))
              for _ in range(SAMPLE)]
     fds = [os.open(os.path.join(store, f"layer_{layer}.bin"), os.O_RDONLY) for layer in range(manifest["num_layers"])]
-    jobs = [(layer, e * record + off, min(PIECE, record - off)) for layer, e in picks for off in range(0, record, PIECE)]
+    jobs = [(layer, e * record + off, min(PIECE, record - off))
+            for layer, e in picks for off in range(0, record, PIECE)]
 
     def read(job: tuple[int, int, int]) -> int:
         layer, start, n = job

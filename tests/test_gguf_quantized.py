@@ -70,7 +70,8 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     assert isinstance(experts, QuantizedExperts) and (experts.scheme, experts.group_size) == ("int4", 32)
     # Q4_0's 4.5 bits a weight: 4-bit codes and an fp16 scale a block of 32, no zeros
     bits = 8 * sum(t.numel() * t.element_size() for t in experts.state_dict().values())
-    assert experts.symmetric and bits == 4.5 * (experts.gate_up_proj_packed.numel() + experts.down_proj_packed.numel()) * 2
+    weights = 2 * (experts.gate_up_proj_packed.numel() + experts.down_proj_packed.numel())  # two a byte
+    assert experts.symmetric and bits == 4.5 * weights
 
     float_model = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False, quantization="float")
     assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in float_model.modules())

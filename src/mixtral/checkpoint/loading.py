@@ -330,7 +330,8 @@ def _offload_slots(model: torch.nn.Module, dtype: torch.dtype, device: torch.dev
     slots = plan_slots(model, dtype, budget, model.config.num_experts_per_tok)
     if slots is not None and folder is None:
         raise CheckpointError(f"the weights do not fit max_memory (or the free memory) on {device}: pass "
-                              f"offload_folder=DIR to keep on disk the experts that do not ({slots_text(slots)} a layer fit)")
+                              "offload_folder=DIR to keep on disk the experts that do not "
+                              f"({slots_text(slots)} a layer fit)")
     if slots is not None and ranks > 1:
         raise CheckpointError("offloading experts and tp/ep do not go together: give each rank the memory it needs")
     return slots

@@ -197,7 +197,8 @@ struct Int4Bf16 : Rows {
   int lane_shift;            // lane j's group in the chunk is j >> lane_shift: 2 for groups of 32, 3 for 64, 4 (one)
   int64_t chunks_per_group;  // groups of 128k columns: k, else 1
   Int4Bf16 expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift, chunks_per_group};
+    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift,
+            chunks_per_group};
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
   Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
