@@ -151,9 +151,9 @@ class GGUFSource:
         return [t for name, t in self.tensors.items() if _INT4_MATRIX.fullmatch(name)]
 
     def load_q4_0(self, key: str) -> dict[str, torch.Tensor]:
-        """A Q4_0 tensor (..., N, K) as our int4 buffers with groups of 32 (mixtral.kernels' layout): the same numbers,
-        and never a float copy. A Q4_0 block is an fp16 scale d and 16 bytes whose low nibbles are its values 0-15 and
-        high nibbles 16-31, w = d (q - 8): our q * scale + zero with scale d and zero -8d (both exact in fp16)."""
+        """A Q4_0 tensor (..., N, K) as our symmetric int4 buffers with groups of 32 (mixtral.kernels' layout),
+        "packed" and "scales": the same numbers, and never a float copy. A Q4_0 block is an fp16 scale d and 16 bytes
+        whose low nibbles are its values 0-15 and high nibbles 16-31, w = d (q - 8)."""
         t = self.tensors[key]
         *lead, n, k = self.shape(key)
         rows, groups = int(np.prod(lead, dtype=np.int64)) * n, k // 32
@@ -171,8 +171,7 @@ class GGUFSource:
         except (ValueError, IndexError, OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {key!r} (Q4_0) from {self.path}: {e}") from None
         self._done(key)
-        return {"packed": packed.reshape(*lead, n, k // 2), "scales": scales.reshape(*lead, n, groups),
-                "zeros": -8 * scales.reshape(*lead, n, groups)}
+        return {"packed": packed.reshape(*lead, n, k // 2), "scales": scales.reshape(*lead, n, groups)}
 
     def _done(self, key: str) -> None:
         """After reading `key`: drop its file pages from this process (they stay in the page cache), so that the

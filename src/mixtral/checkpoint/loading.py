@@ -150,16 +150,19 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
 
 def _copy_q4_0(out: dict[str, torch.Tensor], quantizer: Any, name: str, index: tuple, recipe: Recipe, source: Any,
                meta: torch.Tensor) -> None:
-    """Fill out[...][index] (the int4 buffers of weight `name`) with the recipe's Q4_0 tensors, as stored. A row
-    permutation (q/k) applies to packed rows, scales and zeros alike; symmetric int4 takes no zeros (Q4_0's are -8d)."""
+    """Fill out[...][index] (the int4 buffers of weight `name`) with the recipe's Q4_0 tensors, as stored (symmetric
+    int4), or with zeros -8d beside them for asymmetric buffers (exact in fp16). A row permutation (q/k) applies to
+    packed rows, scales and zeros alike."""
+    symmetric = quantizer.scheme_of(name)[2]
     for part in recipe.parts:
         want, got = tuple(meta[index][part.index].shape), source.shape(part.key)
         if want != got:
             raise CheckpointError(f"shape mismatch for {part.key} (part of {name}): checkpoint has {got}, model "
                                   f"expects {want}")
-        for kind, t in source.load_q4_0(part.key).items():
-            if kind == "zeros" and quantizer.scheme_of(name)[2]:
-                continue
+        parts = source.load_q4_0(part.key)
+        if not symmetric:
+            parts["zeros"] = -8 * parts["scales"]
+        for kind, t in parts.items():
             out[quantizer.buffer(name, kind)][index][part.index].copy_(part.transform(t) if part.transform else t)
 
 

@@ -148,7 +148,7 @@ def _from_quantization_config(config: Any) -> str | dict[str, Any]:
     method = fields.get("quant_method", "bitsandbytes")
     method = str(getattr(method, "value", method)).lower()  # Transformers' QuantizationMethod enum, or a string
     if method == "mixtral":  # ours, as config.json records it
-        return {k: fields[k] for k in ("scheme", "group_size") if k in fields}
+        return {k: fields[k] for k in ("scheme", "group_size", "symmetric") if k in fields}
     if method != "bitsandbytes":
         raise ValueError(f"quantization_config: quant_method {method!r} is not supported; mixtral quantizes to its "
                          "own int8/int4 schemes (load_in_8bit=True, load_in_4bit=True)")

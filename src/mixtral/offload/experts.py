@@ -82,7 +82,7 @@ class OffloadedExperts(nn.Module):
 
     def fetch(self, experts: list[int], ahead: bool = False) -> None:
         """Make `experts` (at most S) resident: hits first (they become the most recent), then the misses, each
-        into the least recently used slot, read in parallel. ahead: a prefetch (counted apart)."""
+        into a free slot or the victim's (_victim), read in parallel. ahead: a prefetch (counted apart)."""
         assert len(experts) <= self.slots
         for e in experts:
             if e in self.resident:

@@ -25,8 +25,7 @@ class OffloadLoader:
         fields = fields_of(self.parents[0].experts)
         for parent, s in zip(self.parents, slots, strict=True):  # the meta experts become empty pools of s experts
             make_pool(parent.experts, s, dtype, device)
-        self.store = ExpertStore(folder, fields, len(self.parents), num_experts,
-                                 source_id(files, dtype))
+        self.store = ExpertStore(folder, fields, len(self.parents), num_experts, source_id(files, dtype))
         self.reused = self.store.matches()
         if not self.reused:
             self.store.begin()
