@@ -70,6 +70,9 @@ def _outputs(model) -> dict[str, torch.Tensor]:
 def test_bit_equal_at_every_cache_size(folder, tmp_path, slots):
     resident = MixtralForCausalLM.from_pretrained(folder, progress=False)
     model = _offloaded(folder, resident, slots, tmp_path / "store")
+    for layer in (m for m in model.modules() if isinstance(m, OffloadedExperts)):  # loading filled the slots
+        assert list(layer.resident) == list(range(layer.slots)) and not layer.free
+    assert model.offload_stats()["bytes_read"] == 0
     want, got = _outputs(resident), _outputs(model)
     for kind in want:
         assert torch.equal(got[kind], want[kind]), kind
@@ -80,14 +83,18 @@ def test_bit_equal_at_every_cache_size(folder, tmp_path, slots):
     assert resident.offload_stats() is None
 
 
-def test_quantized_and_q4_0_gguf_offload_equal_resident(folder, tmp_path):
+def test_quantized_and_q4_0_gguf_offload_equal_resident(folder, tmp_path, monkeypatch):
     from mixtral.checkpoint.gguf import save_gguf
+    from mixtral.offload import store
 
+    # reads of 1000 bytes: an expert's record in many reads, which split its fields and span two of them
+    monkeypatch.setattr(store, "PIECE", 1000)
     int4 = MixtralForCausalLM.from_pretrained(folder, progress=False, quantization="int4")
     model = _offloaded(folder, int4, 3, tmp_path / "int4", quantization="int4")
     assert model.model.layers[0].mlp.experts.pool.scheme == "int4"
     for kind, want in _outputs(int4).items():
         assert torch.equal(_outputs(model)[kind], want), kind
+    monkeypatch.undo()
 
     gguf_path = tmp_path / "q4_0.gguf"
     save_gguf(MixtralForCausalLM.from_pretrained(folder, progress=False), gguf_path, dtype="q4_0", progress=False)

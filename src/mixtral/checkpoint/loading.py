@@ -298,7 +298,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         for shard in _files(recipes[key], source) if quantizer else [f for f, k in last_use.items() if k == key]:
             source.release(shard)
     if offloader:
-        offloader.finish()
+        offloader.finish(progress)
     model.load_state_dict(state, strict=False, assign=True)
     del state
 

@@ -12,17 +12,23 @@ step is never evicted for another of the same step. Replayed on the demo model's
 (benchmarks/eviction.py) it hits 2-5 points more often than least recently used at 3-5 slots of 8, and the same
 on uniform random routing.
 
-Reads: each expert is read as pieces of a few MB, all of a step's in parallel on background threads (the disk
-serves more at a deeper queue). Prefetch: as soon as a layer has its input, the next layer's router applied to it
-guesses the next layer's experts, and those not resident are read beside this layer's own misses and while this
-layer and the next attention compute; the next layer waits for them before it looks. A wrong guess costs reads and
-evictions, never a wrong answer. Shapes: T tokens, K experts a token, H hidden, E experts, S slots.
+Reads: each expert is read whole, in one large read into its slot, on background threads (several experts in
+flight: the disk serves more at a deeper queue). Loading fills the slots first (preload), so that the first
+prompt reads only what they leave out. Prefetch: as soon as a layer has its input, the routers of the next
+PREFETCH_LAYERS layers applied to it guess their experts, and those not resident are read beside this layer's own
+misses while this and the next layers compute; a layer waits for the reads aimed at it before it looks. A wrong
+guess costs reads and evictions, never a wrong answer. A step that needs more experts than the layer has slots (a
+prompt) computes them one expert at a time, the resident ones first, and each slot whose expert is done (or not
+needed) takes the next missing expert's read at once, so that the reads overlap the compute. Shapes: T tokens, K
+experts a token, H hidden, E experts, S slots, N = T*K (token, expert) pairs.
 """
 
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
+import itertools
+import threading
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -32,14 +38,21 @@ from torch import nn
 from ..model.moe import FEW_TOKENS
 from .store import ExpertStore
 
-READ_THREADS = 8  # reads in flight at once (pieces of experts): an SSD serves several in parallel; os.preadv
-# releases the GIL. One of them may be a prefetch waiting for its own reads.
+READ_THREADS = 8  # reads in flight at once (whole experts, or pieces of large ones): an SSD serves several in
+# parallel; os.preadv releases the GIL
+PREFETCH_LAYERS = 2  # layers ahead whose experts a layer's input guesses: reads start that much earlier
 HALF_LIFE = 256  # steps of a layer after which a use counts half (LFU's aging)
 
 
 @functools.cache
 def _readers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="mixtral-offload")
+
+
+@functools.cache
+def _prefetchers() -> ThreadPoolExecutor:
+    """Where prefetches wait for their reads: apart from the readers, so that waiting never starves the reads."""
+    return ThreadPoolExecutor(PREFETCH_LAYERS + 1, thread_name_prefix="mixtral-prefetch")
 
 
 @dataclass
@@ -75,55 +88,76 @@ class OffloadedExperts(nn.Module):
         self.register_buffer("slot_of", torch.full((self.num_experts,), -1, dtype=torch.long), persistent=False)
         self.stats = OffloadStats()
         self._tensors = [t for t in pool.state_dict(keep_vars=True).values()]  # (S, ...) each, in the store's order
-        self.next: OffloadedExperts | None = None  # the next layer's experts and router, for prefetching
-        self.next_gate: nn.Module | None = None
-        self._ahead: Future | None = None  # this layer's prefetch in flight
+        self.ahead: list[tuple[OffloadedExperts, nn.Module]] = []  # the next layers' experts and routers (prefetch)
+        self._ahead: list[Future] = []  # prefetches aimed at this layer, in flight
+        self._lock = threading.Lock()  # one fetch at a time (prefetches come from two layers' threads)
         self._guessed: set[int] = set()  # experts read ahead and not needed since
+
+    def _read(self, e: int, slot: int) -> list[Future]:
+        """Start reading expert e into `slot` (taken from the free list or a victim), which now holds it."""
+        self.resident[e] = slot
+        self.slot_of[e] = slot
+        return [_readers().submit(self.store.read, self.layer, e, offset, bufs)
+                for offset, bufs in self.store.pieces([t.data[slot] for t in self._tensors])]
+
+    def _evict(self, e: int) -> int:
+        """Drop expert e from its slot; returns the slot."""
+        slot = self.resident.pop(e)
+        self.slot_of[e] = -1
+        self._guessed.discard(e)
+        return slot
+
+    def settle(self, reads: dict[int, list[Future]], count: bool = True) -> int:
+        """Wait for every read (failed or not: none may still write into a slot after this); bytes read, counted in
+        the stats unless not `count` (preload). On a failed read the slots of `reads` hold no expert any more, and
+        its error is raised."""
+        pending = [r for pieces in reads.values() for r in pieces]
+        wait(pending)
+        failed = next((r.exception() for r in pending if r.exception() is not None), None)
+        if failed is not None:  # slots half-written: no expert is taken to be in them, and the step fails
+            for e in reads:
+                self.free.append(self._evict(e))
+            raise failed
+        got = sum(r.result() for r in pending)
+        self.stats.bytes_read += got if count else 0
+        return got
+
+    def preload(self) -> dict[int, list[Future]]:
+        """Start filling the free slots with experts 0, 1, ... (loading ends so): the first steps then read only what
+        those leave out. The caller waits with settle(reads, count=False)."""
+        reads = {}
+        for e in range(self.num_experts):
+            if not self.free:
+                break
+            if e not in self.resident:
+                reads[e] = self._read(e, self.free.pop())
+        return reads
 
     def fetch(self, experts: list[int], ahead: bool = False) -> None:
         """Make `experts` (at most S) resident: hits first (they become the most recent), then the misses, each
         into a free slot or the victim's (_victim), read in parallel. ahead: a prefetch (counted apart)."""
         assert len(experts) <= self.slots
-        for e in experts:
-            if e in self.resident:
-                self.resident.move_to_end(e)
-                if not ahead:
-                    self.stats.hits += 1
-                    self.stats.prefetch_hits += e in self._guessed
-                    self._guessed.discard(e)
-        reads = {}
-        for e in experts:
-            if e in self.resident:
-                continue
-            if self.free:
-                slot = self.free.pop()
-            else:
-                evicted = self._victim(experts)
-                slot = self.resident.pop(evicted)
-                self.slot_of[evicted] = -1
-                self._guessed.discard(evicted)
-            self.resident[e] = slot
-            self.slot_of[e] = slot
-            reads[e] = [_readers().submit(self.store.read, self.layer, e, offset, buf)
-                        for offset, buf in self.store.pieces([t.data[slot] for t in self._tensors])]
+        with self._lock:
+            for e in experts:
+                if e in self.resident:
+                    self.resident.move_to_end(e)
+                    if not ahead:
+                        self.stats.hits += 1
+                        self.stats.prefetch_hits += e in self._guessed
+                        self._guessed.discard(e)
+            reads = {}
+            for e in experts:
+                if e not in self.resident:
+                    reads[e] = self._read(e, self.free.pop() if self.free else self._evict(self._victim(experts)))
+                    if ahead:
+                        self._guessed.add(e)
+            self.settle(reads)
             if ahead:
-                self._guessed.add(e)
-        pending = [r for pieces in reads.values() for r in pieces]
-        wait(pending)  # all of them, failed or not: none may still be writing into a slot after this
-        failed = next((r.exception() for r in pending if r.exception() is not None), None)
-        if failed is not None:  # slots half-written: no expert is taken to be in them, and the step fails
-            for e in reads:
-                self.free.append(self.resident.pop(e))
-                self.slot_of[e] = -1
-                self._guessed.discard(e)
-            raise failed
-        self.stats.bytes_read += sum(r.result() for r in pending)
-        if ahead:
-            self.stats.prefetched += len(reads)
-        else:
-            self.stats.misses += len(reads)
+                self.stats.prefetched += len(reads)
+            else:
+                self.stats.misses += len(reads)
 
-    def _victim(self, keep: list[int]) -> int:
+    def _victim(self, keep: list[int] | set[int]) -> int:
         """The resident expert to evict (not one of `keep`): the fewest aged uses, the least recent of ties."""
         candidates = [e for e in self.resident if e not in keep]  # least recent first: min() keeps the first of ties
         return min(candidates, key=lambda e: self.uses[e])
@@ -138,41 +172,79 @@ class OffloadedExperts(nn.Module):
             self._weight = 1.0
 
     def _prefetch_next(self, x_TH: torch.Tensor) -> None:
-        """Start reading what the next layer's router picks on this layer's input, if it fits the next layer's slots.
-        A guess of more experts than that (a prompt) is not read ahead: the next layer runs in rounds, which would
-        evict what was read ahead before its turn and read it again (measured: 38% more reads in a 16-token
-        prompt of the 8x7B shape)."""
-        nxt, gate = self.next, self.next_gate
-        if nxt is None or gate is None:
-            return
-        guess = gate(x_TH)[2].unique().tolist()  # (logits, weights, experts)[2]
-        if len(guess) <= nxt.slots and any(e not in nxt.resident for e in guess):
-            nxt._ahead = _readers().submit(nxt.fetch, guess, True)
+        """Start reading what each of the next layers' routers picks on this layer's input, where it fits that
+        layer's slots. A guess of more experts than that (a prompt) is not read ahead: that layer then streams all
+        of its slots, which would evict what was read ahead before its turn and read it again (measured: 38% more
+        reads in a 16-token prompt of the 8x7B shape)."""
+        for nxt, gate in self.ahead:
+            guess = gate(x_TH)[2].unique().tolist()  # (logits, weights, experts)[2]
+            if len(guess) <= nxt.slots and any(e not in nxt.resident for e in guess):
+                nxt._ahead.append(_prefetchers().submit(nxt.fetch, guess, True))
 
     @torch.no_grad()
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        if self._ahead is not None:  # this layer's prefetch must be done before its slots are looked at
-            self._ahead.result()
-            self._ahead = None
+        for ahead in self._ahead:  # the prefetches aimed at this layer must be done before its slots are looked at
+            ahead.result()
+        self._ahead.clear()
         self._prefetch_next(x_TH)  # the next layer's reads start now, beside this layer's misses
         needed = experts_TK.unique().tolist()  # a host sync: the reads are decided on the host
         self._count(needed)
         if len(needed) <= self.slots:
             self.fetch(needed)
             return self.pool(x_TH, weights_TK, self.slot_of[experts_TK])
-        # more experts than slots (a prompt, a big batch): rounds of S experts, each pair computed once; the resident
-        # ones first, so that each of the others is read once and none is evicted before its round
-        needed.sort(key=lambda e: e not in self.resident)
+        return self._stream(needed, x_TH, weights_TK, experts_TK)
+
+    def _stream(self, needed: list[int], x_TH: torch.Tensor, weights_TK: torch.Tensor,
+                experts_TK: torch.Tensor) -> torch.Tensor:
+        """A step that needs more experts than slots (a prompt, a big batch): one expert at a time, the resident
+        ones first; a missing expert's read starts as soon as a slot holds no expert still needed (a free slot,
+        an expert this step does not route to, or one already computed: the fewest aged uses first), so that it
+        overlaps the computing of the others. Each pair is computed on its own (pair_outputs), the pairs summed once."""
         t, k = experts_TK.shape
-        few = x_TH.shape[0] <= FEW_TOKENS  # the path the resident experts take for these T tokens
-        experts_N = experts_TK.reshape(-1)  # N = T*K pairs
+        few = t <= FEW_TOKENS  # the path the resident experts take for these T tokens
+        experts_N = experts_TK.reshape(-1)
+        order_N = torch.argsort(experts_N, stable=True)  # pairs grouped by expert
+        counts = torch.bincount(experts_N, minlength=self.num_experts).tolist()
+        starts = [0] + list(itertools.accumulate(counts))
         y_NH = x_TH.new_empty(t * k, x_TH.shape[1])
-        for start in range(0, len(needed), self.slots):
-            chunk = needed[start:start + self.slots]
-            self.fetch(chunk)
-            pairs = torch.isin(experts_N, torch.tensor(chunk, device=experts_N.device)).nonzero()[:, 0]  # (P,)
-            y_NH[pairs] = self.pool.pair_outputs(x_TH[pairs // k], weights_TK.reshape(-1)[pairs, None],
-                                                 self.slot_of[experts_N[pairs]][:, None], few=few)[:, 0]
+        resident = [e for e in needed if e in self.resident]
+        missing = deque(e for e in needed if e not in self.resident)
+        busy = set(needed)  # experts whose slots may not be taken yet
+        reads: dict[int, list[Future]] = {}
+        self.stats.hits += len(resident)
+        self.stats.prefetch_hits += sum(e in self._guessed for e in resident)
+        self._guessed.difference_update(resident)
+
+        def start_reads() -> None:
+            while missing:
+                if self.free:
+                    slot = self.free.pop()
+                elif any(r not in busy for r in self.resident):
+                    slot = self._evict(self._victim(busy))
+                else:
+                    return
+                e = missing.popleft()
+                reads[e] = self._read(e, slot)
+
+        order = resident + list(missing)
+        with self._lock:
+            try:
+                start_reads()
+                for e in order:
+                    if e in reads:
+                        self.settle({e: reads.pop(e)})
+                        self.stats.misses += 1
+                    pairs = order_N[starts[e]:starts[e + 1]]  # (P,)
+                    slot = torch.full((len(pairs), 1), int(self.slot_of[e]), dtype=torch.long)
+                    y_NH[pairs] = self.pool.pair_outputs(x_TH[pairs // k], weights_TK.reshape(-1)[pairs, None],
+                                                         slot, few=few)[:, 0]
+                    self.resident.move_to_end(e)
+                    busy.discard(e)
+                    start_reads()
+            finally:  # an error: no read may still write into a slot, nor an expert be taken to be in a half-read one
+                for e, pending in reads.items():
+                    wait(pending)
+                    self.free.append(self._evict(e))
         return y_NH.view(t, k, -1).sum(dim=1)
 
     def extra_repr(self) -> str:

@@ -6,14 +6,16 @@ checkpoint's experts at all. At the end each layer's experts module is an Offloa
 from __future__ import annotations
 
 import os
+from concurrent.futures import wait
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..model.moe import Experts
 from . import expert_key, make_pool, source_id
-from .experts import OffloadedExperts
+from .experts import PREFETCH_LAYERS, OffloadedExperts
 from .store import ExpertStore, fields_of
 
 
@@ -43,12 +45,24 @@ class OffloadLoader:
             self.store.write_field(layer, field, state.pop(name))
         return bool(names)
 
-    def finish(self) -> None:
-        """Seal the store (its manifest last), open it, and put each layer's pool behind an OffloadedExperts."""
+    def finish(self, progress: bool = True) -> None:
+        """Seal the store (its manifest last), open it, put each layer's pool behind an OffloadedExperts, and fill
+        the slots (OffloadedExperts.preload: every layer's reads in flight together)."""
         if not self.reused:
             self.store.finish()
         self.store.open()
         for layer, parent in enumerate(self.parents):
             parent.experts = OffloadedExperts(parent.experts, self.store, layer)
-        for this, nxt in zip(self.parents, self.parents[1:]):  # each layer guesses the next one's experts
-            this.experts.next, this.experts.next_gate = nxt.experts, nxt.gate
+        for i, this in enumerate(self.parents):  # each layer guesses the experts of the next PREFETCH_LAYERS
+            this.experts.ahead = [(nxt.experts, nxt.gate) for nxt in self.parents[i + 1:i + 1 + PREFETCH_LAYERS]]
+        layers = [parent.experts for parent in self.parents]
+        reads = [layer.preload() for layer in layers]
+        with tqdm(total=sum(len(r) for r in reads), desc="Reading resident experts", unit="expert",
+                  disable=not progress) as bar:
+            try:
+                for layer, r in zip(layers, reads):
+                    for e, pending in r.items():
+                        layer.settle({e: pending}, count=False)
+                        bar.update()
+            finally:  # a failed read: the others finish before the error leaves (none may write into freed memory)
+                wait([f for r in reads for pending in r.values() for f in pending])
