@@ -1,5 +1,5 @@
-"""A quantized GGUF stays quantized. Q4_0 matrices load as our int4 (groups of 32) as stored: the same numbers bit for
-bit, never a float copy of those matrices. Other types are re-quantized to the nearest scheme as each tensor is
+"""A quantized GGUF stays quantized. Q4_0 matrices load as our int4 (groups of 32) as stored, Q8_0 ones (and a Q8_0
+output layer) as our int8 in groups of 32: the same numbers bit for bit, never a float copy of those matrices. Other types are re-quantized to the nearest scheme as each tensor is
 read: exactly what quantize() gives on the dequantized model. Oracles: gguf-py's own dequantizer (the same file
 loaded with quantization="float"), Transformers' GGUF loading (test_gguf.py's dense Llama test runs the Q4_0 path
 too), quantize() after loading, and the demo model's perplexity on real English."""
@@ -7,6 +7,7 @@ too), quantize() after loading, and the demo model's perplexity on real English.
 from __future__ import annotations
 
 import re
+import warnings
 
 import gguf
 import pytest
@@ -35,10 +36,12 @@ def _files(tmp_path) -> dict[str, str]:
 
 
 def _dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The float weights that the model's int4 buffers stand for, named as the float model's parameters."""
+    """The float weights that the model's int4 (and int8) buffers stand for, named as the float model's parameters."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, QuantizedLinear) and m.scheme == "int8":
+            out[f"{name}.weight"] = kernels.dequantize_int8(m.qweight, m.scale, torch.float32)
+        elif isinstance(m, QuantizedLinear):
             out[f"{name}.weight"] = kernels.dequantize_int4(m.packed, m.scales, m.zeros, torch.float32)
         elif isinstance(m, QuantizedExperts):
             for w in ("gate_up_proj", "down_proj"):
@@ -63,9 +66,14 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     monkeypatch.undo()
     matrix = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|\.\d+)?)\.weight")
     assert dequantized_keys and not [k for k in dequantized_keys if matrix.fullmatch(k)]  # none was ever float
+    head = {"lm_head": "int8", "lm_head_group_size": 32} if layout == "stacked" else {}  # a Q8_0 output layer
     assert native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int4",
-                                                           "group_size": 32, "symmetric": True}
-    assert not isinstance(native.lm_head, QuantizedLinear) and native.lm_head.weight.dtype == torch.float32  # as read
+                                                           "group_size": 32, "symmetric": True, **head}
+    if layout == "stacked":  # our writer keeps the output layer in Q8_0: int8 in groups of 32, as stored
+        assert (native.lm_head.scheme, native.lm_head.group_size, native.lm_head.scale.dtype) == ("int8", 32,
+                                                                                                torch.float16)
+    else:  # a Q4_0 output layer: in floating point, as read
+        assert not isinstance(native.lm_head, QuantizedLinear) and native.lm_head.weight.dtype == torch.float32
     experts = native.model.layers[0].mlp.experts
     assert isinstance(experts, QuantizedExperts) and (experts.scheme, experts.group_size) == ("int4", 32)
     # Q4_0's 4.5 bits a weight: 4-bit codes and an fp16 scale a block of 32, no zeros
@@ -77,7 +85,7 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in float_model.modules())
     weights = dict(float_model.named_parameters())
     got = _dequantized(native)
-    assert len(got) == 2 * 4 + 2 * 2  # per layer: q, k, v, o, gate_up, down
+    assert len(got) == 2 * 4 + 2 * 2 + (layout == "stacked")  # per layer: q, k, v, o, gate_up, down; the output
     for name, w in got.items():  # gguf-py's dequantization, q/k permutation and stacking included: bit for bit
         assert torch.equal(w, weights[name]), name
     diff(f"gguf q4_0 native ({layout}) vs dequantized", logits(native), logits(float_model), tol=1e-5)
@@ -95,13 +103,34 @@ def test_q4_0_choices(tmp_path, diff):
     int8 = mixtral.MixtralForCausalLM.from_pretrained(path, progress=False, quantization="int8")
     assert int8.model.layers[0].mlp.experts.scheme == "int8"
 
-    q8 = tmp_path / "q8_0.gguf"  # other quantized types: re-quantized to the nearest scheme, unless asked for floats
+    q8 = tmp_path / "q8_0.gguf"  # Q8_0 matrices: int8 in groups of 32, as stored (unless asked for floats)
     save_gguf(tiny_mixtral(), q8, dtype="q8_0", progress=False)
-    with pytest.warns(UserWarning, match="re-quantized to int8"):
-        assert mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False).model.layers[0].mlp.experts.scheme \
-            == "int8"
-    assert "quantization_config" not in mixtral.MixtralForCausalLM.from_pretrained(
-        q8, progress=False, quantization="float").config.extra
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing re-quantized: no warning
+        q8_native = mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False)
+    q8_float = mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False, quantization="float")
+    assert "quantization_config" not in q8_float.config.extra
+    assert q8_native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int8",
+                                                              "group_size": 32, "lm_head": "int8",
+                                                              "lm_head_group_size": 32}
+    experts = q8_native.model.layers[0].mlp.experts  # 8.5 bits a weight: a code a byte, an fp16 scale a block of 32
+    assert 8 * sum(t.numel() * t.element_size() for t in experts.state_dict().values()) == 8.5 * (
+        experts.gate_up_proj_qweight.numel() + experts.down_proj_qweight.numel())
+    weights = dict(q8_float.named_parameters())
+    got = {f"{name}.weight": kernels.dequantize_int8(m.qweight, m.scale) for name, m in q8_native.named_modules()
+           if isinstance(m, QuantizedLinear)}
+    got.update({f"{name}.{w}": kernels.dequantize_int8(getattr(m, f"{w}_qweight"), getattr(m, f"{w}_scale"))
+                for name, m in q8_native.named_modules() if isinstance(m, QuantizedExperts)
+                for w in ("gate_up_proj", "down_proj")})
+    assert len(got) == 2 * 4 + 2 * 2 + 1
+    for name, w in got.items():  # gguf-py's dequantization: bit for bit
+        assert torch.equal(w, weights[name]), name
+    diff("gguf q8_0 native vs dequantized", logits(q8_native), logits(q8_float), tol=1e-5)
+    asked = mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False, quantization="int8")
+    assert all(torch.equal(a, b) for a, b in zip(q8_native.state_dict().values(), asked.state_dict().values()))
+    q8_native.save_pretrained(tmp_path / "q8-saved", progress=False)
+    diff("gguf q8_0 native saved and reloaded", logits(mixtral.MixtralForCausalLM.from_pretrained(
+        tmp_path / "q8-saved", progress=False)), logits(q8_native), tol=0.0)
 
     from mixtral.cli import main  # convert writes float formats: the Q4_0 matrices dequantized
 
@@ -122,8 +151,7 @@ def test_q4_0_choices(tmp_path, diff):
     assert {t.tensor_type for t in reader.tensors if ".attn_q." in t.name} == {QT.Q4_0}
 
 
-@pytest.mark.parametrize("kind, scheme", [(QT.Q4_K, "int4"), (QT.Q4_1, "int4"),
-                                          (QT.Q5_0, "int8"), (QT.Q6_K, "int8"), (QT.Q8_0, "int8")],
+@pytest.mark.parametrize("kind, scheme", [(QT.Q4_K, "int4"), (QT.Q4_1, "int4"), (QT.Q5_0, "int8"), (QT.Q6_K, "int8")],
                          ids=lambda k: getattr(k, "name", k))
 def test_other_types_requantize_to_the_nearest_scheme(tmp_path, tf_llama, kind, scheme, diff):
     """Each quantized matrix is re-quantized as it is read: bit for bit what quantize() gives on the dequantized
@@ -137,7 +165,7 @@ def test_other_types_requantize_to_the_nearest_scheme(tmp_path, tf_llama, kind, 
         ours = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
     dequantized = mixtral.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False,
                                                             quantization="float")
-    want = quantize(dequantized, scheme, 32 if scheme == "int4" else None, progress=False, lm_head=False)
+    want = quantize(dequantized, scheme, 32, progress=False, lm_head=False)
     state, expected = ours.state_dict(), want.state_dict()
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
     ids = torch.tensor([[1, 5, 9, 33, 2, 17, 60, 4]]) % LLAMA["vocab_size"]

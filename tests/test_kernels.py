@@ -158,6 +158,45 @@ def test_expert_linear_int8(t):
     assert_matches(y, torch.einsum("tk,tjnk->tjn", x, kernels.dequantize_int8(qweight, scale)[experts]))
 
 
+def test_quantize_int8_groups():
+    """Grouped int8 (llama.cpp's Q8_0 in groups of 32): an fp16 scale a group, max |w| / 127; weights that are
+    such values come back exactly, others within scale / 2."""
+    q = torch.randint(-127, 128, (2, 8, 96), generator=torch.Generator().manual_seed(0))
+    q[..., ::32] = 127  # each group's largest magnitude is code 127
+    d = (torch.rand(2, 8, 3, generator=torch.Generator().manual_seed(1)) + 0.5).half()
+    w = q * d.float().repeat_interleave(32, -1)
+    qweight, scale = kernels.quantize_int8(w, 32)
+    assert qweight.dtype == torch.int8 and scale.shape == (2, 8, 3) and scale.dtype == torch.float16
+    assert torch.equal(qweight, q.to(torch.int8)) and torch.equal(scale, d)
+    assert torch.equal(kernels.dequantize_int8(qweight, scale), w)
+    w2 = randn(4, 16, 256)
+    w2[0, 0, 64:128] = 0  # all-zero groups: scale 0, codes 0
+    qweight, scale = kernels.quantize_int8(w2, 64)
+    err = (kernels.dequantize_int8(qweight, scale) - w2).abs().unflatten(-1, (4, 64)).amax(dim=-1)
+    assert (err <= scale.float() / 2 * (1 + 1e-3)).all() and scale[0, 0, 1] == 0
+    with pytest.raises(ValueError):
+        kernels.quantize_int8(randn(4, 100), 32)
+
+
+# k, group size: K = 32 mod 64 (a last half chunk), groups straddling chunks (96), one group a row
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 65])
+@pytest.mark.parametrize("k, group_size", [(256, 32), (160, 32), (288, 96), (128, 128)])
+def test_linear_int8_groups(dtype, m, k, group_size):
+    x, (qweight, scale) = randn(m, k, dtype=dtype), kernels.quantize_int8(randn(37, k, seed=1), group_size)
+    y = kernels.linear_int8(x, qweight, scale)
+    assert y.dtype == dtype
+    assert_matches(y, F.linear(x.float(), kernels.dequantize_int8(qweight, scale)))
+
+
+@pytest.mark.parametrize("t", [1, 5, 64])
+def test_expert_linear_int8_groups(t):
+    x, experts = randn(t, 160), routing(t)
+    qweight, scale = kernels.quantize_int8(randn(8, 33, 160, seed=1), 32)
+    y = kernels.expert_linear_int8(x, qweight, scale, experts)
+    assert_matches(y, torch.einsum("tk,tjnk->tjn", x, kernels.dequantize_int8(qweight, scale)[experts]))
+
+
 # ---- int4 ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("group_size", [128, 32, 6])
 def test_quantize_int4_error(group_size):

@@ -81,8 +81,10 @@ def test_save_and_reload(model, scheme, tmp_path):
     assert isinstance(back.model.layers[0].mlp.experts, QuantizedExperts)
     scale = back.model.layers[0].self_attn.q_proj.scale if scheme == "int8" else \
         back.model.layers[0].self_attn.q_proj.scales
-    # scales are not rounded to the activation dtype (bf16): int8's stay fp32, int4's fp16 (llama.cpp's blocks')
-    assert scale.dtype == (torch.float32 if scheme == "int8" else torch.float16)
+    # scales are not rounded to the activation dtype (bf16): fp16, as llama.cpp's blocks' (int8 in groups of 32 is
+    # its Q8_0, int4 symmetric its Q4_0)
+    assert scale.dtype == torch.float16 and scale.shape[-1] == q.config.hidden_size // 32
+    assert config["quantization_config"]["group_size"] == 32
     ids = torch.randint(0, 128, (1, 7))
     with torch.no_grad():
         assert torch.equal(q(ids).logits, back(ids).logits)
@@ -157,12 +159,14 @@ def test_quantize_while_loading_errors(folder, tmp_path):
         MixtralForCausalLM.from_pretrained(folder, progress=False, quantization={"scheme": "int4", "bits": 4})
     with pytest.raises(ValueError, match="group_size=48 must divide"):
         MixtralForCausalLM.from_pretrained(folder, progress=False, quantization={"scheme": "int4", "group_size": 48})
+    with pytest.raises(ValueError, match="int8 group_size=48 must be a multiple of 32"):
+        MixtralForCausalLM.from_pretrained(folder, progress=False, quantization={"scheme": "int8", "group_size": 48})
     MixtralForCausalLM.from_pretrained(folder, progress=False, quantization="int8").save_pretrained(tmp_path,
                                                                                                  progress=False)
-    for other in ("int4", {"scheme": "int4", "group_size": 32}):
+    for other in ("int4", {"scheme": "int4", "group_size": 32}, {"scheme": "int8", "group_size": 32}):  # per row
         with pytest.raises(ValueError, match=r"already quantized .*'scheme': 'int8'"):
             MixtralForCausalLM.from_pretrained(tmp_path, progress=False, quantization=other)
-    for same in ("int8", {"scheme": "int8", "group_size": 32}):  # the checkpoint's own scheme: nothing to do
+    for same in ("int8", {"scheme": "int8"}):  # the checkpoint's own scheme: nothing to do
         _assert_same_state(MixtralForCausalLM.from_pretrained(tmp_path, progress=False, quantization=same),
                            MixtralForCausalLM.from_pretrained(tmp_path, progress=False))
 

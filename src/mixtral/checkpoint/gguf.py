@@ -129,23 +129,33 @@ class GGUFSource:
         t = self.tensors.get(key)
         return t is not None and t.tensor_type == QT.Q4_0
 
+    def is_q8_0(self, key: str) -> bool:
+        t = self.tensors.get(key)
+        return t is not None and t.tensor_type == QT.Q8_0
+
     def stores_q4_0(self) -> bool:
         """Whether every matrix that int4 quantization covers (attention, experts or the dense MLP) is Q4_0 here."""
         matrices = self._int4_matrices()
         return bool(matrices) and all(t.tensor_type == QT.Q4_0 for t in matrices)
 
+    def stores_q8_0(self) -> bool:
+        """Whether every matrix that quantization covers is Q8_0 here."""
+        matrices = self._int4_matrices()
+        return bool(matrices) and all(t.tensor_type == QT.Q8_0 for t in matrices)
+
     def nearest_scheme(self) -> dict[str, Any] | None:
         """The quantization that keeps this file's matrices (attention, experts) nearest to how it stores them, when
         they are all quantized: int4 in groups of 32 where most of their weights have codes of 4 bits or fewer
         (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K), symmetric where all are Q4_0 (its blocks taken as they are, 4.5 bits a
-        weight), else int8 (Q5_*, Q6_K, Q8_0); None for a file whose matrices are floats, or partly."""
+        weight), else int8 in groups of 32 (Q5_*, Q6_K, Q8_0: Q8_0's blocks taken as they are, 8.5 bits a weight);
+        None for a file whose matrices are floats, or partly."""
         matrices = self._int4_matrices()
         if not matrices or any(t.tensor_type in _FLOAT_TYPES for t in matrices):
             return None
         low = sum(int(t.n_elements) for t in matrices if t.tensor_type in _FOUR_BIT_CODES)
         if low * 2 >= sum(int(t.n_elements) for t in matrices):
             return {"scheme": "int4", "group_size": 32, **({"symmetric": True} if self.stores_q4_0() else {})}
-        return {"scheme": "int8"}
+        return {"scheme": "int8", "group_size": 32}
 
     def _int4_matrices(self) -> list[Any]:
         return [t for name, t in self.tensors.items() if _INT4_MATRIX.fullmatch(name)]
@@ -172,6 +182,26 @@ class GGUFSource:
             raise CheckpointError(f"cannot read {key!r} (Q4_0) from {self.path}: {e}") from None
         self._done(key)
         return {"packed": packed.reshape(*lead, n, k // 2), "scales": scales.reshape(*lead, n, groups)}
+
+    def load_q8_0(self, key: str) -> dict[str, torch.Tensor]:
+        """A Q8_0 tensor (..., N, K) as our int8 buffers in groups of 32, "qweight" and "scale": the same numbers, and
+        never a float copy. A Q8_0 block is an fp16 scale d and 32 int8 codes q, w = d q."""
+        t = self.tensors[key]
+        *lead, n, k = self.shape(key)
+        rows, groups = int(np.prod(lead, dtype=np.int64)) * n, k // 32
+        qweight = torch.empty(rows, k, dtype=torch.int8)
+        scale = torch.empty(rows, groups, dtype=torch.float16)
+        try:
+            blocks = np.asarray(t.data).reshape(rows, groups, 34)
+            step = max(1, (1 << 22) // k)  # rows a chunk: a few MB of temporaries at a time
+            for r in range(0, rows, step):
+                chunk = torch.from_numpy(np.array(blocks[r:r + step]))  # (R, G, 34) uint8, copied off the read-only map
+                scale[r:r + step] = chunk[..., :2].contiguous().view(torch.float16)[..., 0]
+                qweight[r:r + step] = chunk[..., 2:].contiguous().view(torch.int8).reshape(-1, k)
+        except (ValueError, IndexError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {key!r} (Q8_0) from {self.path}: {e}") from None
+        self._done(key)
+        return {"qweight": qweight.reshape(*lead, n, k), "scale": scale.reshape(*lead, n, groups)}
 
     def _done(self, key: str) -> None:
         """After reading `key`: drop its file pages from this process (they stay in the page cache), so that the

@@ -133,11 +133,13 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
     checkpoint tensor's float copy (e.g. one expert's w1) is the most that ever exists."""
     out = quantizer.empty(name, tuple(shape), device)
     meta = torch.empty(shape, device="meta")
-    native = quantizer.scheme_of(name)[:2] == ("int4", 32) and all(getattr(source, "is_q4_0", lambda key: False)(p.key)
-                                                                for p in recipe.parts)
+    # GGUF's Q4_0 and Q8_0 blocks are int4 and int8 groups of 32 already: taken as they are
+    native = {("int4", 32): "q4_0", ("int8", 32): "q8_0"}.get(quantizer.scheme_of(name)[:2])
+    if native and not all(getattr(source, f"is_{native}", lambda key: False)(p.key) for p in recipe.parts):
+        native = None
     for index, part in _row_blocks(recipe, len(shape)) or [((), recipe)]:
-        if native:  # GGUF's Q4_0 blocks are int4 groups of 32 already: taken as they are
-            _copy_q4_0(out, quantizer, name, index, part, source, meta)
+        if native:
+            _copy_blocks(native, out, quantizer, name, index, part, source, meta)
             continue
         w = _assemble(part, meta[index].shape, source, dtype, device, name)
         quantizer.quantize_into(out, name, w, index)
@@ -148,22 +150,22 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
     return out
 
 
-def _copy_q4_0(out: dict[str, torch.Tensor], quantizer: Any, name: str, index: tuple, recipe: Recipe, source: Any,
-               meta: torch.Tensor) -> None:
-    """Fill out[...][index] (the int4 buffers of weight `name`) with the recipe's Q4_0 tensors, as stored (symmetric
-    int4), or with zeros -8d beside them for asymmetric buffers (exact in fp16). A row permutation (q/k) applies to
-    packed rows, scales and zeros alike."""
+def _copy_blocks(kind: str, out: dict[str, torch.Tensor], quantizer: Any, name: str, index: tuple, recipe: Recipe,
+                 source: Any, meta: torch.Tensor) -> None:
+    """Fill out[...][index] (the buffers of weight `name`) with the recipe's GGUF tensors of `kind`: Q8_0 as int8 in
+    groups of 32; Q4_0 as stored (symmetric int4), or with zeros -8d beside them for asymmetric buffers (exact in
+    fp16). A row permutation (q/k) applies to every buffer's rows alike."""
     symmetric = quantizer.scheme_of(name)[2]
     for part in recipe.parts:
         want, got = tuple(meta[index][part.index].shape), source.shape(part.key)
         if want != got:
             raise CheckpointError(f"shape mismatch for {part.key} (part of {name}): checkpoint has {got}, model "
                                   f"expects {want}")
-        parts = source.load_q4_0(part.key)
-        if not symmetric:
+        parts = source.load_q8_0(part.key) if kind == "q8_0" else source.load_q4_0(part.key)
+        if kind == "q4_0" and not symmetric:
             parts["zeros"] = -8 * parts["scales"]
-        for kind, t in parts.items():
-            out[quantizer.buffer(name, kind)][index][part.index].copy_(part.transform(t) if part.transform else t)
+        for buffer, t in parts.items():
+            out[quantizer.buffer(name, buffer)][index][part.index].copy_(part.transform(t) if part.transform else t)
 
 
 def _trim_heap() -> None:
@@ -210,14 +212,16 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
                               "or Mistral's params.json + consolidated.safetensors")
     config._attn_implementation = check_attn_implementation(attn_implementation or config._attn_implementation)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    # A quantized GGUF stays quantized unless asked otherwise (see GGUFSource.nearest_scheme): Q4_0 matrices as
-    # they are, others re-quantized as each is read; its output layer stays in floating point, as read.
-    # ("int4" asked of a Q4_0 file is the same: its blocks taken as they are)
+    # A quantized GGUF stays quantized unless asked otherwise (see GGUFSource.nearest_scheme): Q4_0 and Q8_0
+    # matrices as they are, others re-quantized as each is read; its output layer as int8 in groups of 32 where it
+    # is Q8_0 (as stored), else in floating point. ("int4" asked of a Q4_0 file, "int8" of a Q8_0 one: the same)
     nearest = source.nearest_scheme() if is_gguf and tp * ep == 1 else None
-    gguf_default = nearest is not None and (quantization is None or quantization == "int4" and source.stores_q4_0())
+    gguf_default = nearest is not None and (quantization is None or quantization == "int4" and source.stores_q4_0()
+                                            or quantization == "int8" and source.stores_q8_0())
+    head_groups = 32 if gguf_default and source.is_q8_0("output.weight") else False
     if gguf_default:
         quantization = nearest
-        if not source.stores_q4_0():
+        if not (source.stores_q4_0() or source.stores_q8_0()):
             warnings.warn(f"{os.path.basename(folder)}: its quantized matrices are re-quantized to "
                           f"{quantization['scheme']} as they are read (quantization='float' dequantizes them)",
                           stacklevel=3)
@@ -237,7 +241,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         elif saved or quantization is not None:  # swap in empty quantized modules, which loading then fills
             from ..quantize import load_quantizer
 
-            quantizer = load_quantizer(model, quantization, saved, lm_head=not gguf_default)
+            quantizer = load_quantizer(model, quantization, saved, lm_head=head_groups if gguf_default else True)
     # Our names, spelled as in MixtralForCausalLM ("model." + backbone key), which the format plans expect; when
     # quantizing while loading, the float model's, whose weights the quantizer turns into its buffers as they come.
     own = dict(quantizer.float_state if quantizer else model.state_dict(keep_vars=True))

@@ -11,7 +11,9 @@ or more than MAX_ROWS rows of x (long prompts, where F.linear is the faster path
 Shape suffixes: M rows of x, K inputs, N outputs, E experts, T tokens, J (Kt) experts per token, G groups per row.
 
 Quantized layouts (weight-only; x stays fp32 or bf16):
-- int8, symmetric per output row: w[n, k] ~ qweight[n, k] * scale[n], qweight in [-127, 127].
+- int8, symmetric per output row: w[n, k] ~ qweight[n, k] * scale[n], qweight in [-127, 127], scale fp32; or per
+  group of `group_size` columns (a multiple of 32) as llama.cpp's Q8_0 (blocks of 32): w[n, k] ~ qweight[n, k] *
+  scale[n, k // group_size], scale fp16 (..., N, G): 8.5 bits a weight in groups of 32.
 - int4, asymmetric per group of `group_size` consecutive columns: w[n, k] ~ q[n, k] * scales[n, g] + zeros[n, g]
   with g = k // group_size and q in [0, 15]; `zeros` is the value of code 0 (the group's minimum), so the error is
   at most scales / 2. Two codes a byte, in column order: packed[n, i] = q[n, 2i] | q[n, 2i + 1] << 4. Scales and
@@ -113,11 +115,23 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -> to
 
 
 # ---- int8 weights ----------------------------------------------------------------------------------------------
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., N, K) float -> (qweight int8 (..., N, K), scale float32 (..., N)), symmetric per output row."""
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., N, K) float -> (qweight int8 (..., N, K), scale), symmetric: per output row (scale float32 (..., N)),
+    or per group of group_size columns (scale float16 (..., N, K / group_size), the codes chosen against it)."""
     w = w.float()
-    scale = w.abs().amax(dim=-1) / 127  # (..., N)
-    qweight = (w / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).round().clamp(-127, 127)
+    if group_size is None:
+        scale = w.abs().amax(dim=-1) / 127  # (..., N)
+        qweight = (w / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).round().clamp(-127, 127)
+        return qweight.to(torch.int8), scale
+    k = w.shape[-1]
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"int8 groups need K divisible by group_size; got K={k}, group_size={group_size}")
+    w_NGS = w.unflatten(-1, (k // group_size, group_size))
+    scale = (w_NGS.abs().amax(dim=-1) / 127).half()  # (..., N, G)
+    if not scale.isfinite().all():
+        raise ValueError("grouped int8 stores its scales in float16: these weights exceed its range (65504)")
+    safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    qweight = (w_NGS / safe).round().clamp(-127, 127).flatten(-2)
     return qweight.to(torch.int8), scale
 
 
@@ -134,24 +148,36 @@ def _by_row_blocks(shape: torch.Size, dtype: torch.dtype, device: torch.device,
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """qweight * scale: (..., N, K) weights in `dtype`."""
+    """qweight * scale (per row, or per group when scale is (..., N, G)): (..., N, K) weights in `dtype`."""
+    if scale.dim() == qweight.dim():  # grouped
+        return _by_row_blocks(qweight.shape, dtype, qweight.device, lambda rows: (
+            qweight[..., rows, :].float().unflatten(-1, (scale.shape[-1], -1)) * scale[..., rows, :, None].float()
+        ).flatten(-2))
     return _by_row_blocks(qweight.shape, dtype, qweight.device,
                           lambda rows: qweight[..., rows, :].float() * scale[..., rows, None])
+
+
+def _int8_kernel_takes(qweight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Per-row scales, or groups of a multiple of 32 columns."""
+    if scale.dim() < qweight.dim():
+        return True
+    k, g = qweight.shape[-1], scale.shape[-1]
+    return g > 0 and k % g == 0 and (k // g) % 32 == 0
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ dequantize_int8(qweight, scale).T, (..., K) -> (..., N) in x's dtype, fp32 math."""
     ops = _kernels(x, qweight, scale)
-    if ops is None or qweight.dim() != 2:
+    if ops is None or qweight.dim() != 2 or not _int8_kernel_takes(qweight, scale):
         return _float_linear(x, dequantize_int8(qweight, scale))
     return ops.linear_int8(x, qweight, scale, None)
 
 
 def expert_linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        experts: torch.Tensor) -> torch.Tensor:
-    """expert_linear with int8 experts: qweight (E, N, K), scale (E, N) -> (T, Kt, N) in x's dtype."""
+    """expert_linear with int8 experts: qweight (E, N, K), scale (E, N) or (E, N, G) -> (T, Kt, N) in x's dtype."""
     ops = _kernels(x, qweight, scale, experts=experts)
-    if ops is None or experts.dtype != torch.long:
+    if ops is None or experts.dtype != torch.long or not _int8_kernel_takes(qweight, scale):
         return _per_expert(x, experts, *qweight.shape[:2],
                            lambda x_MK, e: _float_linear(x_MK, dequantize_int8(qweight[e], scale[e])))
     return ops.linear_int8(x, qweight, scale, experts)

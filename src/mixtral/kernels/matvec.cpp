@@ -105,6 +105,30 @@ struct Int8 : Fp32 {
   float finish(int64_t n, float acc) const { return acc * scale[n]; }
 };
 
+// int8 codes in groups of a multiple of 32 columns (llama.cpp's Q8_0: blocks of 32), an fp16 scale each. A chunk's
+// halves (columns 64s..64s+31, 64s+32..64s+63) each lie in one group: vectors 0-1 take the first's scale, 2-3 the
+// second's, multiplied into the widened codes.
+struct Int8Groups : Fp32 {
+  static constexpr int kCols = 64, V = 4;
+  struct Chunk {
+    const uint8_t* codes;
+    __m512 scale[2];
+  };
+  const uint16_t* scales;  // fp16 (N, G)
+  int64_t G, group_size;
+  Int8Groups expert(int64_t e, int64_t N) const { return {Fp32::expert(e, N), scales + e * N * G, G, group_size}; }
+  int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
+    const uint16_t* row = scales + n * G;  // a last half chunk (K = 32 mod 64) has no second group: its x is zero
+    const int64_t second = std::min(G - 1, (64 * s + 32) / group_size);
+    return {p, {broadcast_half(row[64 * s / group_size]), broadcast_half(row[second])}};
+  }
+  static __m512 weights(const Chunk& w, int v) {
+    const __m128i codes = _mm_loadu_si128((const __m128i*)(w.codes + 16 * v));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), w.scale[v >> 1]);
+  }
+};
+
 // int4 codes, two a byte (column 2i in the low nibble of byte i): dword j of a chunk holds columns 8j..8j+7, column
 // 8j+v in bits 4v..4v+3. VPERMPS looks the code up in a 16-entry table per row and group, q * scale + zero, using
 // only the low 4 bits of each dword, so vector v is a shift and a lookup; x is permuted to match (permute_for_int4). The
@@ -437,9 +461,17 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
                        const std::optional<at::Tensor>& experts) {
   const int64_t K = q.size(-1), N = q.size(-2), E = experts ? q.size(0) : 1;
   check(x, q, K, experts);
-  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.numel() == E * N,
-              "int8 weights need int8 qweight and contiguous float32 scale (", experts ? "E, " : "", "N)");
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.is_contiguous() &&
+                  (scale.scalar_type() == at::kFloat && scale.numel() == E * N ||
+                   scale.scalar_type() == at::kHalf && scale.numel() % (E * N) == 0 && scale.numel() > 0),
+              "int8 weights need int8 qweight and a contiguous scale: float32 (", experts ? "E, " : "",
+              "N) per row, or float16 (", experts ? "E, " : "", "N, G) per group");
+  if (scale.scalar_type() == at::kHalf) {
+    const int64_t G = scale.numel() / (E * N);
+    TORCH_CHECK(K % G == 0 && (K / G) % 32 == 0, "int8 groups must be a multiple of 32 columns that divides K");
+    const Int8Groups f{{rows_of(q, K)}, static_cast<const uint16_t*>(scale.data_ptr()), G, K / G};
+    return apply(f, x, rows_as(x, at::kFloat), N, experts, E);
+  }
   const Int8 f{{rows_of(q, K)}, scale.data_ptr<float>()};
   return apply(f, x, rows_as(x, at::kFloat), N, experts, E);
 }

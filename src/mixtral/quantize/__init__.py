@@ -24,15 +24,17 @@ _BLOCK_ELEMENTS = 1 << 18
 
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = None, symmetric: bool = False,
-             progress: bool = True, lm_head: bool = True) -> nn.Module:
-    """Replace attention and expert weights with int8 (per output channel) or int4 (per group) versions, in place.
+             progress: bool = True, lm_head: bool | int = True) -> nn.Module:
+    """Replace attention and expert weights with int8 (per output channel, or per group of group_size columns: a
+    multiple of 32, llama.cpp's Q8_0 in 32) or int4 (per group) versions, in place.
 
     int4 is asymmetric (a scale and a zero per group, fp16), or with symmetric=True llama.cpp's Q4_0: w = (q - 8) *
     scale, a scale per group and no zero (4.5 bits a weight in groups of 32 where asymmetric takes 5).
 
     lm_head=True also stores the causal LM's output layer in int8 (per row), whatever the scheme: it is the largest
     weight a token reads after the experts, and its errors go straight into the logits, so it keeps 8 bits (as
-    llama.cpp keeps 6-8 for its output layer). An output layer tied to the embeddings stays in floating point.
+    llama.cpp keeps 6-8 for its output layer); an int: in int8 groups of that many columns (a GGUF's Q8_0 output
+    layer, as stored). An output layer tied to the embeddings stays in floating point.
 
     int4's group_size=None picks 128 columns where every input width allows it (the AVX-512 int4 kernel's
     fastest unit: one lookup table per 128 columns), else 32 (llama.cpp's block; the kernels take 32, 64 and
@@ -54,27 +56,31 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
         if isinstance(experts, Experts) and not isinstance(experts, QuantizedExperts):
             parent.experts = QuantizedExperts(experts, scheme, group_size, symmetric)
     head = getattr(model, "lm_head", None)
-    quantize_head = lm_head and isinstance(head, nn.Linear) and not config.tie_word_embeddings
+    quantize_head = lm_head is not False and isinstance(head, nn.Linear) and not config.tie_word_embeddings
+    head_groups = None if isinstance(lm_head, bool) else _group_size(config, "int8", lm_head)
     if quantize_head:
-        model.lm_head = QuantizedLinear(head, "int8", group_size)
+        model.lm_head = QuantizedLinear(head, "int8", head_groups)
     config.extra["quantization_config"] = {"quant_method": "mixtral", "scheme": scheme,
-                                           **({"group_size": group_size} if scheme == "int4" else {}),
+                                           **({"group_size": group_size} if group_size else {}),
                                            **({"symmetric": True} if symmetric else {}),
-                                           **({"lm_head": "int8"} if quantize_head else {})}
+                                           **({"lm_head": "int8"} if quantize_head else {}),
+                                           **({"lm_head_group_size": head_groups} if quantize_head and head_groups
+                                              else {})}
     return model
 
 
-def _group_size(config, scheme: str, group_size: int | None) -> int:
-    """The group size quantize() uses: checked, or picked for group_size=None (see quantize)."""
+def _group_size(config, scheme: str, group_size: int | None) -> int | None:
+    """The group size quantize() uses: checked, or picked for group_size=None (see quantize; int8: None, per row)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}: expected one of {SCHEMES}")
     widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size)
     if group_size is None:
-        group_size = 128 if all(k % 128 == 0 for k in widths) else 32
-    if scheme == "int4":
-        for k in widths:
-            if k % group_size:
-                raise ValueError(f"int4 group_size={group_size} must divide every input width; {k} is not a multiple")
+        return None if scheme == "int8" else 128 if all(k % 128 == 0 for k in widths) else 32
+    if scheme == "int8" and group_size % 32:
+        raise ValueError(f"int8 group_size={group_size} must be a multiple of 32")
+    for k in widths:
+        if k % group_size:
+            raise ValueError(f"{scheme} group_size={group_size} must divide every input width; {k} is not a multiple")
     return group_size
 
 
@@ -84,7 +90,7 @@ def _parse(spec: str | dict) -> tuple[str, int | None, bool]:
     if isinstance(spec, str):
         scheme, group_size, symmetric = spec, None, False
     elif isinstance(spec, dict):
-        unknown = set(spec) - {"scheme", "group_size", "symmetric", "quant_method", "lm_head"}
+        unknown = set(spec) - {"scheme", "group_size", "symmetric", "quant_method", "lm_head", "lm_head_group_size"}
         if unknown or "scheme" not in spec or spec.get("quant_method", "mixtral") != "mixtral":
             raise ValueError(f"quantization={spec!r}: expected {{'scheme': one of {SCHEMES}, 'group_size': int, "
                              "'symmetric': bool}")
@@ -104,7 +110,7 @@ class LoadQuantizer:
     """
 
     def __init__(self, model: nn.Module, scheme: str, group_size: int | None, symmetric: bool = False,
-                 lm_head: bool = True) -> None:
+                 lm_head: bool | int = True) -> None:
         self.float_state = dict(model.state_dict(keep_vars=True))
         quantize(model, scheme, group_size, symmetric, progress=False, lm_head=lm_head)
         self._prefix: dict[str, str] = {}  # float weight name -> the name prefix of the buffers that replace it
@@ -149,7 +155,7 @@ class LoadQuantizer:
 
 
 def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict | None,
-                   lm_head: bool = True) -> LoadQuantizer | None:
+                   lm_head: bool | int = True) -> LoadQuantizer | None:
     """Prepare a meta-device model for loading: swap in the empty quantized modules of the checkpoint's scheme
     (`saved`, config.json's quantization_config), or of `requested` (lm_head: as quantize's), returning the
     LoadQuantizer that then quantizes each weight as it is read. A request that disagrees with the checkpoint's
@@ -157,9 +163,10 @@ def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict |
     want = None if requested is None else _parse(requested)
     if saved:
         have = (saved["scheme"], saved.get("group_size"), bool(saved.get("symmetric", False)))
-        if want is not None and (want[0] != have[0] or want[0] == "int4" and want[1] not in (None, have[1])):
+        if want is not None and (want[0] != have[0] or want[1] not in (None, have[1])):
             raise ValueError(f"the checkpoint is already quantized ({saved}); it cannot be loaded with "
                              f"quantization={requested!r} (leave quantization out, or ask for the same scheme)")
-        quantize(model, *have, progress=False, lm_head=saved.get("lm_head") == "int8")
+        quantize(model, *have, progress=False,
+                 lm_head=saved.get("lm_head_group_size", True) if saved.get("lm_head") == "int8" else False)
         return None
     return None if want is None else LoadQuantizer(model, *want, lm_head=lm_head)

@@ -1,4 +1,5 @@
-"""Weight-only quantized replacements for Linear and Experts: int8 per output row, int4 per column group.
+"""Weight-only quantized replacements for Linear and Experts: int8 per output row or column group, int4 per column
+group.
 
 The weights live as buffers (qweight/scale, or packed/scales/zeros); activations stay in the model's dtype.
 Few rows (decoding) run the kernels straight on the quantized weights; more rows dequantize then multiply.
@@ -16,21 +17,23 @@ SCHEMES = ("int8", "int4")
 PARTS = {"int8": ("qweight", "scale"), "int4": ("packed", "scales", "zeros")}  # the buffers of each scheme
 
 
-def _quantize(w: torch.Tensor, scheme: str, group_size: int, symmetric: bool = False) -> dict[str, torch.Tensor]:
+def _quantize(w: torch.Tensor, scheme: str, group_size: int | None, symmetric: bool = False) -> dict[str, torch.Tensor]:
+    """int8: per output row where group_size is None, else per group (fp16 scales); int4: per group."""
     if scheme == "int8":
-        qweight, scale = kernels.quantize_int8(w)
+        qweight, scale = kernels.quantize_int8(w, group_size)
         return {"qweight": qweight, "scale": scale}
     packed, scales, zeros = kernels.quantize_int4(w, group_size, symmetric)
     return {"packed": packed, "scales": scales, "zeros": zeros}
 
 
-def _empty(shape: tuple[int, ...], scheme: str, group_size: int, symmetric: bool = False,
+def _empty(shape: tuple[int, ...], scheme: str, group_size: int | None, symmetric: bool = False,
            device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Buffers of the right shapes, unfilled (for loading a quantized checkpoint); symmetric int4 has empty zeros."""
     *lead, n, k = shape
     if scheme == "int8":
-        return {"qweight": torch.empty(*lead, n, k, dtype=torch.int8, device=device),
-                "scale": torch.empty(*lead, n, device=device)}
+        scale = (torch.empty(*lead, n, device=device) if group_size is None
+                 else torch.empty(*lead, n, k // group_size, dtype=torch.float16, device=device))
+        return {"qweight": torch.empty(*lead, n, k, dtype=torch.int8, device=device), "scale": scale}
     g = k // group_size
     return {"packed": torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device),
             "scales": torch.empty(*lead, n, g, dtype=torch.float16, device=device),
@@ -58,7 +61,7 @@ def _dequantize(scheme: str, q: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 class QuantizedLinear(nn.Module):
     """y = x @ dequantize(W).T (+ bias), W stored quantized."""
 
-    def __init__(self, linear: nn.Linear, scheme: str, group_size: int, symmetric: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int | None, symmetric: bool = False) -> None:
         super().__init__()
         self.scheme, self.group_size, self.symmetric = scheme, group_size, symmetric
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -77,14 +80,14 @@ class QuantizedLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, scheme={self.scheme}, group_size={self.group_size}"
-                + (", symmetric" if self.symmetric else ""))
+        return (f"{self.in_features}, {self.out_features}, scheme={self.scheme}"
+                + (f", group_size={self.group_size}" if self.group_size else "") + (", symmetric" if self.symmetric else ""))
 
 
 class QuantizedExperts(Experts):
     """Experts with gate_up_proj and down_proj quantized; routing and dispatch are Experts' own."""
 
-    def __init__(self, experts: Experts, scheme: str, group_size: int, symmetric: bool = False) -> None:
+    def __init__(self, experts: Experts, scheme: str, group_size: int | None, symmetric: bool = False) -> None:
         nn.Module.__init__(self)
         self.num_experts, self.act = experts.num_experts, experts.act
         self.scheme, self.group_size, self.symmetric = scheme, group_size, symmetric
