@@ -66,14 +66,12 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     monkeypatch.undo()
     matrix = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|\.\d+)?)\.weight")
     assert dequantized_keys and not [k for k in dequantized_keys if matrix.fullmatch(k)]  # none was ever float
-    head = {"lm_head": "int8", "lm_head_group_size": 32} if layout == "stacked" else {}  # a Q8_0 output layer
+    # the output layer as stored: our writer's Q8_0 as int8 in groups of 32, the other file's Q4_0 as symmetric int4
+    head = {"scheme": "int8", "group_size": 32} if layout == "stacked" else {"scheme": "int4", "group_size": 32,
+                                                                              "symmetric": True}
     assert native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int4",
-                                                           "group_size": 32, "symmetric": True, **head}
-    if layout == "stacked":  # our writer keeps the output layer in Q8_0: int8 in groups of 32, as stored
-        assert (native.lm_head.scheme, native.lm_head.group_size, native.lm_head.scale.dtype) == ("int8", 32,
-                                                                                                torch.float16)
-    else:  # a Q4_0 output layer: in floating point, as read
-        assert not isinstance(native.lm_head, QuantizedLinear) and native.lm_head.weight.dtype == torch.float32
+                                                           "group_size": 32, "symmetric": True, "lm_head": head}
+    assert (native.lm_head.scheme, native.lm_head.group_size) == (head["scheme"], 32)
     experts = native.model.layers[0].mlp.experts
     assert isinstance(experts, QuantizedExperts) and (experts.scheme, experts.group_size) == ("int4", 32)
     # Q4_0's 4.5 bits a weight: 4-bit codes and an fp16 scale a block of 32, no zeros
@@ -85,7 +83,7 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in float_model.modules())
     weights = dict(float_model.named_parameters())
     got = _dequantized(native)
-    assert len(got) == 2 * 4 + 2 * 2 + (layout == "stacked")  # per layer: q, k, v, o, gate_up, down; the output
+    assert len(got) == 2 * 4 + 2 * 2 + 1  # per layer: q, k, v, o, gate_up, down; the output layer
     for name, w in got.items():  # gguf-py's dequantization, q/k permutation and stacking included: bit for bit
         assert torch.equal(w, weights[name]), name
     diff(f"gguf q4_0 native ({layout}) vs dequantized", logits(native), logits(float_model), tol=1e-5)
@@ -111,8 +109,8 @@ def test_q4_0_choices(tmp_path, diff):
     q8_float = mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False, quantization="float")
     assert "quantization_config" not in q8_float.config.extra
     assert q8_native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int8",
-                                                              "group_size": 32, "lm_head": "int8",
-                                                              "lm_head_group_size": 32}
+                                                              "group_size": 32, "lm_head": {"scheme": "int8",
+                                                                                           "group_size": 32}}
     experts = q8_native.model.layers[0].mlp.experts  # 8.5 bits a weight: a code a byte, an fp16 scale a block of 32
     assert 8 * sum(t.numel() * t.element_size() for t in experts.state_dict().values()) == 8.5 * (
         experts.gate_up_proj_qweight.numel() + experts.down_proj_qweight.numel())

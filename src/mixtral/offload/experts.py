@@ -12,8 +12,9 @@ step is never evicted for another of the same step. Replayed on the demo model's
 (benchmarks/eviction.py) it hits 2-5 points more often than least recently used at 3-5 slots of 8, and the same
 on uniform random routing.
 
-Reads: each expert is read whole, in one large read into its slot, on background threads (several experts in
-flight: the disk serves more at a deeper queue). Loading fills the slots first (preload), so that the first
+Reads: each expert is read front to back into its slot by one background thread (ExpertStore.read_expert: one
+sequential stream that the kernel reads ahead), several experts in flight (the disk serves more at a deeper
+queue). Loading fills the slots first (preload), so that the first
 prompt reads only what they leave out. Prefetch: as soon as a layer has its input, the routers of the next
 PREFETCH_LAYERS layers applied to it guess their experts, and those not resident are read beside this layer's own
 misses while this and the next layers compute; a layer waits for the reads aimed at it before it looks. A wrong
@@ -38,8 +39,7 @@ from torch import nn
 from ..model.moe import FEW_TOKENS
 from .store import ExpertStore
 
-READ_THREADS = 8  # reads in flight at once (whole experts, or pieces of large ones): an SSD serves several in
-# parallel; os.preadv releases the GIL
+READ_THREADS = 8  # experts read at once: an SSD serves several in parallel; os.preadv releases the GIL
 PREFETCH_LAYERS = 2  # layers ahead whose experts a layer's input guesses: reads start that much earlier
 HALF_LIFE = 256  # steps of a layer after which a use counts half (LFU's aging)
 
@@ -93,12 +93,11 @@ class OffloadedExperts(nn.Module):
         self._lock = threading.Lock()  # one fetch at a time (prefetches come from two layers' threads)
         self._guessed: set[int] = set()  # experts read ahead and not needed since
 
-    def _read(self, e: int, slot: int) -> list[Future]:
+    def _read(self, e: int, slot: int) -> Future:
         """Start reading expert e into `slot` (taken from the free list or a victim), which now holds it."""
         self.resident[e] = slot
         self.slot_of[e] = slot
-        return [_readers().submit(self.store.read, self.layer, e, offset, bufs)
-                for offset, bufs in self.store.pieces([t.data[slot] for t in self._tensors])]
+        return _readers().submit(self.store.read_expert, self.layer, e, [t.data[slot] for t in self._tensors])
 
     def _evict(self, e: int) -> int:
         """Drop expert e from its slot; returns the slot."""
@@ -107,11 +106,11 @@ class OffloadedExperts(nn.Module):
         self._guessed.discard(e)
         return slot
 
-    def settle(self, reads: dict[int, list[Future]], count: bool = True) -> int:
+    def settle(self, reads: dict[int, Future], count: bool = True) -> int:
         """Wait for every read (failed or not: none may still write into a slot after this); bytes read, counted in
         the stats unless not `count` (preload). On a failed read the slots of `reads` hold no expert any more, and
         its error is raised."""
-        pending = [r for pieces in reads.values() for r in pieces]
+        pending = list(reads.values())
         wait(pending)
         failed = next((r.exception() for r in pending if r.exception() is not None), None)
         if failed is not None:  # slots half-written: no expert is taken to be in them, and the step fails
@@ -122,7 +121,7 @@ class OffloadedExperts(nn.Module):
         self.stats.bytes_read += got if count else 0
         return got
 
-    def preload(self) -> dict[int, list[Future]]:
+    def preload(self) -> dict[int, Future]:
         """Start filling the free slots with experts 0, 1, ... (loading ends so): the first steps then read only what
         those leave out. The caller waits with settle(reads, count=False)."""
         reads = {}
@@ -210,7 +209,7 @@ class OffloadedExperts(nn.Module):
         resident = [e for e in needed if e in self.resident]
         missing = deque(e for e in needed if e not in self.resident)
         busy = set(needed)  # experts whose slots may not be taken yet
-        reads: dict[int, list[Future]] = {}
+        reads: dict[int, Future] = {}
         self.stats.hits += len(resident)
         self.stats.prefetch_hits += sum(e in self._guessed for e in resident)
         self._guessed.difference_update(resident)
@@ -242,8 +241,8 @@ class OffloadedExperts(nn.Module):
                     busy.discard(e)
                     start_reads()
             finally:  # an error: no read may still write into a slot, nor an expert be taken to be in a half-read one
-                for e, pending in reads.items():
-                    wait(pending)
+                wait(reads.values())
+                for e in reads:
                     self.free.append(self._evict(e))
         return y_NH.view(t, k, -1).sum(dim=1)
 

@@ -65,4 +65,4 @@ class OffloadLoader:
                         layer.settle({e: pending}, count=False)
                         bar.update()
             finally:  # a failed read: the others finish before the error leaves (none may write into freed memory)
-                wait([f for r in reads for pending in r.values() for f in pending])
+                wait([f for r in reads for f in r.values()])

@@ -24,11 +24,14 @@ import torch
 from ..checkpoint.source import CheckpointError
 
 ALIGN = 4096
-# Largest single read. An expert's record (99 MB in 8x7B's Q4_0) is read whole, in one preadv into its slot's
-# tensors: the kernel's readahead then keeps the disk's queue full. Measured on this machine's disk, random 8x7B
-# experts, page cache dropped, 3-6 trials each: one read an expert, 2-4 in flight: 1.5-2.1 GB/s; 48 MiB pieces,
-# 4 in flight: 1.4-2.0; 8 MiB pieces, 8 in flight: 1.1-1.35; O_DIRECT, 2-4 MiB pieces, 16 in flight: 1.3-1.65.
-PIECE = 128 << 20
+# Largest single read. An expert's record (99 MB in 8x7B's Q4_0) is read front to back in pieces of this size by
+# one thread (read_expert), each piece's page cache released after it: the kernel's readahead sees one sequential
+# stream and keeps the disk's queue full, while the page cache in flight stays within about 2 pieces an expert.
+# Measured on this machine's disk, random 8x7B experts, page cache dropped, 3 trials each: 8 MiB pieces in order,
+# 2-4 experts in flight: 2.1-2.2 GB/s; one read an expert: 2.0-2.4 (the whole expert in the page cache at once);
+# the same 8 MiB pieces spread over 8 threads out of order: 1.1-1.35; O_DIRECT, 2-4 MiB pieces, 16 in flight:
+# 1.3-1.65.
+PIECE = 8 << 20
 MANIFEST = "manifest.json"
 
 
@@ -151,6 +154,11 @@ class ExpertStore:
                 out[-1][1].append(view[start:start + n])
                 filled, start = filled + n, start + n
         return out
+
+    def read_expert(self, layer: int, expert: int, into: list[torch.Tensor]) -> int:
+        """Expert `expert`'s record in `layer` into the slot's tensors `into` (one per field, in order), piece by
+        piece from the front; returns the bytes read."""
+        return sum(self.read(layer, expert, offset, bufs) for offset, bufs in self.pieces(into))
 
     def read(self, layer: int, expert: int, offset: int, into: list[Any]) -> int:
         """Bytes from `offset` of expert `expert`'s record in `layer` into the buffers `into` in turn, in one read

@@ -24,7 +24,7 @@ _BLOCK_ELEMENTS = 1 << 18
 
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = None, symmetric: bool = False,
-             progress: bool = True, lm_head: bool | int = True) -> nn.Module:
+             progress: bool = True, lm_head: bool | str | dict = True) -> nn.Module:
     """Replace attention and expert weights with int8 (per output channel, or per group of group_size columns: a
     multiple of 32, llama.cpp's Q8_0 in 32) or int4 (per group) versions, in place.
 
@@ -33,8 +33,8 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
 
     lm_head=True also stores the causal LM's output layer in int8 (per row), whatever the scheme: it is the largest
     weight a token reads after the experts, and its errors go straight into the logits, so it keeps 8 bits (as
-    llama.cpp keeps 6-8 for its output layer); an int: in int8 groups of that many columns (a GGUF's Q8_0 output
-    layer, as stored). An output layer tied to the embeddings stays in floating point.
+    llama.cpp keeps 6-8 for its output layer); a scheme (as `quantization=` takes them): in that one (a GGUF's Q8_0
+    or Q4_0 output layer, as stored). An output layer tied to the embeddings stays in floating point.
 
     int4's group_size=None picks 128 columns where every input width allows it (the AVX-512 int4 kernel's
     fastest unit: one lookup table per 128 columns), else 32 (llama.cpp's block; the kernels take 32, 64 and
@@ -57,16 +57,22 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
             parent.experts = QuantizedExperts(experts, scheme, group_size, symmetric)
     head = getattr(model, "lm_head", None)
     quantize_head = lm_head is not False and isinstance(head, nn.Linear) and not config.tie_word_embeddings
-    head_groups = None if isinstance(lm_head, bool) else _group_size(config, "int8", lm_head)
     if quantize_head:
-        model.lm_head = QuantizedLinear(head, "int8", head_groups)
+        head_scheme = ("int8", None, False) if lm_head is True else _parse(lm_head)
+        head_scheme = (head_scheme[0], _group_size(config, *head_scheme[:2]), head_scheme[2])
+        model.lm_head = QuantizedLinear(head, *head_scheme)
     config.extra["quantization_config"] = {"quant_method": "mixtral", "scheme": scheme,
                                            **({"group_size": group_size} if group_size else {}),
                                            **({"symmetric": True} if symmetric else {}),
-                                           **({"lm_head": "int8"} if quantize_head else {}),
-                                           **({"lm_head_group_size": head_groups} if quantize_head and head_groups
-                                              else {})}
+                                           **({"lm_head": _spec(*head_scheme)} if quantize_head else {})}
     return model
+
+
+def _spec(scheme: str, group_size: int | None, symmetric: bool) -> str | dict:
+    """How config.json records a scheme: "int8" (per row), else {"scheme", "group_size"[, "symmetric"]}."""
+    if group_size is None:
+        return scheme
+    return {"scheme": scheme, "group_size": group_size, **({"symmetric": True} if symmetric else {})}
 
 
 def _group_size(config, scheme: str, group_size: int | None) -> int | None:
@@ -90,7 +96,7 @@ def _parse(spec: str | dict) -> tuple[str, int | None, bool]:
     if isinstance(spec, str):
         scheme, group_size, symmetric = spec, None, False
     elif isinstance(spec, dict):
-        unknown = set(spec) - {"scheme", "group_size", "symmetric", "quant_method", "lm_head", "lm_head_group_size"}
+        unknown = set(spec) - {"scheme", "group_size", "symmetric", "quant_method", "lm_head"}
         if unknown or "scheme" not in spec or spec.get("quant_method", "mixtral") != "mixtral":
             raise ValueError(f"quantization={spec!r}: expected {{'scheme': one of {SCHEMES}, 'group_size': int, "
                              "'symmetric': bool}")
@@ -110,7 +116,7 @@ class LoadQuantizer:
     """
 
     def __init__(self, model: nn.Module, scheme: str, group_size: int | None, symmetric: bool = False,
-                 lm_head: bool | int = True) -> None:
+                 lm_head: bool | str | dict = True) -> None:
         self.float_state = dict(model.state_dict(keep_vars=True))
         quantize(model, scheme, group_size, symmetric, progress=False, lm_head=lm_head)
         self._prefix: dict[str, str] = {}  # float weight name -> the name prefix of the buffers that replace it
@@ -155,7 +161,7 @@ class LoadQuantizer:
 
 
 def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict | None,
-                   lm_head: bool | int = True) -> LoadQuantizer | None:
+                   lm_head: bool | str | dict = True) -> LoadQuantizer | None:
     """Prepare a meta-device model for loading: swap in the empty quantized modules of the checkpoint's scheme
     (`saved`, config.json's quantization_config), or of `requested` (lm_head: as quantize's), returning the
     LoadQuantizer that then quantizes each weight as it is read. A request that disagrees with the checkpoint's
@@ -166,7 +172,6 @@ def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict |
         if want is not None and (want[0] != have[0] or want[1] not in (None, have[1])):
             raise ValueError(f"the checkpoint is already quantized ({saved}); it cannot be loaded with "
                              f"quantization={requested!r} (leave quantization out, or ask for the same scheme)")
-        quantize(model, *have, progress=False,
-                 lm_head=saved.get("lm_head_group_size", True) if saved.get("lm_head") == "int8" else False)
+        quantize(model, *have, progress=False, lm_head=saved.get("lm_head", False))
         return None
     return None if want is None else LoadQuantizer(model, *want, lm_head=lm_head)
