@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as QT
 import mixtral
 from mixtral import kernels
 from mixtral.checkpoint.gguf import GGUFSource, save_gguf
-from mixtral.quantize.modules import QuantizedExperts, QuantizedLinear
+from mixtral.quantize.modules import QuantizedEmbedding, QuantizedExperts, QuantizedLinear
 from test_gguf import (LLAMA, TINY, _tiny_byte_level_data, hf_llama_to_llama_cpp, logits, per_expert_tensors,
                        tf_llama, tiny_mixtral, write_llama_cpp_gguf)  # noqa: F401 - tf_llama: a fixture
 
@@ -39,7 +39,9 @@ def _dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The float weights that the model's int4 (and int8) buffers stand for, named as the float model's parameters."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear) and m.scheme == "int8":
+        if isinstance(m, QuantizedEmbedding):  # the rows looked up, all of them
+            out[f"{name}.weight"] = m(torch.arange(m.num_embeddings)).float()
+        elif isinstance(m, QuantizedLinear) and m.scheme == "int8":
             out[f"{name}.weight"] = kernels.dequantize_int8(m.qweight, m.scale, torch.float32)
         elif isinstance(m, QuantizedLinear):
             out[f"{name}.weight"] = kernels.dequantize_int4(m.packed, m.scales, m.zeros, torch.float32)
@@ -66,12 +68,14 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     monkeypatch.undo()
     matrix = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|\.\d+)?)\.weight")
     assert dequantized_keys and not [k for k in dequantized_keys if matrix.fullmatch(k)]  # none was ever float
-    # the output layer as stored: our writer's Q8_0 as int8 in groups of 32, the other file's Q4_0 as symmetric int4
-    head = {"scheme": "int8", "group_size": 32} if layout == "stacked" else {"scheme": "int4", "group_size": 32,
-                                                                              "symmetric": True}
-    assert native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int4",
-                                                           "group_size": 32, "symmetric": True, "lm_head": head}
+    # the output layer as stored: our writer's Q8_0 as int8 in groups of 32, the other file's Q4_0 as symmetric
+    # int4; the token embeddings (Q4_0 in both) as symmetric int4
+    q4_0 = {"scheme": "int4", "group_size": 32, "symmetric": True}
+    head = {"scheme": "int8", "group_size": 32} if layout == "stacked" else q4_0
+    assert native.config.extra["quantization_config"] == {"quant_method": "mixtral", **q4_0, "lm_head": head,
+                                                           "embed_tokens": q4_0}
     assert (native.lm_head.scheme, native.lm_head.group_size) == (head["scheme"], 32)
+    assert isinstance(native.model.embed_tokens, QuantizedEmbedding) and native.model.embed_tokens.symmetric
     experts = native.model.layers[0].mlp.experts
     assert isinstance(experts, QuantizedExperts) and (experts.scheme, experts.group_size) == ("int4", 32)
     # Q4_0's 4.5 bits a weight: 4-bit codes and an fp16 scale a block of 32, no zeros
@@ -83,7 +87,7 @@ def test_q4_0_loads_as_int4_with_the_same_numbers(tmp_path, layout, monkeypatch,
     assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in float_model.modules())
     weights = dict(float_model.named_parameters())
     got = _dequantized(native)
-    assert len(got) == 2 * 4 + 2 * 2 + 1  # per layer: q, k, v, o, gate_up, down; the output layer
+    assert len(got) == 2 * 4 + 2 * 2 + 2  # per layer: q, k, v, o, gate_up, down; the output layer, the embeddings
     for name, w in got.items():  # gguf-py's dequantization, q/k permutation and stacking included: bit for bit
         assert torch.equal(w, weights[name]), name
     diff(f"gguf q4_0 native ({layout}) vs dequantized", logits(native), logits(float_model), tol=1e-5)
@@ -108,19 +112,19 @@ def test_q4_0_choices(tmp_path, diff):
         q8_native = mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False)
     q8_float = mixtral.MixtralForCausalLM.from_pretrained(q8, progress=False, quantization="float")
     assert "quantization_config" not in q8_float.config.extra
-    assert q8_native.config.extra["quantization_config"] == {"quant_method": "mixtral", "scheme": "int8",
-                                                              "group_size": 32, "lm_head": {"scheme": "int8",
-                                                                                           "group_size": 32}}
+    q8_0 = {"scheme": "int8", "group_size": 32}
+    assert q8_native.config.extra["quantization_config"] == {"quant_method": "mixtral", **q8_0, "lm_head": q8_0,
+                                                              "embed_tokens": q8_0}
     experts = q8_native.model.layers[0].mlp.experts  # 8.5 bits a weight: a code a byte, an fp16 scale a block of 32
     assert 8 * sum(t.numel() * t.element_size() for t in experts.state_dict().values()) == 8.5 * (
         experts.gate_up_proj_qweight.numel() + experts.down_proj_qweight.numel())
     weights = dict(q8_float.named_parameters())
     got = {f"{name}.weight": kernels.dequantize_int8(m.qweight, m.scale) for name, m in q8_native.named_modules()
-           if isinstance(m, QuantizedLinear)}
+           if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
     got.update({f"{name}.{w}": kernels.dequantize_int8(getattr(m, f"{w}_qweight"), getattr(m, f"{w}_scale"))
                 for name, m in q8_native.named_modules() if isinstance(m, QuantizedExperts)
                 for w in ("gate_up_proj", "down_proj")})
-    assert len(got) == 2 * 4 + 2 * 2 + 1
+    assert len(got) == 2 * 4 + 2 * 2 + 2
     for name, w in got.items():  # gguf-py's dequantization: bit for bit
         assert torch.equal(w, weights[name]), name
     diff("gguf q8_0 native vs dequantized", logits(q8_native), logits(q8_float), tol=1e-5)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from mixtral import MixtralConfig, MixtralForCausalLM, quantize
 from mixtral.kernels import dequantize_int4, dequantize_int8
-from mixtral.quantize import QuantizedExperts, QuantizedLinear
+from mixtral.quantize import QuantizedEmbedding, QuantizedExperts, QuantizedLinear
 
 TEXT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "data", "english.txt")
 
@@ -37,6 +37,8 @@ def _dequantized_copy(q):
             w = dequantize_int8(parts["qweight"], parts["scale"]) if module.scheme == "int8" else dequantize_int4(
                 parts["packed"], parts["scales"], parts["zeros"])
             state[f"{name}.weight"] = w
+        elif isinstance(module, QuantizedEmbedding):
+            state[f"{name}.weight"] = module(torch.arange(module.num_embeddings))
         elif isinstance(module, QuantizedExperts):
             for proj in ("gate_up_proj", "down_proj"):
                 parts = module._parts(proj)
@@ -64,6 +66,30 @@ def test_quantized_equals_dequantized_and_close_to_float(model, scheme, symmetri
     assert 0 < rel < rel_tol  # quantization changes the logits, but only a little
     assert torch.equal(q.generate(ids, max_new_tokens=6, eos_token_id=None),
                        ref.generate(ids, max_new_tokens=6, eos_token_id=None))
+
+
+def test_quantized_embeddings_and_dtype_moves(model, tmp_path):
+    """embed_tokens= stores the input embeddings quantized (the rows looked up dequantized); model.to(dtype) moves a
+    quantized model without touching its codes and scales (which the kernels take only in their own dtypes)."""
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    q8_0 = {"scheme": "int8", "group_size": 32}
+    q = quantize(copy.deepcopy(model), "int4", 32, symmetric=True, progress=False, embed_tokens=q8_0)
+    assert isinstance(q.model.embed_tokens, QuantizedEmbedding) and q.model.embed_tokens.scale.shape == (128, 2)
+    assert q.config.extra["quantization_config"]["embed_tokens"] == q8_0
+    ref = _dequantized_copy(q)
+    with torch.no_grad():
+        assert (q(ids).logits - ref(ids).logits).abs().max() < 1e-4
+        assert (q(ids[:, :1]).logits - ref(ids[:, :1]).logits).abs().max() < 1e-4
+    q.save_pretrained(tmp_path, progress=False)
+    back = MixtralForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert isinstance(back.model.embed_tokens, QuantizedEmbedding)
+    assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), back.state_dict().values()))
+    buffers = {n: b.clone() for n, b in q.named_buffers() if ".self_attn.q_proj." in n or "embed_tokens.s" in n}
+    q.to(torch.bfloat16)
+    assert all(torch.equal(b, buffers[n]) and b.dtype == buffers[n].dtype for n, b in q.named_buffers()
+               if n in buffers) and buffers
+    with torch.no_grad():  # runs in bf16 (it raised before: the kernels take fp16 scales only)
+        assert q.model.embed_tokens(ids).dtype == torch.bfloat16 and q(ids).logits.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

@@ -150,6 +150,14 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
     return out
 
 
+def _stored_scheme(source: Any, key: str) -> dict | bool:
+    """The scheme that holds GGUF tensor `key` as stored (Q8_0: int8 in groups of 32, Q4_0: symmetric int4), else
+    False (floating point)."""
+    if source.is_q8_0(key):
+        return {"scheme": "int8", "group_size": 32}
+    return {"scheme": "int4", "group_size": 32, "symmetric": True} if source.is_q4_0(key) else False
+
+
 def _copy_blocks(kind: str, out: dict[str, torch.Tensor], quantizer: Any, name: str, index: tuple, recipe: Recipe,
                  source: Any, meta: torch.Tensor) -> None:
     """Fill out[...][index] (the buffers of weight `name`) with the recipe's GGUF tensors of `kind`: Q8_0 as int8 in
@@ -213,13 +221,14 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     config._attn_implementation = check_attn_implementation(attn_implementation or config._attn_implementation)
     device = torch.device(device) if device is not None else torch.device("cpu")
     # A quantized GGUF stays quantized unless asked otherwise (see GGUFSource.nearest_scheme): Q4_0 and Q8_0
-    # matrices as they are, others re-quantized as each is read; its output layer as stored where it is Q8_0 or
-    # Q4_0, else in floating point. ("int4" asked of a Q4_0 file, "int8" of a Q8_0 one: the same)
+    # matrices as they are, others re-quantized as each is read; its output layer and token embeddings as stored
+    # where they are Q8_0 or Q4_0, else in floating point. ("int4" asked of a Q4_0 file, "int8" of a Q8_0 one: the
+    # same)
     nearest = source.nearest_scheme() if is_gguf and tp * ep == 1 else None
     gguf_default = nearest is not None and (quantization is None or quantization == "int4" and source.stores_q4_0()
                                             or quantization == "int8" and source.stores_q8_0())
-    head = (gguf_default and ({"scheme": "int8", "group_size": 32} if source.is_q8_0("output.weight") else {
-        "scheme": "int4", "group_size": 32, "symmetric": True} if source.is_q4_0("output.weight") else False))
+    head, embed = (_stored_scheme(source, key) if gguf_default else False for key in ("output.weight",
+                                                                                        "token_embd.weight"))
     if gguf_default:
         quantization = nearest
         if not (source.stores_q4_0() or source.stores_q8_0()):
@@ -242,7 +251,8 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
         elif saved or quantization is not None:  # swap in empty quantized modules, which loading then fills
             from ..quantize import load_quantizer
 
-            quantizer = load_quantizer(model, quantization, saved, lm_head=head if gguf_default else True)
+            quantizer = load_quantizer(model, quantization, saved, lm_head=head if gguf_default else True,
+                                       embed_tokens=embed)
     # Our names, spelled as in MixtralForCausalLM ("model." + backbone key), which the format plans expect; when
     # quantizing while loading, the float model's, whose weights the quantizer turns into its buffers as they come.
     own = dict(quantizer.float_state if quantizer else model.state_dict(keep_vars=True))
@@ -354,4 +364,4 @@ def _materialize_rest(model: torch.nn.Module, dtype: torch.dtype, device: torch.
             module.to(dtype)
             model.init_weights([module])
         if hasattr(module, "reset_buffers"):
-            module.reset_buffers(device)
+            module.reset_buffers(device, dtype)

@@ -18,7 +18,7 @@ class RotaryEmbedding(nn.Module):
         # Not saved in checkpoints: rebuilt by reset_buffers() after meta-device loading.
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
 
-    def reset_buffers(self, device: torch.device | str) -> None:
+    def reset_buffers(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:  # fp32 always
         self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device=device)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]

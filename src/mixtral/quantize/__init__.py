@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from ..model.attention import Attention
 from ..model.moe import Experts
-from .modules import SCHEMES, QuantizedExperts, QuantizedLinear, _empty, _quantize
+from .modules import SCHEMES, QuantizedEmbedding, QuantizedExperts, QuantizedLinear, _empty, _quantize
 
-__all__ = ["quantize", "QuantizedLinear", "QuantizedExperts", "SCHEMES", "LoadQuantizer", "load_quantizer"]
+__all__ = ["quantize", "QuantizedLinear", "QuantizedExperts", "QuantizedEmbedding", "SCHEMES", "LoadQuantizer", "load_quantizer"]
 
 # Rows of a weight quantized at once while loading: the float temporaries stay a few MB whatever the weight's size.
 _BLOCK_ELEMENTS = 1 << 18
@@ -24,7 +24,8 @@ _BLOCK_ELEMENTS = 1 << 18
 
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = None, symmetric: bool = False,
-             progress: bool = True, lm_head: bool | str | dict = True) -> nn.Module:
+             progress: bool = True, lm_head: bool | str | dict = True,
+             embed_tokens: bool | str | dict = False) -> nn.Module:
     """Replace attention and expert weights with int8 (per output channel, or per group of group_size columns: a
     multiple of 32, llama.cpp's Q8_0 in 32) or int4 (per group) versions, in place.
 
@@ -35,6 +36,9 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
     weight a token reads after the experts, and its errors go straight into the logits, so it keeps 8 bits (as
     llama.cpp keeps 6-8 for its output layer); a scheme (as `quantization=` takes them): in that one (a GGUF's Q8_0
     or Q4_0 output layer, as stored). An output layer tied to the embeddings stays in floating point.
+
+    embed_tokens: the input embeddings in this scheme (a GGUF's Q4_0 or Q8_0 token_embd, as stored: the rows looked
+    up are dequantized); False (the default) keeps them in floating point, as do tied embeddings.
 
     int4's group_size=None picks 128 columns where every input width allows it (the AVX-512 int4 kernel's
     fastest unit: one lookup table per 128 columns), else 32 (llama.cpp's block; the kernels take 32, 64 and
@@ -61,10 +65,18 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
         head_scheme = ("int8", None, False) if lm_head is True else _parse(lm_head)
         head_scheme = (head_scheme[0], _group_size(config, *head_scheme[:2]), head_scheme[2])
         model.lm_head = QuantizedLinear(head, *head_scheme)
+    embedding = next(((p, m) for p in model.modules() if isinstance(m := getattr(p, "embed_tokens", None),
+                                                                      nn.Embedding)), None)
+    quantize_embedding = embed_tokens not in (False, None) and embedding is not None and not config.tie_word_embeddings
+    if quantize_embedding:
+        embed_scheme = ("int8", None, False) if embed_tokens is True else _parse(embed_tokens)
+        embed_scheme = (embed_scheme[0], _group_size(config, *embed_scheme[:2]), embed_scheme[2])
+        embedding[0].embed_tokens = QuantizedEmbedding(embedding[1], *embed_scheme)
     config.extra["quantization_config"] = {"quant_method": "mixtral", "scheme": scheme,
                                            **({"group_size": group_size} if group_size else {}),
                                            **({"symmetric": True} if symmetric else {}),
-                                           **({"lm_head": _spec(*head_scheme)} if quantize_head else {})}
+                                           **({"lm_head": _spec(*head_scheme)} if quantize_head else {}),
+                                           **({"embed_tokens": _spec(*embed_scheme)} if quantize_embedding else {})}
     return model
 
 
@@ -96,7 +108,7 @@ def _parse(spec: str | dict) -> tuple[str, int | None, bool]:
     if isinstance(spec, str):
         scheme, group_size, symmetric = spec, None, False
     elif isinstance(spec, dict):
-        unknown = set(spec) - {"scheme", "group_size", "symmetric", "quant_method", "lm_head"}
+        unknown = set(spec) - {"scheme", "group_size", "symmetric", "quant_method", "lm_head", "embed_tokens"}
         if unknown or "scheme" not in spec or spec.get("quant_method", "mixtral") != "mixtral":
             raise ValueError(f"quantization={spec!r}: expected {{'scheme': one of {SCHEMES}, 'group_size': int, "
                              "'symmetric': bool}")
@@ -116,9 +128,9 @@ class LoadQuantizer:
     """
 
     def __init__(self, model: nn.Module, scheme: str, group_size: int | None, symmetric: bool = False,
-                 lm_head: bool | str | dict = True) -> None:
+                 lm_head: bool | str | dict = True, embed_tokens: bool | str | dict = False) -> None:
         self.float_state = dict(model.state_dict(keep_vars=True))
-        quantize(model, scheme, group_size, symmetric, progress=False, lm_head=lm_head)
+        quantize(model, scheme, group_size, symmetric, progress=False, lm_head=lm_head, embed_tokens=embed_tokens)
         self._prefix: dict[str, str] = {}  # float weight name -> the name prefix of the buffers that replace it
         # float weight name -> (scheme, group size, symmetric): the module's
         self._scheme: dict[str, tuple[str, int, bool]] = {}
@@ -127,7 +139,7 @@ class LoadQuantizer:
             module = model.get_submodule(module_name)
             # QuantizedLinear's buffers replace its "weight": q_proj.qweight; QuantizedExperts prefixes the
             # weight's name: experts.gate_up_proj_qweight.
-            linear = isinstance(module, QuantizedLinear)
+            linear = isinstance(module, (QuantizedLinear, QuantizedEmbedding))
             self._prefix[name] = f"{module_name}." if linear else f"{name}_"
             self._scheme[name] = module.scheme, module.group_size, module.symmetric
 
@@ -161,9 +173,9 @@ class LoadQuantizer:
 
 
 def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict | None,
-                   lm_head: bool | str | dict = True) -> LoadQuantizer | None:
+                   lm_head: bool | str | dict = True, embed_tokens: bool | str | dict = False) -> LoadQuantizer | None:
     """Prepare a meta-device model for loading: swap in the empty quantized modules of the checkpoint's scheme
-    (`saved`, config.json's quantization_config), or of `requested` (lm_head: as quantize's), returning the
+    (`saved`, config.json's quantization_config), or of `requested` (lm_head, embed_tokens: as quantize's), returning the
     LoadQuantizer that then quantizes each weight as it is read. A request that disagrees with the checkpoint's
     scheme is an error."""
     want = None if requested is None else _parse(requested)
@@ -172,6 +184,7 @@ def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict |
         if want is not None and (want[0] != have[0] or want[1] not in (None, have[1])):
             raise ValueError(f"the checkpoint is already quantized ({saved}); it cannot be loaded with "
                              f"quantization={requested!r} (leave quantization out, or ask for the same scheme)")
-        quantize(model, *have, progress=False, lm_head=saved.get("lm_head", False))
+        quantize(model, *have, progress=False, lm_head=saved.get("lm_head", False),
+                 embed_tokens=saved.get("embed_tokens", False))
         return None
-    return None if want is None else LoadQuantizer(model, *want, lm_head=lm_head)
+    return None if want is None else LoadQuantizer(model, *want, lm_head=lm_head, embed_tokens=embed_tokens)

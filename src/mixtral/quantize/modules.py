@@ -58,7 +58,22 @@ def _dequantize(scheme: str, q: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     return kernels.dequantize_int4(q["packed"], q["scales"], q["zeros"], dtype)
 
 
-class QuantizedLinear(nn.Module):
+class _KeepsBufferDtypes(nn.Module):
+    """model.to(dtype) moves the quantized buffers but leaves their dtypes (fp16 scales, fp32 per-row scales, int
+    codes) as they are: the kernels take only those, and a round trip through bf16 would lose bits. Only the
+    dtype_of_output marker follows the dtype."""
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        before = {name: b for name, b in self._buffers.items() if b is not None and name != "dtype_of_output"}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class QuantizedLinear(_KeepsBufferDtypes):
     """y = x @ dequantize(W).T (+ bias), W stored quantized."""
 
     def __init__(self, linear: nn.Linear, scheme: str, group_size: int | None, symmetric: bool = False) -> None:
@@ -84,7 +99,36 @@ class QuantizedLinear(nn.Module):
                 + (f", group_size={self.group_size}" if self.group_size else "") + (", symmetric" if self.symmetric else ""))
 
 
-class QuantizedExperts(Experts):
+class QuantizedEmbedding(_KeepsBufferDtypes):
+    """nn.Embedding with its table stored quantized (a GGUF's Q4_0 or Q8_0 token_embd, as stored): the rows looked up
+    are dequantized, into the model's float dtype (which a 0-element buffer follows through model.to())."""
+
+    def __init__(self, embedding: nn.Embedding, scheme: str, group_size: int | None, symmetric: bool = False) -> None:
+        super().__init__()
+        self.scheme, self.group_size, self.symmetric = scheme, group_size, symmetric
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        w = embedding.weight
+        q = (_empty(tuple(w.shape), scheme, group_size, symmetric, w.device) if w.is_meta
+             else _quantize(w.detach(), scheme, group_size, symmetric))
+        for name, t in q.items():
+            self.register_buffer(name, t)
+        self.register_buffer("dtype_of_output", torch.empty(0, dtype=w.dtype, device=w.device), persistent=False)
+
+    def reset_buffers(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
+        """After meta-device loading: the output's dtype (the model's, `dtype`) on `device`."""
+        self.dtype_of_output = torch.empty(0, dtype=dtype or self.dtype_of_output.dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = {name: self._buffers[name][ids.reshape(-1)] for name in PARTS[self.scheme]}  # (T, ...) each
+        return _dequantize(self.scheme, rows, self.dtype_of_output.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}"
+                + (f", group_size={self.group_size}" if self.group_size else "") + (", symmetric" if self.symmetric else ""))
+
+
+class QuantizedExperts(_KeepsBufferDtypes, Experts):
     """Experts with gate_up_proj and down_proj quantized; routing and dispatch are Experts' own."""
 
     def __init__(self, experts: Experts, scheme: str, group_size: int | None, symmetric: bool = False) -> None:
