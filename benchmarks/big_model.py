@@ -190,8 +190,8 @@ SAMPLE = 48  # experts read to measure the disk: 4.8 GB
 
 
 def sample_disk_bandwidth(store: str) -> float:
-    """Bytes/s reading SAMPLE random experts of the store (page cache dropped first), as OffloadedExperts reads
-    misses: pieces of ExpertStore.PIECE bytes, READ_THREADS in flight."""
+    """Bytes/s reading SAMPLE random experts of the store (page cache dropped first) as OffloadedExperts reads them:
+    each expert front to back in pieces of ExpertStore.PIECE bytes by one thread, READ_THREADS experts in flight."""
     from concurrent.futures import ThreadPoolExecutor
 
     from mixtral.offload.experts import READ_THREADS
@@ -204,18 +204,19 @@ def sample_disk_bandwidth(store: str) -> float:
     picks = [(int(rng.integers(manifest["num_layers"])), int(rng.integers(manifest["num_experts"])))
              for _ in range(SAMPLE)]
     fds = [os.open(os.path.join(store, f"layer_{layer}.bin"), os.O_RDONLY) for layer in range(manifest["num_layers"])]
-    jobs = [(layer, e * record + off, min(PIECE, record - off))
-            for layer, e in picks for off in range(0, record, PIECE)]
 
-    def read(job: tuple[int, int, int]) -> int:
-        layer, start, n = job
-        got = len(os.pread(fds[layer], n, start))
-        os.posix_fadvise(fds[layer], start, n, os.POSIX_FADV_DONTNEED)
+    def read(pick: tuple[int, int]) -> int:
+        layer, e = pick
+        got = 0
+        for off in range(0, record, PIECE):
+            start, n = e * record + off, min(PIECE, record - off)
+            got += len(os.pread(fds[layer], n, start))
+            os.posix_fadvise(fds[layer], start, n, os.POSIX_FADV_DONTNEED)
         return got
 
     start = time.perf_counter()
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        total = sum(pool.map(read, jobs))
+        total = sum(pool.map(read, picks))
     seconds = time.perf_counter() - start
     for fd in fds:
         os.close(fd)

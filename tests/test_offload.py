@@ -135,6 +135,39 @@ def test_eviction_least_frequently_used_with_aging(folder, tmp_path):
     assert set(layer.resident) == {3, 4, 6}
 
 
+def test_guesses_two_layers_ahead_are_read_while_they_hit(tmp_path):
+    """A layer's input guesses the experts of the next 2 layers; the guess 2 ahead is judged when that layer runs (a
+    running mean of the share it then needed) and read only while that mean is at least FAR_ACCURACY."""
+    from mixtral.offload.experts import FAR_ACCURACY
+
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(**{**CONFIG, "num_hidden_layers": 3})).save_pretrained(tmp_path / "m",
+                                                                                            progress=False)
+    resident = MixtralForCausalLM.from_pretrained(tmp_path / "m", progress=False)
+    model = MixtralForCausalLM.from_pretrained(tmp_path / "m", progress=False, device_map="auto",
+                                               offload_folder=tmp_path / "store",
+                                               max_memory={"cpu": _budget(resident, 3)})
+    layers = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    assert [len(m.ahead) for m in layers] == [2, 1, 0] and layers[0].ahead[1][0] is layers[2]
+    with torch.no_grad():
+        want = resident.generate(IDS[:1, :5], max_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(IDS[:1, :5], max_new_tokens=12, do_sample=False), want)
+    assert 0 < layers[2].far_accuracy < 1 and layers[1].far_accuracy == 1  # judged: the random routers guess poorly
+
+    x = torch.randn(1, CONFIG["hidden_size"])
+    for accuracy, read in ((FAR_ACCURACY - 0.05, False), (FAR_ACCURACY, True)):
+        for layer in layers:  # nothing resident: every guess would be read
+            layer.free, layer.slot_of[:] = list(range(layer.slots)), -1
+            layer.resident.clear()
+        layers[2].far_accuracy = accuracy
+        layers[0]._prefetch_next(x)
+        assert layers[1]._ahead and bool(layers[2]._ahead) == read and layers[2]._far_guess
+        for layer in layers[1:]:
+            for f in layer._ahead:
+                f.result()
+            layer._ahead.clear()
+
+
 def test_the_store_is_reused_and_checked(folder, tmp_path, monkeypatch):
     resident = MixtralForCausalLM.from_pretrained(folder, progress=False)
     store = tmp_path / "store"

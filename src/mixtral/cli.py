@@ -163,6 +163,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         config, source, _ = open_gguf(args.path, progress=False)
         gguf_scheme = source.nearest_scheme()
+        if gguf_scheme:  # the output layer and embeddings as loading keeps them
+            gguf_scheme.update(lm_head=source.stored_scheme("output.weight"),
+                               embed_tokens=source.stored_scheme("token_embd.weight"))
     else:
         config = MixtralConfig.from_pretrained(args.path)
     c = config

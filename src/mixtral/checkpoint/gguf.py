@@ -157,6 +157,13 @@ class GGUFSource:
             return {"scheme": "int4", "group_size": 32, **({"symmetric": True} if self.stores_q4_0() else {})}
         return {"scheme": "int8", "group_size": 32}
 
+    def stored_scheme(self, key: str) -> dict[str, Any] | bool:
+        """The scheme that holds tensor `key` as stored (Q8_0: int8 in groups of 32, Q4_0: symmetric int4), else
+        False (floating point): how loading keeps the output layer and the token embeddings."""
+        if self.is_q8_0(key):
+            return {"scheme": "int8", "group_size": 32}
+        return {"scheme": "int4", "group_size": 32, "symmetric": True} if self.is_q4_0(key) else False
+
     def _int4_matrices(self) -> list[Any]:
         return [t for name, t in self.tensors.items() if _INT4_MATRIX.fullmatch(name)]
 

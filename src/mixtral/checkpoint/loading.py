@@ -150,14 +150,6 @@ def _assemble_quantized(quantizer: Any, name: str, recipe: Recipe, shape: torch.
     return out
 
 
-def _stored_scheme(source: Any, key: str) -> dict | bool:
-    """The scheme that holds GGUF tensor `key` as stored (Q8_0: int8 in groups of 32, Q4_0: symmetric int4), else
-    False (floating point)."""
-    if source.is_q8_0(key):
-        return {"scheme": "int8", "group_size": 32}
-    return {"scheme": "int4", "group_size": 32, "symmetric": True} if source.is_q4_0(key) else False
-
-
 def _copy_blocks(kind: str, out: dict[str, torch.Tensor], quantizer: Any, name: str, index: tuple, recipe: Recipe,
                  source: Any, meta: torch.Tensor) -> None:
     """Fill out[...][index] (the buffers of weight `name`) with the recipe's GGUF tensors of `kind`: Q8_0 as int8 in
@@ -227,8 +219,8 @@ def load_pretrained(cls, path, *, dtype, device, attn_implementation, config, pr
     nearest = source.nearest_scheme() if is_gguf and tp * ep == 1 else None
     gguf_default = nearest is not None and (quantization is None or quantization == "int4" and source.stores_q4_0()
                                             or quantization == "int8" and source.stores_q8_0())
-    head, embed = (_stored_scheme(source, key) if gguf_default else False for key in ("output.weight",
-                                                                                        "token_embd.weight"))
+    head, embed = (source.stored_scheme(key) if gguf_default else False for key in ("output.weight",
+                                                                                      "token_embd.weight"))
     if gguf_default:
         quantization = nearest
         if not (source.stores_q4_0() or source.stores_q8_0()):

@@ -111,7 +111,9 @@ def plan_summary(config: Any, dtype: torch.dtype, quantization: str | dict | Non
         if quantization is not None:
             from ..quantize import _parse, quantize
 
-            quantize(model, *_parse(quantization), progress=False)
+            kept = {k: quantization[k] for k in ("lm_head", "embed_tokens") if isinstance(quantization, dict)
+                    and k in quantization}  # a GGUF's output layer and embeddings, as loading keeps them
+            quantize(model, *_parse(quantization), progress=False, **kept)
     dense, per_expert, layers, e = weight_split(model, dtype)
     k = config.num_experts_per_tok
     slots = plan_slots(model, dtype, budget, k) or [e] * layers

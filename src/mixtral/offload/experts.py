@@ -41,6 +41,9 @@ from .store import ExpertStore
 
 READ_THREADS = 8  # experts read at once: an SSD serves several in parallel; os.preadv releases the GIL
 PREFETCH_LAYERS = 2  # layers ahead whose experts a layer's input guesses: reads start that much earlier
+# A guess more than one layer ahead is read only while such guesses of that layer hit this often (a running mean
+# over its steps): on a model whose routers guess poorly that far ahead, the reads would only evict good experts.
+FAR_ACCURACY = 0.8
 HALF_LIFE = 256  # steps of a layer after which a use counts half (LFU's aging)
 
 
@@ -92,6 +95,8 @@ class OffloadedExperts(nn.Module):
         self._ahead: list[Future] = []  # prefetches aimed at this layer, in flight
         self._lock = threading.Lock()  # one fetch at a time (prefetches come from two layers' threads)
         self._guessed: set[int] = set()  # experts read ahead and not needed since
+        self._far_guess: list[int] | None = None  # what a layer further back guessed for this layer's next step
+        self.far_accuracy = 1.0  # running mean of the share of such guesses this layer then needed
 
     def _read(self, e: int, slot: int) -> Future:
         """Start reading expert e into `slot` (taken from the free list or a victim), which now holds it."""
@@ -175,8 +180,12 @@ class OffloadedExperts(nn.Module):
         layer's slots. A guess of more experts than that (a prompt) is not read ahead: that layer then streams all
         of its slots, which would evict what was read ahead before its turn and read it again (measured: 38% more
         reads in a 16-token prompt of the 8x7B shape)."""
-        for nxt, gate in self.ahead:
+        for distance, (nxt, gate) in enumerate(self.ahead, 1):
             guess = gate(x_TH)[2].unique().tolist()  # (logits, weights, experts)[2]
+            if distance > 1:  # judged when that layer runs, read only while such guesses hit
+                nxt._far_guess = guess
+                if nxt.far_accuracy < FAR_ACCURACY:
+                    continue
             if len(guess) <= nxt.slots and any(e not in nxt.resident for e in guess):
                 nxt._ahead.append(_prefetchers().submit(nxt.fetch, guess, True))
 
@@ -188,6 +197,10 @@ class OffloadedExperts(nn.Module):
         self._prefetch_next(x_TH)  # the next layer's reads start now, beside this layer's misses
         needed = experts_TK.unique().tolist()  # a host sync: the reads are decided on the host
         self._count(needed)
+        if self._far_guess:
+            hit = len(set(self._far_guess).intersection(needed)) / len(self._far_guess)
+            self.far_accuracy += 0.1 * (hit - self.far_accuracy)
+            self._far_guess = None
         if len(needed) <= self.slots:
             self.fetch(needed)
             return self.pool(x_TH, weights_TK, self.slot_of[experts_TK])
