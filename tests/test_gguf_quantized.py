@@ -1,8 +1,9 @@
 """A quantized GGUF stays quantized. Q4_0 matrices load as our int4 (groups of 32) as stored, Q8_0 ones (and a Q8_0
-output layer) as our int8 in groups of 32: the same numbers bit for bit, never a float copy of those matrices. Other types are re-quantized to the nearest scheme as each tensor is
-read: exactly what quantize() gives on the dequantized model. Oracles: gguf-py's own dequantizer (the same file
-loaded with quantization="float"), Transformers' GGUF loading (test_gguf.py's dense Llama test runs the Q4_0 path
-too), quantize() after loading, and the demo model's perplexity on real English."""
+output layer) as our int8 in groups of 32: the same numbers bit for bit, never a float copy of those matrices. Other
+types are re-quantized to the nearest scheme as each tensor is read: exactly what quantize() gives on the
+dequantized model. Oracles: gguf-py's own dequantizer (the same file loaded with quantization="float"), Transformers'
+GGUF loading (test_gguf.py's dense Llama test runs the Q4_0 path too), quantize() after loading, and the demo
+model's perplexity on real English."""
 
 from __future__ import annotations
 

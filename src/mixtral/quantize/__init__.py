@@ -16,7 +16,8 @@ from ..model.attention import Attention
 from ..model.moe import Experts
 from .modules import SCHEMES, QuantizedEmbedding, QuantizedExperts, QuantizedLinear, _empty, _quantize
 
-__all__ = ["quantize", "QuantizedLinear", "QuantizedExperts", "QuantizedEmbedding", "SCHEMES", "LoadQuantizer", "load_quantizer"]
+__all__ = ["quantize", "QuantizedLinear", "QuantizedExperts", "QuantizedEmbedding", "SCHEMES", "LoadQuantizer",
+           "load_quantizer"]
 
 # Rows of a weight quantized at once while loading: the float temporaries stay a few MB whatever the weight's size.
 _BLOCK_ELEMENTS = 1 << 18
@@ -175,8 +176,8 @@ class LoadQuantizer:
 def load_quantizer(model: nn.Module, requested: str | dict | None, saved: dict | None,
                    lm_head: bool | str | dict = True, embed_tokens: bool | str | dict = False) -> LoadQuantizer | None:
     """Prepare a meta-device model for loading: swap in the empty quantized modules of the checkpoint's scheme
-    (`saved`, config.json's quantization_config), or of `requested` (lm_head, embed_tokens: as quantize's), returning the
-    LoadQuantizer that then quantizes each weight as it is read. A request that disagrees with the checkpoint's
+    (`saved`, config.json's quantization_config), or of `requested` (lm_head, embed_tokens: as quantize's), returning
+    the LoadQuantizer that then quantizes each weight as it is read. A request that disagrees with the checkpoint's
     scheme is an error."""
     want = None if requested is None else _parse(requested)
     if saved:

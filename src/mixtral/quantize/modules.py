@@ -72,6 +72,10 @@ class _KeepsBufferDtypes(nn.Module):
                 self._buffers[name] = old.to(new.device)
         return self
 
+    def _scheme_repr(self) -> str:
+        return (f"scheme={self.scheme}" + (f", group_size={self.group_size}" if self.group_size else "")
+                + (", symmetric" if self.symmetric else ""))
+
 
 class QuantizedLinear(_KeepsBufferDtypes):
     """y = x @ dequantize(W).T (+ bias), W stored quantized."""
@@ -95,8 +99,7 @@ class QuantizedLinear(_KeepsBufferDtypes):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, scheme={self.scheme}"
-                + (f", group_size={self.group_size}" if self.group_size else "") + (", symmetric" if self.symmetric else ""))
+        return f"{self.in_features}, {self.out_features}, {self._scheme_repr()}"
 
 
 class QuantizedEmbedding(_KeepsBufferDtypes):
@@ -124,8 +127,7 @@ class QuantizedEmbedding(_KeepsBufferDtypes):
         return _dequantize(self.scheme, rows, self.dtype_of_output.dtype).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}"
-                + (f", group_size={self.group_size}" if self.group_size else "") + (", symmetric" if self.symmetric else ""))
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._scheme_repr()}"
 
 
 class QuantizedExperts(_KeepsBufferDtypes, Experts):
