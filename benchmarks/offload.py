@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,14 +145,17 @@ def main() -> None:
     memory_bw = C.measure_bandwidth()["bandwidth_GBps"] * 1e9
     rows, store = [], tempfile.mkdtemp(prefix="mixtral-offload-bench-")
     dropped = True
-    for slots in [0, *args.slots]:
-        dropped &= drop_caches()
-        out = subprocess.run([sys.executable, __file__, "--child", dtype, str(slots), store, str(args.new_tokens)],
-                             capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"slots={slots} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    disk_bw = disk_bandwidth(store)
+    try:  # the store (1.4 GB) goes with the run
+        for slots in [0, *args.slots]:
+            dropped &= drop_caches()
+            out = subprocess.run([sys.executable, __file__, "--child", dtype, str(slots), store,
+                                  str(args.new_tokens)], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"slots={slots} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        disk_bw = disk_bandwidth(store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
     resident = rows[0]
     print(f"\nbench config, {dtype}, batch 1; CPU: {cpu}, {os.cpu_count()} cores; page cache dropped: {dropped}; "
           f"disk {disk_bw / 1e9:.2f} GB/s (4 parallel expert reads), memory {memory_bw / 1e9:.1f} GB/s")

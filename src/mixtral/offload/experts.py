@@ -208,10 +208,11 @@ class OffloadedExperts(nn.Module):
 
     def _stream(self, needed: list[int], x_TH: torch.Tensor, weights_TK: torch.Tensor,
                 experts_TK: torch.Tensor) -> torch.Tensor:
-        """A step that needs more experts than slots (a prompt, a big batch): one expert at a time, the resident
-        ones first; a missing expert's read starts as soon as a slot holds no expert still needed (a free slot,
-        an expert this step does not route to, or one already computed: the fewest aged uses first), so that it
-        overlaps the computing of the others. Each pair is computed on its own (pair_outputs), the pairs summed once."""
+        """A step that needs more experts than slots (a prompt, a big batch): a few experts at a time (as many as
+        threads, at most half the slots), the resident ones first; a missing expert's read starts as soon as a slot holds no expert still
+        needed (a free slot, an expert this step does not route to, or one already computed: the fewest aged uses
+        first), so that it overlaps the computing of the others. Each pair is computed on its own (pair_outputs),
+        the pairs summed once."""
         t, k = experts_TK.shape
         few = t <= FEW_TOKENS  # the path the resident experts take for these T tokens
         experts_N = experts_TK.reshape(-1)
@@ -239,19 +240,24 @@ class OffloadedExperts(nn.Module):
                 reads[e] = self._read(e, slot)
 
         order = resident + list(missing)
+        # experts a call: the float MLP kernel runs one expert a thread, so as many as threads; but at most half
+        # the slots, so that reads into the other half overlap the compute
+        group = max(1, min(torch.get_num_threads(), self.slots // 2))
         with self._lock:
             try:
                 start_reads()
-                for e in order:
-                    if e in reads:
-                        self.settle({e: reads.pop(e)})
-                        self.stats.misses += 1
-                    pairs = order_N[starts[e]:starts[e + 1]]  # (P,)
-                    slot = torch.full((len(pairs), 1), int(self.slot_of[e]), dtype=torch.long)
+                for i in range(0, len(order), group):
+                    chunk = order[i:i + group]
+                    for e in chunk:
+                        if e in reads:
+                            self.settle({e: reads.pop(e)})
+                            self.stats.misses += 1
+                    pairs = torch.cat([order_N[starts[e]:starts[e + 1]] for e in chunk])  # (P,)
                     y_NH[pairs] = self.pool.pair_outputs(x_TH[pairs // k], weights_TK.reshape(-1)[pairs, None],
-                                                         slot, few=few)[:, 0]
-                    self.resident.move_to_end(e)
-                    busy.discard(e)
+                                                         self.slot_of[experts_N[pairs]][:, None], few=few)[:, 0]
+                    for e in chunk:
+                        self.resident.move_to_end(e)
+                        busy.discard(e)
                     start_reads()
             finally:  # an error: no read may still write into a slot, nor an expert be taken to be in a half-read one
                 wait(reads.values())
