@@ -136,8 +136,9 @@ def test_eviction_least_frequently_used_with_aging(folder, tmp_path):
 
 
 def test_guesses_two_layers_ahead_are_read_while_they_hit(tmp_path):
-    """A layer's input guesses the experts of the next 2 layers; the guess 2 ahead is judged when that layer runs (a
-    running mean of the share it then needed) and read only while that mean is at least FAR_ACCURACY."""
+    """A layer's input guesses the experts of the next PREFETCH_LAYERS layers (here 2: the model has 3); a guess 2
+    ahead is judged when that layer runs (a running mean of the share it then needed) and read only while that
+    mean is at least FAR_ACCURACY."""
     from mixtral.offload.experts import FAR_ACCURACY
 
     torch.manual_seed(0)
