@@ -18,7 +18,7 @@ import mmap
 import os
 import re
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -171,44 +171,44 @@ class GGUFSource:
         """A Q4_0 tensor (..., N, K) as our symmetric int4 buffers with groups of 32 (mixtral.kernels' layout),
         "packed" and "scales": the same numbers, and never a float copy. A Q4_0 block is an fp16 scale d and 16 bytes
         whose low nibbles are its values 0-15 and high nibbles 16-31, w = d (q - 8)."""
-        t = self.tensors[key]
         *lead, n, k = self.shape(key)
-        rows, groups = int(np.prod(lead, dtype=np.int64)) * n, k // 32
-        packed = torch.empty(rows, k // 2, dtype=torch.uint8)
-        scales = torch.empty(rows, groups, dtype=torch.float16)
-        try:
-            blocks = np.asarray(t.data).reshape(rows, groups, 18)
-            step = max(1, (1 << 22) // k)  # rows a chunk: a few MB of temporaries at a time
-            for r in range(0, rows, step):
-                chunk = torch.from_numpy(np.array(blocks[r:r + step]))  # (R, G, 18) uint8, copied off the read-only map
-                scales[r:r + step] = chunk[..., :2].contiguous().view(torch.float16)[..., 0]
-                qs = chunk[..., 2:]  # (R, G, 16)
-                q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(-1, k)  # (R, K): values in column order
-                packed[r:r + step] = q[:, 0::2] | q[:, 1::2] << 4
-        except (ValueError, IndexError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read {key!r} (Q4_0) from {self.path}: {e}") from None
-        self._done(key)
-        return {"packed": packed.reshape(*lead, n, k // 2), "scales": scales.reshape(*lead, n, groups)}
+        packed = torch.empty(int(np.prod(lead, dtype=np.int64)) * n, k // 2, dtype=torch.uint8)
+
+        def pack(qs: torch.Tensor) -> torch.Tensor:  # (R, G, 16) -> (R, K / 2)
+            q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(-1, k)  # (R, K): values in column order
+            return q[:, 0::2] | q[:, 1::2] << 4
+
+        scales = self._blocks(key, "Q4_0", 18, packed, pack)
+        return {"packed": packed.reshape(*lead, n, k // 2), "scales": scales.reshape(*lead, n, k // 32)}
 
     def load_q8_0(self, key: str) -> dict[str, torch.Tensor]:
         """A Q8_0 tensor (..., N, K) as our int8 buffers in groups of 32, "qweight" and "scale": the same numbers, and
         never a float copy. A Q8_0 block is an fp16 scale d and 32 int8 codes q, w = d q."""
+        *lead, n, k = self.shape(key)
+        qweight = torch.empty(int(np.prod(lead, dtype=np.int64)) * n, k, dtype=torch.int8)
+        scale = self._blocks(key, "Q8_0", 34, qweight, lambda qs: qs.contiguous().view(torch.int8).reshape(-1, k))
+        return {"qweight": qweight.reshape(*lead, n, k), "scale": scale.reshape(*lead, n, k // 32)}
+
+    def _blocks(self, key: str, kind: str, block_bytes: int, codes: torch.Tensor,
+                unpack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Read tensor `key` (..., N, K) of `kind`, blocks of 32 weights of block_bytes each (an fp16 scale, then the
+        codes), a few MB of rows at a time: codes (rows, ...) gets unpack(code bytes (R, G, block_bytes - 2)); returns
+        the scales (rows, K / 32) in fp16."""
         t = self.tensors[key]
         *lead, n, k = self.shape(key)
         rows, groups = int(np.prod(lead, dtype=np.int64)) * n, k // 32
-        qweight = torch.empty(rows, k, dtype=torch.int8)
-        scale = torch.empty(rows, groups, dtype=torch.float16)
+        scales = torch.empty(rows, groups, dtype=torch.float16)
         try:
-            blocks = np.asarray(t.data).reshape(rows, groups, 34)
+            blocks = np.asarray(t.data).reshape(rows, groups, block_bytes)
             step = max(1, (1 << 22) // k)  # rows a chunk: a few MB of temporaries at a time
             for r in range(0, rows, step):
-                chunk = torch.from_numpy(np.array(blocks[r:r + step]))  # (R, G, 34) uint8, copied off the read-only map
-                scale[r:r + step] = chunk[..., :2].contiguous().view(torch.float16)[..., 0]
-                qweight[r:r + step] = chunk[..., 2:].contiguous().view(torch.int8).reshape(-1, k)
+                chunk = torch.from_numpy(np.array(blocks[r:r + step]))  # (R, G, B) uint8, copied off the read-only map
+                scales[r:r + step] = chunk[..., :2].contiguous().view(torch.float16)[..., 0]
+                codes[r:r + step] = unpack(chunk[..., 2:])
         except (ValueError, IndexError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read {key!r} (Q8_0) from {self.path}: {e}") from None
+            raise CheckpointError(f"cannot read {key!r} ({kind}) from {self.path}: {e}") from None
         self._done(key)
-        return {"qweight": qweight.reshape(*lead, n, k), "scale": scale.reshape(*lead, n, groups)}
+        return scales
 
     def _done(self, key: str) -> None:
         """After reading `key`: drop its file pages from this process (they stay in the page cache), so that the

@@ -14,14 +14,15 @@ on uniform random routing.
 
 Reads: each expert is read front to back into its slot by one background thread (ExpertStore.read_expert: one
 sequential stream that the kernel reads ahead), several experts in flight (the disk serves more at a deeper
-queue). Loading fills the slots first (preload), so that the first
-prompt reads only what they leave out. Prefetch: as soon as a layer has its input, the routers of the next
-PREFETCH_LAYERS layers applied to it guess their experts, and those not resident are read beside this layer's own
-misses while this and the next layers compute; a layer waits for the reads aimed at it before it looks. A wrong
-guess costs reads and evictions, never a wrong answer. A step that needs more experts than the layer has slots (a
-prompt) computes them one expert at a time, the resident ones first, and each slot whose expert is done (or not
-needed) takes the next missing expert's read at once, so that the reads overlap the compute. Shapes: T tokens, K
-experts a token, H hidden, E experts, S slots, N = T*K (token, expert) pairs.
+queue). Loading fills the slots first (preload), so that the first prompt reads only what they leave out.
+Prefetch: as soon as a layer has its input, the routers of the next PREFETCH_LAYERS layers applied to it guess
+their experts, and those not resident are read beside this layer's own misses while this and the next layers
+compute; a layer waits for the reads aimed at it before it looks. A guess more than one layer ahead is read only
+while such guesses hit (FAR_ACCURACY). A wrong guess costs reads and evictions, never a wrong answer. A step that
+needs more experts than the layer has slots (a prompt) computes them a few at a time, the resident ones first, and
+each slot whose expert is done (or not needed) takes the next missing expert's read at once, so that the reads
+overlap the compute. Shapes: T tokens, K experts a token, H hidden, E experts, S slots, N = T*K (token, expert)
+pairs.
 """
 
 from __future__ import annotations
@@ -211,10 +212,10 @@ class OffloadedExperts(nn.Module):
     def _stream(self, needed: list[int], x_TH: torch.Tensor, weights_TK: torch.Tensor,
                 experts_TK: torch.Tensor) -> torch.Tensor:
         """A step that needs more experts than slots (a prompt, a big batch): a few experts at a time (as many as
-        threads, at most half the slots), the resident ones first; a missing expert's read starts as soon as a slot holds no expert still
-        needed (a free slot, an expert this step does not route to, or one already computed: the fewest aged uses
-        first), so that it overlaps the computing of the others. Each pair is computed on its own (pair_outputs),
-        the pairs summed once."""
+        threads, at most half the slots), the resident ones first; a missing expert's read starts as soon as a slot
+        holds no expert still needed (a free slot, an expert this step does not route to, or one already computed:
+        the fewest aged uses first), so that it overlaps the computing of the others. Each pair is computed on its
+        own (pair_outputs), the pairs summed once."""
         t, k = experts_TK.shape
         few = t <= FEW_TOKENS  # the path the resident experts take for these T tokens
         experts_N = experts_TK.reshape(-1)

@@ -63,15 +63,13 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
     head = getattr(model, "lm_head", None)
     quantize_head = lm_head is not False and isinstance(head, nn.Linear) and not config.tie_word_embeddings
     if quantize_head:
-        head_scheme = ("int8", None, False) if lm_head is True else _parse(lm_head)
-        head_scheme = (head_scheme[0], _group_size(config, *head_scheme[:2]), head_scheme[2])
+        head_scheme = _side_scheme(config, lm_head)
         model.lm_head = QuantizedLinear(head, *head_scheme)
     embedding = next(((p, m) for p in model.modules() if isinstance(m := getattr(p, "embed_tokens", None),
                                                                       nn.Embedding)), None)
     quantize_embedding = embed_tokens not in (False, None) and embedding is not None and not config.tie_word_embeddings
     if quantize_embedding:
-        embed_scheme = ("int8", None, False) if embed_tokens is True else _parse(embed_tokens)
-        embed_scheme = (embed_scheme[0], _group_size(config, *embed_scheme[:2]), embed_scheme[2])
+        embed_scheme = _side_scheme(config, embed_tokens)
         embedding[0].embed_tokens = QuantizedEmbedding(embedding[1], *embed_scheme)
     config.extra["quantization_config"] = {"quant_method": "mixtral", "scheme": scheme,
                                            **({"group_size": group_size} if group_size else {}),
@@ -79,6 +77,12 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = No
                                            **({"lm_head": _spec(*head_scheme)} if quantize_head else {}),
                                            **({"embed_tokens": _spec(*embed_scheme)} if quantize_embedding else {})}
     return model
+
+
+def _side_scheme(config, spec: bool | str | dict) -> tuple[str, int | None, bool]:
+    """(scheme, group size, symmetric) of the LM head or the embeddings: True is int8 per row."""
+    scheme, group_size, symmetric = ("int8", None, False) if spec is True else _parse(spec)
+    return scheme, _group_size(config, scheme, group_size), symmetric
 
 
 def _spec(scheme: str, group_size: int | None, symmetric: bool) -> str | dict:
