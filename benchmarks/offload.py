@@ -1,9 +1,11 @@
 """Experts offloaded to disk (from_pretrained(device_map="auto", max_memory, offload_folder)) against the same model
 fully resident, in one run: decode and prefill speed, hit rate, prefetch accuracy, bytes read a token, peak memory.
 
-    python benchmarks/offload.py [--dtype bf16] [--slots 2 4 6] [--new-tokens 32]
+    python benchmarks/offload.py [--model bench|demo] [--dtype bf16] [--slots 2 4 6] [--new-tokens 32]
 
-The bench checkpoint (benchmarks/out/bench-model, built once) in bf16: 8 layers x 8 experts of 22 MB. Each run is a
+--model bench: the bench checkpoint (benchmarks/out/bench-model, built once) in bf16, 8 layers x 8 experts of 22 MB,
+fed random tokens. --model demo: the demo model (SmolLM2-135M upcycled to 8 experts, its real weights) in bf16, 30
+layers x 8 experts of 5.3 MB, fed real English (benchmarks/data/english.txt). Each run is a
 subprocess with the page cache dropped before it (as root), greedy decoding of --new-tokens tokens after a
 32-token prompt (batch 1), then a 256-token prompt's prefill. The bound for decoding: the bytes a token misses
 over the disk's measured bandwidth (parallel preadv of the store's files, page cache released), plus the bytes a
@@ -29,7 +31,29 @@ import common as C
 PROMPT, PREFILL = 32, 256
 
 
-def child(dtype: str, slots: int, store: str, new_tokens: int) -> dict:
+def _model_path(name: str) -> str:
+    if name == "demo":
+        from mixtral.demo import demo_model_path
+
+        return demo_model_path(progress=False)
+    return C.DEFAULT_MODEL_DIR
+
+
+def _prompt(name: str, path: str, vocab_size: int) -> "torch.Tensor":
+    """(1, PREFILL) token ids: real English for the demo model, random tokens for the bench model."""
+    import torch
+
+    if name == "demo":
+        from mixtral import AutoTokenizer
+
+        text = open(os.path.join(C.HERE, "data", "english.txt"), encoding="utf-8").read()
+        ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt")["input_ids"]
+        assert ids.shape[1] >= PREFILL, "english.txt is shorter than the prefill"
+        return ids[:, :PREFILL]
+    return torch.randint(3, vocab_size, (1, PREFILL), generator=torch.Generator().manual_seed(0))
+
+
+def child(name: str, dtype: str, slots: int, budget: int, store: str, new_tokens: int) -> dict:
     import torch
 
     from mixtral import MixtralForCausalLM
@@ -37,29 +61,24 @@ def child(dtype: str, slots: int, store: str, new_tokens: int) -> dict:
     from mixtral.offload import weight_split
 
     torch.set_num_threads(C.THREADS)
-    kw = {}
-    if slots:
-        from mixtral import MixtralConfig
-
-        with torch.device("meta"):
-            meta = MixtralForCausalLM(MixtralConfig(**C.BENCH_CONFIG))
-        kw = dict(device_map="auto", offload_folder=store, max_memory={"cpu": _budget(meta, slots, dtype)})
+    path = _model_path(name)
+    kw = dict(device_map="auto", offload_folder=store, max_memory={"cpu": budget}) if slots else {}
     C.reset_peak_rss()
     base = C.rss_bytes()
     start = time.perf_counter()
-    model = MixtralForCausalLM.from_pretrained(C.DEFAULT_MODEL_DIR, progress=False, dtype=dtype, **kw)
+    model = MixtralForCausalLM.from_pretrained(path, progress=False, dtype=dtype, **kw)
     load_s = time.perf_counter() - start
     load_peak = C.peak_rss_bytes() - base
-    loads = [torch.zeros(8) for _ in model.model.layers]  # routed pairs by expert, per layer
+    loads = [torch.zeros(model.config.num_local_experts) for _ in model.model.layers]  # routed pairs by expert, per layer
 
     def count(counts: torch.Tensor):
         def hook(module, inputs, out) -> None:  # out: (logits, weights, experts)
-            counts.add_(torch.bincount(out[2].reshape(-1), minlength=8).float())
+            counts.add_(torch.bincount(out[2].reshape(-1), minlength=len(counts)).float())
         return hook
 
     for layer, counts in zip(model.model.layers, loads):
         layer.mlp.gate.register_forward_hook(count(counts))
-    ids = torch.randint(3, 32000, (1, PREFILL), generator=torch.Generator().manual_seed(0))
+    ids = _prompt(name, path, model.config.vocab_size)
     model.generate(ids[:, :8], max_new_tokens=4, do_sample=False)  # warm-up
     before = model.offload_stats() or {}
     C.reset_peak_rss()
@@ -82,15 +101,6 @@ def child(dtype: str, slots: int, store: str, new_tokens: int) -> dict:
             "hit_rate": delta["hits"] / max(1, delta["hits"] + delta["misses"]),
             "prefetch_accuracy": delta["prefetch_hits"] / max(1, delta["prefetched"]),
             "expert_load": [(c / c.sum()).tolist() for c in loads]}
-
-
-def _budget(meta, slots: int, dtype: str) -> int:
-    import torch
-
-    from mixtral.offload import weight_split
-
-    dense, per_expert, layers, _ = weight_split(meta, getattr(torch, dtype))
-    return dense + slots * per_expert * layers
 
 
 def disk_bandwidth(folder: str) -> float:
@@ -129,27 +139,31 @@ def drop_caches() -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bench", choices=("bench", "demo"))
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--slots", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
     if args.child:
-        d, slots, store, n = args.child
-        print(json.dumps(child(d, int(slots), store, int(n))))
+        name, d, slots, budget, store, n = args.child
+        print(json.dumps(child(name, d, int(slots), int(budget), store, int(n))))
         return
-    C.ensure_bench_model(C.DEFAULT_MODEL_DIR)
+    if args.model == "bench":
+        C.ensure_bench_model(C.DEFAULT_MODEL_DIR)
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     memory_bw = C.measure_bandwidth()["bandwidth_GBps"] * 1e9
     rows, store = [], tempfile.mkdtemp(prefix="mixtral-offload-bench-")
     dropped = True
     try:  # the store (1.4 GB) goes with the run
-        for slots in [0, *args.slots]:
+        for slots in [0, *args.slots]:  # the resident run first: its sizes give the budgets
+            # the max_memory that leaves `slots` experts a layer beside the dense weights
+            budget = rows[0]["dense_bytes"] + slots * rows[0]["expert_bytes"] * rows[0]["layers"] if slots else 0
             dropped &= drop_caches()
-            out = subprocess.run([sys.executable, __file__, "--child", dtype, str(slots), store,
-                                  str(args.new_tokens)], capture_output=True, text=True)
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", args.model, dtype,
+                                  str(slots), str(budget), store, str(args.new_tokens)], capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"slots={slots} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -157,7 +171,7 @@ def main() -> None:
     finally:
         shutil.rmtree(store, ignore_errors=True)
     resident = rows[0]
-    print(f"\nbench config, {dtype}, batch 1; CPU: {cpu}, {os.cpu_count()} cores; page cache dropped: {dropped}; "
+    print(f"\n{args.model} model, {dtype}, batch 1; CPU: {cpu}, {os.cpu_count()} cores; page cache dropped: {dropped}; "
           f"disk {disk_bw / 1e9:.2f} GB/s (4 parallel expert reads), memory {memory_bw / 1e9:.1f} GB/s")
     head = (f"{'experts resident':<18}{'budget GB':>10}{'peak GB':>9}{'decode tok/s':>14}{'x resident':>11}"
             f"{'bound tok/s':>12}{'prefill tok/s':>15}{'hit rate':>10}{'prefetch acc':>14}{'read/token MB':>15}")
@@ -176,9 +190,9 @@ def main() -> None:
     loads = resident["expert_load"]
     print("expert load per layer (share of routed pairs, min-max over the 8 experts): " + ", ".join(
         f"{min(x):.2f}-{max(x):.2f}" for x in loads))
-    path = os.path.join(C.OUT_DIR, "offload.json")
+    path = os.path.join(C.OUT_DIR, "offload.json" if args.model == "bench" else f"offload-{args.model}.json")
     with open(path, "w") as f:
-        json.dump({"cpu": cpu, "dtype": dtype, "disk_bytes_per_s": disk_bw, "memory_bytes_per_s": memory_bw,
+        json.dump({"cpu": cpu, "model": args.model, "dtype": dtype, "disk_bytes_per_s": disk_bw, "memory_bytes_per_s": memory_bw,
                    "page_cache_dropped": dropped, "rows": rows}, f, indent=2)
     print(f"wrote {path}")
 
