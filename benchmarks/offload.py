@@ -69,7 +69,8 @@ def child(name: str, dtype: str, slots: int, budget: int, store: str, new_tokens
     model = MixtralForCausalLM.from_pretrained(path, progress=False, dtype=dtype, **kw)
     load_s = time.perf_counter() - start
     load_peak = C.peak_rss_bytes() - base
-    loads = [torch.zeros(model.config.num_local_experts) for _ in model.model.layers]  # routed pairs by expert, per layer
+    # routed pairs by expert, per layer
+    loads = [torch.zeros(model.config.num_local_experts) for _ in model.model.layers]
 
     def count(counts: torch.Tensor):
         def hook(module, inputs, out) -> None:  # out: (logits, weights, experts)
@@ -192,7 +193,8 @@ def main() -> None:
         f"{min(x):.2f}-{max(x):.2f}" for x in loads))
     path = os.path.join(C.OUT_DIR, "offload.json" if args.model == "bench" else f"offload-{args.model}.json")
     with open(path, "w") as f:
-        json.dump({"cpu": cpu, "model": args.model, "dtype": dtype, "disk_bytes_per_s": disk_bw, "memory_bytes_per_s": memory_bw,
+        json.dump({"cpu": cpu, "model": args.model, "dtype": dtype, "disk_bytes_per_s": disk_bw,
+                   "memory_bytes_per_s": memory_bw,
                    "page_cache_dropped": dropped, "rows": rows}, f, indent=2)
     print(f"wrote {path}")
 
