@@ -135,10 +135,11 @@ def test_eviction_least_frequently_used_with_aging(folder, tmp_path):
     assert set(layer.resident) == {3, 4, 6}
 
 
-def test_guesses_two_layers_ahead_are_read_while_they_hit(tmp_path):
+def test_guesses_two_layers_ahead_are_read_while_they_hit(tmp_path, monkeypatch):
     """A layer's input guesses the experts of the next PREFETCH_LAYERS layers (here 2: the model has 3); a guess 2
     ahead is judged when that layer runs (a running mean of the share it then needed) and read only while that
-    mean is at least FAR_ACCURACY."""
+    mean is at least FAR_ACCURACY, and beyond NEAR_LAYERS only into layers that hold 3/4 of their experts."""
+    from mixtral.offload import experts as experts_module
     from mixtral.offload.experts import FAR_ACCURACY
 
     torch.manual_seed(0)
@@ -156,7 +157,9 @@ def test_guesses_two_layers_ahead_are_read_while_they_hit(tmp_path):
     assert 0 < layers[2].far_accuracy < 1 and layers[1].far_accuracy == 1  # judged: the random routers guess poorly
 
     x = torch.randn(1, CONFIG["hidden_size"])
-    for accuracy, read in ((FAR_ACCURACY - 0.05, False), (FAR_ACCURACY, True)):
+    # beyond NEAR_LAYERS (here 1) only into layers that hold 3/4 of their experts: these hold 3 of 8
+    for accuracy, near, read in ((FAR_ACCURACY - 0.05, 2, False), (FAR_ACCURACY, 2, True), (1.0, 1, False)):
+        monkeypatch.setattr(experts_module, "NEAR_LAYERS", near)
         for layer in layers:  # nothing resident: every guess would be read
             layer.free, layer.slot_of[:] = list(range(layer.slots)), -1
             layer.resident.clear()

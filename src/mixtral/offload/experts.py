@@ -42,8 +42,10 @@ from .store import ExpertStore
 
 READ_THREADS = 8  # experts read at once: an SSD serves several in parallel; os.preadv releases the GIL
 # Layers ahead whose experts a layer's input guesses: reads start that much earlier. On the 8x7B shape at 215 of 256
-# experts resident (one run each, 16 tokens): 1 layer 1.22 tok/s, 2: 1.40, 3: 1.47, 4: 1.52-1.57, 6: 1.44.
-PREFETCH_LAYERS = 4
+# experts resident (one run each, 16 tokens): 1 layer 1.22 tok/s, 2: 1.40, 3: 1.47, 4: 1.52-1.57, 6: 1.44. Beyond
+# NEAR_LAYERS only for layers that hold at least 3/4 of their experts: with fewer the disk is busy with misses
+# anyway, and the further guesses' wrong reads cost (156 of 256 resident: 4 layers ahead decoded 9% slower than 2).
+PREFETCH_LAYERS, NEAR_LAYERS = 4, 2
 # A guess more than one layer ahead is read only while such guesses of that layer hit this often (a running mean
 # over its steps): on a model whose routers guess poorly that far ahead, the reads would only evict good experts.
 FAR_ACCURACY = 0.8
@@ -187,7 +189,7 @@ class OffloadedExperts(nn.Module):
             guess = gate(x_TH)[2].unique().tolist()  # (logits, weights, experts)[2]
             if distance > 1:  # judged when that layer runs, read only while such guesses hit
                 nxt._far_guess = guess
-                if nxt.far_accuracy < FAR_ACCURACY:
+                if nxt.far_accuracy < FAR_ACCURACY or distance > NEAR_LAYERS and 4 * nxt.slots < 3 * nxt.num_experts:
                     continue
             if len(guess) <= nxt.slots and any(e not in nxt.resident for e in guess):
                 nxt._ahead.append(_prefetchers().submit(nxt.fetch, guess, True))
