@@ -190,36 +190,36 @@ SAMPLE = 48  # experts read to measure the disk: 4.8 GB
 
 
 def sample_disk_bandwidth(store: str) -> float:
-    """Bytes/s reading SAMPLE random experts of the store (page cache dropped first) as OffloadedExperts reads them:
-    each expert front to back in pieces of ExpertStore.PIECE bytes by one thread, READ_THREADS experts in flight."""
+    """Bytes/s reading SAMPLE random experts of the store (page cache dropped first) with OffloadedExperts' own
+    reader (ExpertStore.read_expert: each expert front to back by one thread), READ_THREADS experts in flight."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
+
     from mixtral.offload.experts import READ_THREADS
-    from mixtral.offload.store import PIECE
+    from mixtral.offload.store import ExpertStore, Field
 
     drop_caches()
     with open(os.path.join(store, "manifest.json")) as f:
         manifest = json.load(f)
-    record, rng = manifest["record_bytes"], np.random.default_rng(1)
+    fields = [Field(f["name"], tuple(f["shape"]), f["dtype"]) for f in manifest["fields"]]
+    reader = ExpertStore(store, fields, manifest["num_layers"], manifest["num_experts"], manifest["source"])
+    reader.open()
+    rng, local = np.random.default_rng(1), threading.local()
     picks = [(int(rng.integers(manifest["num_layers"])), int(rng.integers(manifest["num_experts"])))
              for _ in range(SAMPLE)]
-    fds = [os.open(os.path.join(store, f"layer_{layer}.bin"), os.O_RDONLY) for layer in range(manifest["num_layers"])]
 
     def read(pick: tuple[int, int]) -> int:
-        layer, e = pick
-        got = 0
-        for off in range(0, record, PIECE):
-            start, n = e * record + off, min(PIECE, record - off)
-            got += len(os.pread(fds[layer], n, start))
-            os.posix_fadvise(fds[layer], start, n, os.POSIX_FADV_DONTNEED)
-        return got
+        if not hasattr(local, "slot"):  # one expert's tensors a thread, as a slot holds them
+            local.slot = [torch.empty(f.shape, dtype=getattr(torch, f.dtype)) for f in fields]
+        return reader.read_expert(*pick, local.slot)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(READ_THREADS) as pool:
         total = sum(pool.map(read, picks))
     seconds = time.perf_counter() - start
-    for fd in fds:
-        os.close(fd)
+    reader.close()
     return total / seconds
 
 
@@ -340,7 +340,9 @@ def main() -> None:
             rows.append([C.fmt((r["cap_bytes"] or r["available_bytes"]) / C.GIB, 1), r["engine"], "failed"] +
                         [""] * (len(head) - 3))
             continue
-        ratio = (lambda k: C.fmt(r[k] / base[k], 2) if base and base.get(k) else "-")
+        def ratio(k: str, r: dict = r, base: dict | None = base) -> str:  # ours / llama.cpp under the same cap
+            return C.fmt(r[k] / base[k], 2) if base and base.get(k) else "-"
+
         bound = None
         if r["engine"] == "ours":
             d = r["decode"]

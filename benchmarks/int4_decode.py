@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import common as C
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     a = ap.parse_args()
     if not os.path.exists(GGUF_PATH):
-        subprocess.run(["python", os.path.join(C.HERE, "gguf_memory.py")], check=True)  # writes the file first
+        subprocess.run([sys.executable, os.path.join(C.HERE, "gguf_memory.py")], check=True)  # writes the file first
 
     import torch
 

@@ -126,22 +126,26 @@ class GGUFSource:
         return out
 
     def is_q4_0(self, key: str) -> bool:
-        t = self.tensors.get(key)
-        return t is not None and t.tensor_type == QT.Q4_0
+        return self._is(key, QT.Q4_0)
 
     def is_q8_0(self, key: str) -> bool:
+        return self._is(key, QT.Q8_0)
+
+    def _is(self, key: str, kind: Any) -> bool:
         t = self.tensors.get(key)
-        return t is not None and t.tensor_type == QT.Q8_0
+        return t is not None and t.tensor_type == kind
 
     def stores_q4_0(self) -> bool:
         """Whether every matrix that int4 quantization covers (attention, experts or the dense MLP) is Q4_0 here."""
-        matrices = self._int4_matrices()
-        return bool(matrices) and all(t.tensor_type == QT.Q4_0 for t in matrices)
+        return self._stores(QT.Q4_0)
 
     def stores_q8_0(self) -> bool:
         """Whether every matrix that quantization covers is Q8_0 here."""
+        return self._stores(QT.Q8_0)
+
+    def _stores(self, kind: Any) -> bool:
         matrices = self._int4_matrices()
-        return bool(matrices) and all(t.tensor_type == QT.Q8_0 for t in matrices)
+        return bool(matrices) and all(t.tensor_type == kind for t in matrices)
 
     def nearest_scheme(self) -> dict[str, Any] | None:
         """The quantization that keeps this file's matrices (attention, experts) nearest to how it stores them, when

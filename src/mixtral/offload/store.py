@@ -1,5 +1,5 @@
-"""Experts kept on disk, one file per layer, each expert's tensors contiguous: a few large reads, in parallel, bring
-an expert into a slot.
+"""Experts kept on disk, one file per layer, each expert's tensors contiguous: one thread reads an expert into a slot
+front to back, in large pieces.
 
 Layout of `layer_{l}.bin`: expert e's record starts at e * record_bytes and holds the expert's tensors (`fields`:
 the pool's per-expert tensors, e.g. gate_up_proj and down_proj, or their int4 buffers) back to back, padded to
