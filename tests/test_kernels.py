@@ -287,7 +287,9 @@ def test_fallback_matches_kernels(dtype, monkeypatch):
     torch_ = run_all(x)
     for name in ours:
         assert ours[name].dtype == torch_[name].dtype == dtype, name
-        assert_matches(ours[name], torch_[name].float())
+        ref = torch_[name].float()
+        # a bf16 reference is rounded too: the two roundings may land a whole ulp (2^-7 relative) apart
+        assert_matches(ours[name], ref, 2**-8 * ref.abs() if dtype == torch.bfloat16 else 0.0)
 
 
 def test_grad_takes_torch_path():

@@ -203,17 +203,20 @@ struct Int4Lanes : Rows {
 
 #ifdef __AVX512BF16__
 // int4 codes times bf16 x by VDPBF16PS, any group size the kernels take (32, 64, 128k): exact products, as weight-
-// only quantization means. Each byte is unpacked (VPUNPCK*BW) beside the byte 0x43 into a bf16 of value 128 + code,
-// 32 weights an instruction; so a lane's sum is sum((128 + q) x) = sum(q x) + 128 sum(x), and with w = q * scale +
-// zero, w.x = scale * that + (zero - 128 scale) * sum(x). Dword lane j of a chunk sums 8 columns of one 32-column
-// block (j / 4), so per-lane scales and zeros come as in Int4Lanes; x is laid out to match (permute_for_int4_bf16):
-// 4 bf16 vectors and the 16 lane sums of x per chunk. About 13 instructions per 128 weights where Int4 needs 24.
+// only quantization means. A chunk's 64 bytes are 32 words of 4 codes each (columns 4i..4i+3 of the chunk in word i);
+// vector v takes code v of every word beside the byte 0x43 (a shift and one VPTERNLOG, no shuffles), a bf16 of value
+// 128 + code, 32 weights an instruction. So a lane's sum is sum((128 + q) x) = sum(q x) + 128 sum(x), and with w = q
+// * scale + zero, w.x = scale * that + (zero - 128 scale) * sum(x); symmetric int4 (zero = -8 scale) folds the second
+// term into the first: scale * (that - 136 sum(x)), the -136 sum(x) laid out with x. Dword lane j of a chunk sums
+// columns 8j..8j+7 (words 2j, 2j + 1: one 32-column block, j / 4), so per-lane scales and zeros come as in
+// Int4Lanes; x is laid out to match (permute_for_int4_bf16): 4 bf16 vectors, vector v word i column 4i + v, then the
+// 16 lane sums of x (times -136 when symmetric).
 struct Int4Bf16 : Rows {
   static constexpr int kCols = 128, V = 5;
   static constexpr bool kPaddedX = true, kWholeChunk = true;
   struct Chunk {
     __m512i codes;
-    __m512 scale, zero;  // per lane: the group's scale, and zero - 128 scale
+    __m512 scale, zero;  // per lane: the group's scale, and zero - 128 scale (unused when symmetric)
   };
   const uint16_t* scales;  // fp16
   const uint16_t* zeros;  // null: symmetric (see symmetric_zero)
@@ -228,24 +231,30 @@ struct Int4Bf16 : Rows {
   Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
     const int64_t g0 = s * (16 >> lane_shift) / chunks_per_group;
     const __m512 scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
-    const __m512 zero = zeros ? spread_groups(zeros + n * G + g0, G - g0, lane_shift) : symmetric_zero(scale);
+    if (!zeros) return {_mm512_loadu_si512(p), scale, scale};
+    const __m512 zero = spread_groups(zeros + n * G + g0, G - g0, lane_shift);
     return {_mm512_loadu_si512(p), scale, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), scale, zero)};
   }
   struct Unpacked {
     __m512i w[4];  // 128 bf16 weights (128 + code), in the order permute_for_int4_bf16 gives x
   };
   static Unpacked unpack(const Chunk& c) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), bf16_128 = _mm512_set1_epi8(0x43);
-    const __m512i even = _mm512_and_si512(c.codes, low4), odd = _mm512_and_si512(_mm512_srli_epi16(c.codes, 4), low4);
-    return {{_mm512_unpacklo_epi8(even, bf16_128), _mm512_unpackhi_epi8(even, bf16_128),
-             _mm512_unpacklo_epi8(odd, bf16_128), _mm512_unpackhi_epi8(odd, bf16_128)}};
+    const __m512i low4 = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
+    // (a & low4) | bf16_128: VPTERNLOG's table for (A & B) | C is 0xEA
+    return {{_mm512_ternarylogic_epi32(c.codes, low4, bf16_128, 0xEA),
+             _mm512_ternarylogic_epi32(_mm512_srli_epi16(c.codes, 4), low4, bf16_128, 0xEA),
+             _mm512_ternarylogic_epi32(_mm512_srli_epi16(c.codes, 8), low4, bf16_128, 0xEA),
+             _mm512_or_si512(_mm512_srli_epi16(c.codes, 12), bf16_128)}};
   }
-  // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x).
-  static __m512 dot(__m512 acc, const Chunk& c, const Unpacked& u, const uint8_t* x) {
-    __m512 t = _mm512_setzero_ps();
-    UNROLL
-    for (int v = 0; v < 4; ++v) t = _mm512_dpbf16_ps(t, (__m512bh)u.w[v], (__m512bh)_mm512_loadu_ps(x + 64 * v));
-    return _mm512_fmadd_ps(c.zero, _mm512_loadu_ps(x + 256), _mm512_fmadd_ps(t, c.scale, acc));
+  // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x), in two chains.
+  __m512 dot(__m512 acc, const Chunk& c, const Unpacked& u, const uint8_t* x) const {
+    const __m512 sums = _mm512_loadu_ps(x + 256);
+    __m512 a = _mm512_dpbf16_ps(zeros ? _mm512_setzero_ps() : sums, (__m512bh)u.w[0], (__m512bh)_mm512_loadu_ps(x));
+    __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u.w[1], (__m512bh)_mm512_loadu_ps(x + 64));
+    a = _mm512_dpbf16_ps(a, (__m512bh)u.w[2], (__m512bh)_mm512_loadu_ps(x + 128));
+    b = _mm512_dpbf16_ps(b, (__m512bh)u.w[3], (__m512bh)_mm512_loadu_ps(x + 192));
+    acc = _mm512_fmadd_ps(_mm512_add_ps(a, b), c.scale, acc);
+    return zeros ? _mm512_fmadd_ps(c.zero, sums, acc) : acc;
   }
 };
 #endif
@@ -270,7 +279,7 @@ inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* 
       for (int r = 0; r < R; ++r) {
         const typename F::Unpacked wr = F::unpack(chunks[r]);
         UNROLL
-        for (int m = 0; m < MB; ++m) acc[m][r] = F::dot(acc[m][r], chunks[r], wr, xs[m]);
+        for (int m = 0; m < MB; ++m) acc[m][r] = f.dot(acc[m][r], chunks[r], wr, xs[m]);
       }
     } else {
       UNROLL
@@ -500,9 +509,9 @@ at::Tensor permute_for_int4(const at::Tensor& x) {
 
 #ifdef __AVX512BF16__
 // bf16 x as (M, 320 * chunks) bytes for Int4Bf16. Per chunk of 128 columns: the 4 bf16 vectors that meet the unpacked
-// codes (vector v, word w: column 2 (16 (w / 8) + w % 8 + 8 (v & 1)) + (v >> 1), as VPUNPCKL/HBW order them), then
-// the 16 fp32 sums of x over each dword lane's 8 columns (words 2j and 2j + 1 of the 4 vectors). Zero past K.
-at::Tensor permute_for_int4_bf16(const at::Tensor& x) {
+// codes (vector v, word i: column 4i + v), then the 16 fp32 sums of x over each dword lane's 8 columns (words 2j and
+// 2j + 1 of the 4 vectors: columns 8j..8j+7), times sum_scale. Zero past K.
+at::Tensor permute_for_int4_bf16(const at::Tensor& x, float sum_scale) {
   const at::Tensor xb = rows_as(x, at::kBFloat16);
   const int64_t M = xb.size(0), K = xb.size(1), chunks = (K + 127) / 128;
   at::Tensor xp = at::empty({M, 320 * chunks}, xb.options().dtype(at::kByte));
@@ -512,17 +521,27 @@ at::Tensor permute_for_int4_bf16(const at::Tensor& x) {
     for (int64_t c = 0; c < chunks; ++c) {
       uint16_t* words = reinterpret_cast<uint16_t*>(dst + 320 * c);
       float* sums = reinterpret_cast<float*>(dst + 320 * c + 256);
-      std::fill(sums, sums + 16, 0.0f);
-      for (int v = 0; v < 4; ++v)
-        for (int w = 0; w < 32; ++w) {
-          const int64_t col = 128 * c + 2 * (16 * (w / 8) + w % 8 + 8 * (v & 1)) + (v >> 1);
-          const uint16_t bits = col < K ? src[col] : 0;
-          words[32 * v + w] = bits;
-          const uint32_t as_fp32 = uint32_t(bits) << 16;
-          float value;
-          std::memcpy(&value, &as_fp32, 4);
-          sums[w / 2] += value;
-        }
+      alignas(64) uint16_t cols[128];  // the chunk's columns, zero past K
+      const int64_t n = std::min<int64_t>(128, K - 128 * c);
+      std::memcpy(cols, src + 128 * c, 2 * n);
+      std::fill(cols + n, cols + 128, uint16_t(0));
+      const __m512i a0 = _mm512_load_si512(cols), a1 = _mm512_load_si512(cols + 32),
+                    a2 = _mm512_load_si512(cols + 64), a3 = _mm512_load_si512(cols + 96);
+      // word i of vector v: column 4i + v, from a0:a1 for i < 16 and a2:a3 above (index 4i + v mod 64)
+      const __m512i index = _mm512_setr_epi32(0x00040000, 0x000c0008, 0x00140010, 0x001c0018, 0x00240020, 0x002c0028,
+                                              0x00340030, 0x003c0038, 0x00040000, 0x000c0008, 0x00140010, 0x001c0018,
+                                              0x00240020, 0x002c0028, 0x00340030, 0x003c0038);
+      __m512 sum = _mm512_setzero_ps();
+      for (int v = 0; v < 4; ++v) {
+        const __m512i in_v = _mm512_add_epi16(index, _mm512_set1_epi16(short(v)));
+        const __m512i w = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_permutex2var_epi16(a0, in_v, a1),
+                                                  _mm512_permutex2var_epi16(a2, in_v, a3));
+        _mm512_storeu_si512(words + 32 * v, w);
+        // dword lane j holds columns 8j + v (low word) and 8j + 4 + v (high word), as fp32 bf16's top halves
+        sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+                                               _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(-65536)))));
+      }
+      _mm512_storeu_ps(sums, _mm512_mul_ps(sum, _mm512_set1_ps(sum_scale)));
     }
   }
   return xp;
@@ -549,7 +568,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   if (x.scalar_type() == at::kBFloat16) {
     const Int4Bf16 f{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift,
                      std::max<int64_t>(1, group_size / Int4::kCols)};
-    return apply(f, x, permute_for_int4_bf16(x), N, experts, E);
+    return apply(f, x, permute_for_int4_bf16(x, zeros16 ? 1.0f : -136.0f), N, experts, E);
   }
 #endif
   if (group_size < Int4::kCols) {
