@@ -48,8 +48,11 @@ class Router(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))  # (E, H)
 
+    def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return linear(x_TH, self.weight)  # (T, E): the decode kernel for few tokens, else F.linear
+
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits_TE = linear(x_TH, self.weight)  # the decode kernel for few tokens, else F.linear
+        logits_TE = self.logits(x_TH)
         probs_TE = F.softmax(logits_TE.float(), dim=-1)
         weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -67,7 +70,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.act = ACTIVATIONS[config.hidden_act]
 
-    # The two ways to apply expert weights; a quantized subclass overrides just these.
+    # The ways to apply expert weights; a quantized subclass overrides these, LoRA adds to the first and last.
     def routed_linear(self, name: str, x_TK: torch.Tensor, experts_TJ: torch.Tensor) -> torch.Tensor:
         """(T, K) x routed experts (T, J) of weight `name` -> (T, J, N), reading only the routed experts."""
         return expert_linear(x_TK, getattr(self, name), experts_TJ)
@@ -75,6 +78,10 @@ class Experts(nn.Module):
     def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's (N, K) weight `name`."""
         return getattr(self, name)[e]
+
+    def expert_linear(self, name: str, e: int, x_MK: torch.Tensor) -> torch.Tensor:
+        """x_MK (M, K) times expert e's weight `name` -> (M, N)."""
+        return F.linear(x_MK, self.expert_weight(name, e, x_MK.dtype))
 
     def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
         """Each expert's MLP over its contiguous rows of x_NH (sorted by expert, counts[e] rows each), each row times
@@ -95,8 +102,8 @@ class Experts(nn.Module):
         return (torch.cat(outs) * weights_N[:, None]).to(x_NH.dtype)  # fp32 product, as Transformers
 
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
-        gate_TI, up_TI = F.linear(x_TH, self.expert_weight("gate_up_proj", e, x_TH.dtype)).chunk(2, dim=-1)
-        return F.linear(self.act(gate_TI) * up_TI, self.expert_weight("down_proj", e, x_TH.dtype))
+        gate_TI, up_TI = self.expert_linear("gate_up_proj", e, x_TH).chunk(2, dim=-1)
+        return self.expert_linear("down_proj", e, self.act(gate_TI) * up_TI)
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         return self.pair_outputs(x_TH, weights_TK, experts_TK).sum(dim=1)

@@ -8,6 +8,7 @@ Few rows (decoding) run the kernels straight on the quantized weights; more rows
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -40,7 +41,33 @@ def _empty(shape: tuple[int, ...], scheme: str, group_size: int | None, symmetri
             "zeros": torch.empty(*lead, n, 0 if symmetric else g, dtype=torch.float16, device=device)}
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """x @ W.T in fp32 math with W dequantized for the product, in forward and again in backward: autograd keeps
+    the quantized buffers rather than a float copy of W (QLoRA: the base is frozen, only x needs a gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scheme: str, *parts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.scheme = scheme
+        ctx.save_for_backward(*parts)
+        return F.linear(x.float(), _dequantize(scheme, dict(zip(PARTS[scheme], parts)), torch.float32)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        w = _dequantize(ctx.scheme, dict(zip(PARTS[ctx.scheme], ctx.saved_tensors)), torch.float32)
+        return ((grad_y.float() @ w).to(grad_y.dtype), None, *([None] * len(ctx.saved_tensors)))
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _dequantized_linear(scheme: str, x: torch.Tensor, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    return _DequantizedLinear.apply(x, scheme, *(q[name] for name in PARTS[scheme]))
+
+
 def _linear(scheme: str, x: torch.Tensor, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    if _needs_grad(x):
+        return _dequantized_linear(scheme, x, q)
     if scheme == "int8":
         return kernels.linear_int8(x, q["qweight"], q["scale"])
     return kernels.linear_int4(x, q["packed"], q["scales"], q["zeros"])
@@ -152,6 +179,11 @@ class QuantizedExperts(_KeepsBufferDtypes, Experts):
 
     def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         return _dequantize(self.scheme, {k: v[e] for k, v in self._parts(name).items()}, dtype)
+
+    def expert_linear(self, name: str, e: int, x_MK: torch.Tensor) -> torch.Tensor:
+        if _needs_grad(x_MK):  # QLoRA: no float copy of the expert kept for backward
+            return _dequantized_linear(self.scheme, x_MK, {k: v[e] for k, v in self._parts(name).items()})
+        return super().expert_linear(name, e, x_MK)
 
     def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
         return self.expert_loop(x_NH, counts, weights_N)  # one expert at a time, each dequantized for its tokens
