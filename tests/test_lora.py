@@ -273,3 +273,31 @@ def test_dropout_only_in_training(build_pair, make_batch):
         d = ours(ids).logits
     assert not torch.allclose(c, d)
     assert F.mse_loss(c, a) > 0
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_cli_generate_with_lora(quantize, tiny_sp_folder, tmp_path, capsys):
+    """`mixtral generate --lora DIR`: the continuation of the model with the adapter (merged into a float base,
+    beside an int8 one), which differs from the base's."""
+    from mixtral import MixtralTokenizer
+    from mixtral.cli import main
+
+    quant = ["--quantize", quantize] if quantize else []
+    model = mixtral.MixtralForCausalLM.from_pretrained(tiny_sp_folder, progress=False,
+                                                       quantization=quantize).eval()
+    tok = MixtralTokenizer.from_pretrained(tiny_sp_folder)
+    ids = torch.tensor([tok.encode("The river runs")])
+
+    def continuation() -> str:
+        out = model.generate(ids, max_new_tokens=8, eos_token_id=None)
+        return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+    base = continuation()
+    apply_lora(model, LoraConfig(r=4, lora_alpha=16, target_modules=["all"]))
+    _randomize_b(model, std=1.0)
+    adapted = continuation()
+    assert adapted != base
+    save_adapter(model, tmp_path)
+    args = ["generate", "The river runs", "--model", tiny_sp_folder, "--max-new-tokens", "8", "--no-stream", *quant]
+    assert main([*args, "--lora", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == adapted + "\n"

@@ -24,6 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "--offload-folder and are read when routed to")
     p.add_argument("--offload-folder", default=None, metavar="DIR",
                    help="where offloaded experts are laid out (once; reused while the checkpoint is unchanged)")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="a LoRA adapter in PEFT's format (ours or PEFT's) to run with: merged into float weights, "
+                        "kept beside quantized ones")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -65,13 +68,13 @@ def _load(args: argparse.Namespace):
     offload = offload_kwargs(args.max_memory, args.offload_folder, args.device)
     if tp == 1 and ep == 1:
         return load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                        **offload)
+                                        lora=args.lora, **offload)
     if offload:
         raise ValueError("--max-memory/--offload-folder and --tp/--ep do not go together")
     rank = start_ranks(args)
     # each rank reads only its slices; the sharding needs floating-point weights, so --quantize applies after it
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, progress=rank == 0,
-                                          quantize=args.quantize, tp=tp, ep=ep)
+                                          quantize=args.quantize, tp=tp, ep=ep, lora=args.lora)
     from .parallel import launch
 
     if rank == 0:
@@ -291,7 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize, compile=args.compile, max_batch=args.max_batch, max_waiting=args.max_waiting,
         max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, prefill_chunk=args.prefill_chunk,
         api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY") or None, max_body_bytes=args.max_body_bytes,
-        tp=args.tp, ep=args.ep, max_memory=args.max_memory, offload_folder=args.offload_folder)
+        tp=args.tp, ep=args.ep, max_memory=args.max_memory, offload_folder=args.offload_folder, lora=args.lora)
     for name in ("max_batch", "max_waiting", "prefill_chunk", "max_body_bytes", "tp", "ep"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

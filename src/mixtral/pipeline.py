@@ -17,11 +17,11 @@ def _is_chat(x: Any) -> bool:
 
 def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
                              device: str | None = None, progress: bool = True, quantize: str | None = None,
-                             tp: int = 1, ep: int = 1, **load_kwargs: Any):
+                             tp: int = 1, ep: int = 1, lora: str | os.PathLike | None = None, **load_kwargs: Any):
     """(model, tokenizer) from a checkpoint folder or .gguf file; None means the built-in demo model.
     quantize="int8" | "int4" quantizes each weight as it is loaded (from_pretrained's quantization=); tp / ep:
-    this rank's share of a tensor / expert parallel model (under torchrun); load_kwargs: from_pretrained's others
-    (device_map, max_memory, load_in_4bit, ...)."""
+    this rank's share of a tensor / expert parallel model (under torchrun); lora: a PEFT adapter folder to run with
+    (mixtral.lora.use_adapter); load_kwargs: from_pretrained's others (device_map, max_memory, load_in_4bit, ...)."""
     from .model import MixtralForCausalLM
     from .tokenizer import MixtralTokenizer
 
@@ -30,8 +30,15 @@ def load_model_and_tokenizer(model: str | os.PathLike | None, dtype: str | torch
 
         model = demo_model_path()
     path = os.fspath(model)
+    if lora is not None and tp * ep > 1:
+        raise ValueError("a LoRA adapter with --tp/--ep is not supported: merge it into the checkpoint first "
+                         "(mixtral.lora.merge_and_unload, then save_pretrained)")
     lm = MixtralForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress,
                                             quantization=quantize or None, tp=tp, ep=ep, **load_kwargs)
+    if lora is not None:
+        from .lora import use_adapter
+
+        use_adapter(lm, lora)
     if path.endswith(".gguf"):  # the tokenizer rides in the GGUF's metadata: rebuild its files, then load them
         from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
 

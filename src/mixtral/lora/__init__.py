@@ -22,7 +22,7 @@ from .layers import LoraExperts, LoraLayer, LoraLinear, LoraRouter, add_lora, un
 from .peft_format import load_adapter, save_adapter
 
 __all__ = ["LoraConfig", "apply_lora", "load_adapter", "save_adapter", "merge_and_unload", "unload_lora",
-           "lora_modules", "has_lora"]
+           "use_adapter", "lora_modules", "has_lora"]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
@@ -103,6 +103,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for name in m.lora_A:
             m.merge_weight(name, getattr(m, name).data)
     return unload_lora(model)
+
+
+def use_adapter(model: nn.Module, path) -> nn.Module:
+    """For inference (generate --lora, serve --lora): load_adapter, then merge it where every adapted weight is
+    float, so that a step costs what the base's does; over a quantized base the adapters stay beside it."""
+    load_adapter(model, path)
+    if all(_float_weights(m) for m in lora_modules(model).values()):
+        merge_and_unload(model)
+    return model
 
 
 def _float_weights(m: LoraLayer) -> bool:

@@ -59,6 +59,7 @@ class ServeSettings:
     ep: int = 1
     max_memory: str | None = None  # the weights' budget ("18GiB"): experts past it in offload_folder
     offload_folder: str | None = None
+    lora: str | None = None  # a PEFT adapter folder (mixtral.lora.use_adapter)
 
 
 def load_engine(s: ServeSettings) -> tuple[Any, Any, BatchEngine]:
@@ -67,7 +68,7 @@ def load_engine(s: ServeSettings) -> tuple[Any, Any, BatchEngine]:
     from ..pipeline import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(s.model, dtype=s.dtype, device=s.device, quantize=s.quantize, tp=s.tp,
-                                          ep=s.ep, progress=os.environ.get("RANK", "0") == "0",
+                                          ep=s.ep, progress=os.environ.get("RANK", "0") == "0", lora=s.lora,
                                           **offload_kwargs(s.max_memory, s.offload_folder, s.device))
     model.eval()
     length = s.max_model_len or slot_cache_length(model, s.max_batch, s.kv_cache_gib)
