@@ -237,6 +237,7 @@ def _memory_plan(config: Any, args: argparse.Namespace, gguf_scheme: dict[str, A
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .model import MixtralForCausalLM
+    from .tokenizer import copy_tokenizer_files
 
     to = args.to or ("gguf" if args.dst.endswith(".gguf") else "hub")
     gguf_types = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -253,16 +254,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"loaded {args.src} ({model.num_parameters():,} parameters, {model.dtype})", file=sys.stderr)
     if to == "hub":
         model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
-        _copy_tokenizer(args.src, args.dst)
-        if args.src.endswith(".gguf"):
-            from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
-
-            write_tokenizer_files(read_gguf_tokenizer(args.src), args.dst)
+        copy_tokenizer_files(args.src, args.dst)
     elif to == "mistral":
         from .checkpoint.mistral import save_mistral_checkpoint
 
         save_mistral_checkpoint(model, args.dst)
-        _copy_tokenizer(args.src, args.dst)
+        copy_tokenizer_files(args.src, args.dst)
     else:
         from .checkpoint.gguf import read_gguf_tokenizer, save_gguf
         from .checkpoint.gguf_tokenizer import tokenizer_data_from_folder
@@ -273,14 +270,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_tokenizer(src: str, dst: str) -> None:
-    import shutil
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .lora import LoraConfig
+    from .train import TrainConfig, finetune
 
-    if os.path.isdir(src):
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                     "generation_config.json"):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    if args.lora_r and args.train:
+        raise ValueError("--lora-r (LoRA) and --train (full fine-tuning of parts) do not go together")
+    lora = None
+    if args.lora_r:
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                          lora_dropout=args.lora_dropout, target_modules=args.lora_targets.split(","),
+                          use_rslora=args.rslora)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
+                         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+                         router_z_loss_coef=args.router_z_loss_coef, eval_every=args.eval_every,
+                         save_every=args.save_every, seed=args.seed)
+    log = finetune(args.model, args.data, args.out, lora=lora, train=args.train.split(",") if args.train else None,
+                   quantize=args.quantize, dtype=args.dtype, max_length=args.max_length,
+                   eval_fraction=args.eval_fraction, config=config, resume=args.resume)
+    last = log[-1] if log else {}
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl") if k in last)
+    print(f"wrote {args.out} ({'adapter' if lora else 'model'}); step {last.get('step', 0)}: {summary}",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -361,6 +374,41 @@ def build_parser() -> argparse.ArgumentParser:
                    "one compile per batch-size bucket, on first use)")
     _add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("finetune", help="LoRA, QLoRA or full fine-tuning on a .jsonl (text or chat messages) or "
+                       ".txt file")
+    p.add_argument("model", help="checkpoint folder or .gguf file ('demo': the built-in demo model)")
+    p.add_argument("data", help=".jsonl with a \"text\" or a chat \"messages\" field a line (loss on the assistant "
+                   "turns), or .txt")
+    p.add_argument("--out", required=True, help="output folder: the adapter or model, checkpoints, metrics, plot")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="attention",
+                   help="comma-separated: q_proj, k_proj, v_proj, o_proj, gate (router), gate_up_proj, down_proj, "
+                        "or attention, experts, router, all")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    p.add_argument("--train", default=None, help="full fine-tuning of these parts only (comma-separated: attention, "
+                   "experts, router, norms, embeddings, lm_head; default all)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="QLoRA: the base in int8 or int4")
+    p.add_argument("--dtype", default="float32", help="the base's dtype (float32, bfloat16)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="examples held out for evaluation")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--router-z-loss-coef", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("info", help="config summary, parameter counts (total/active), dtype, size on disk")
     p.add_argument("path")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
 import re
 import secrets
 from datetime import datetime
@@ -590,6 +591,24 @@ class MixtralTokenizer:
         ids = self._backend.encode(text, False, None, self.truncation_side, protected)
         encoded = self._batch_encoding([ids], True, return_tensors, False, None)
         return encoded if return_dict else encoded["input_ids"]
+
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a checkpoint folder's tokenizer (and generation config) files into another checkpoint folder; a GGUF
+    source has its tokenizer rebuilt from its metadata."""
+    import shutil
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    if src.endswith(".gguf"):
+        from .checkpoint.gguf import read_gguf_tokenizer, write_tokenizer_files
+
+        write_tokenizer_files(read_gguf_tokenizer(src), dst)
+    elif os.path.isdir(src):
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json"):
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
 AutoTokenizer = MixtralTokenizer

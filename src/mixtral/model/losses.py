@@ -45,6 +45,16 @@ def load_balancing_loss(
     return num_experts * torch.sum(tokens_per_expert_E * prob_per_expert_E)
 
 
+def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE's router z-loss: the mean over layers and (unpadded) tokens of logsumexp(router logits)^2, which
+    keeps the logits small. router_logits: one (B*S, E) tensor per layer."""
+    z_LT = torch.logsumexp(torch.stack([r.float() for r in router_logits]), dim=-1) ** 2  # (L, T)
+    if attention_mask is None:
+        return z_LT.mean()
+    weight_T = attention_mask.reshape(-1).float().to(z_LT.device)
+    return (z_LT * weight_T).sum() / (weight_T.sum() * z_LT.shape[0])
+
+
 def sequence_classification_loss(pooled_logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
     num_labels = pooled_logits.shape[-1]
     labels = labels.to(pooled_logits.device)
