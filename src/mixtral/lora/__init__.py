@@ -13,6 +13,9 @@ frozen, and gradients go through products with its weights dequantized on the fl
 
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import nn
 
 from ..model.attention import Attention
@@ -34,13 +37,11 @@ def has_lora(model: nn.Module) -> bool:
     return bool(lora_modules(model))
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, dtype=None) -> nn.Module:
+def apply_lora(model: nn.Module, config: LoraConfig, dtype: torch.dtype | None = None) -> nn.Module:
     """Add adapters to `model` in place and freeze everything else (only lora_A / lora_B train); returns it.
 
     The adapters are float32 unless `dtype` says otherwise (as PEFT's autocast_adapter_dtype); they sit on the
     device of the weights they adapt."""
-    import torch
-
     from ..offload.experts import OffloadedExperts
 
     if has_lora(model):
@@ -86,7 +87,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, dtype=None) -> nn.Module:
     return model
 
 
-def _device(module: nn.Module):
+def _device(module: nn.Module) -> torch.device:
     return next(t.device for t in (*module.parameters(), *module.buffers()))
 
 
@@ -105,7 +106,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return unload_lora(model)
 
 
-def use_adapter(model: nn.Module, path) -> nn.Module:
+def use_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """For inference (generate --lora, serve --lora): load_adapter, then merge it where every adapted weight is
     float, so that a step costs what the base's does; over a quantized base the adapters stay beside it."""
     load_adapter(model, path)
