@@ -127,7 +127,8 @@ def test_resume_is_bit_exact(tiny_sp_folder, tok, tmp_path):
     resumed_log, resumed_weights = run(tmp_path / "resumed", tmp_path / "full" / "checkpoint-2")
     assert [r["step"] for r in resumed_log] == [3, 4]
     for a, b in zip(full_log[2:], resumed_log):
-        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {k: v for k, v in b.items() if k != "tokens_per_s"}
+        a.pop("tokens_per_s"), b.pop("tokens_per_s")  # a timing
+        assert a == b
     assert all(torch.equal(full_weights[n], resumed_weights[n]) for n in full_weights)
 
 

@@ -282,7 +282,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           lora_dropout=args.lora_dropout, target_modules=args.lora_targets.split(","),
                           use_rslora=args.rslora)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
+                         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                         max_grad_norm=args.max_grad_norm,
                          bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
                          router_z_loss_coef=args.router_z_loss_coef, eval_every=args.eval_every,
                          save_every=args.save_every, seed=args.seed)

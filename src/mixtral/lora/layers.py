@@ -1,4 +1,4 @@
-"""The LoRA layers: y = W x + s B A dropout(x) beside a frozen W, with W + BA never formed (merge() forms it once).
+"""The LoRA layers: y = W x + s B A dropout(x) beside a frozen W, W + BA never formed (but by merge_and_unload).
 
 A targeted module keeps its class, weights and state-dict keys and gains a mixin for its kind (add_lora): so a base
 in any form (float, int8 or int4: QLoRA) takes an adapter the same way, and unload() gives the module back as it

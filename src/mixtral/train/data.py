@@ -82,7 +82,8 @@ def _conversation(messages: Any, tokenizer: Any, where: str) -> Example:
     known = {"system", "user", "assistant"}
     unknown = sorted({m["role"] for m in messages} - known)
     if unknown:
-        raise ValueError(f"{where}: role {unknown[0]!r} is not one the chat template knows ({', '.join(sorted(known))})")
+        raise ValueError(f"{where}: role {unknown[0]!r} is not one the chat template knows "
+                         f"({', '.join(sorted(known))})")
     try:
         ids = tokenizer.apply_chat_template(messages)
     except Exception as e:  # the template's own checks (alternating roles, ...)

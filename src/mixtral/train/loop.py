@@ -170,7 +170,9 @@ class Trainer:
                 token_loss, aux, z = _losses(model, batch, cfg, cfg.bf16)
                 loss = token_loss / max(1, tokens) + share * (coef * aux + cfg.router_z_loss_coef * z)
                 loss.backward()
-                loss_sum, aux_sum, z_sum = loss_sum + float(token_loss), aux_sum + share * float(aux), z_sum + share * float(z)
+                loss_sum += float(token_loss)
+                aux_sum += share * float(aux)
+                z_sum += share * float(z)
             grad_norm = (torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
                          if cfg.max_grad_norm else None)
             lr = self.optimizer.param_groups[0]["lr"]
