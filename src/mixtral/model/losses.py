@@ -10,11 +10,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1]; -100 is ignored."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (the mean, or with reduction="sum" the sum over the tokens): position t
+    predicts labels[t + 1]; -100 is ignored."""
     shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, S)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device),
-                           ignore_index=ignore_index)
+                           ignore_index=ignore_index, reduction=reduction)
 
 
 def load_balancing_loss(

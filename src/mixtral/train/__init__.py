@@ -19,7 +19,7 @@ import torch
 from .data import Example, load_examples, split
 from .loop import Trainer, TrainConfig, evaluate
 
-__all__ = ["finetune", "TrainConfig", "Trainer", "evaluate", "load_examples", "unfreeze", "PARTS"]
+__all__ = ["finetune", "TrainConfig", "Trainer", "evaluate", "load_examples", "Example", "unfreeze", "PARTS"]
 
 # the parts of a model `--train` names, by module path (full fine-tuning of some of them)
 PARTS = {"attention": (".self_attn.",), "experts": (".mlp.experts.",), "router": (".mlp.gate.",),
@@ -80,5 +80,3 @@ def finetune(model: str | os.PathLike | None, data: str | os.PathLike, out_dir: 
         trainer.resume()
     return trainer.train()
 
-
-__all__ += ["Example"]

@@ -130,4 +130,4 @@ def batch_at(examples: list[Example], index: int, batch_size: int, seed: int) ->
     epoch, i = divmod(index, per_epoch)
     order = list(range(len(examples)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]] or [examples[order[0]]]
+    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]]

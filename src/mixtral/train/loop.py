@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..model.losses import IGNORE_INDEX, load_balancing_loss, router_z_loss
+from ..model.losses import IGNORE_INDEX, causal_lm_loss, load_balancing_loss, router_z_loss
 from .data import Example, batch_at, collate
 
 STATE_NAME, TRAINABLE_NAME = "trainer_state.pt", "trainable.safetensors"
@@ -59,20 +58,18 @@ def _trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _losses(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, bf16: bool) -> tuple[torch.Tensor, ...]:
-    """(summed token loss, aux loss, z-loss) of one micro-batch."""
+def _losses(model: Any, batch: dict[str, torch.Tensor], z_loss: bool, bf16: bool) -> tuple[torch.Tensor, ...]:
+    """(summed token loss, aux loss, z-loss or 0) of one micro-batch."""
     mc = model.config
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                     output_router_logits=True)
-    logits, labels = out.logits.float(), F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
+    token_loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
     aux = load_balancing_loss(out.router_logits, mc.num_local_experts, mc.num_experts_per_tok,
                               batch["attention_mask"])
-    z = router_z_loss(out.router_logits, batch["attention_mask"]) if cfg.router_z_loss_coef else aux.new_zeros(())
+    z = router_z_loss(out.router_logits, batch["attention_mask"]) if z_loss else aux.new_zeros(())
     return token_loss, aux, z
 
 
@@ -84,7 +81,7 @@ def evaluate(model: Any, examples: list[Example], batch_size: int, pad_token_id:
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_token_id)
-        total += float(_losses(model, batch, TrainConfig(), bf16)[0])
+        total += float(_losses(model, batch, False, bf16)[0])
         tokens += _trained_tokens(batch["labels"])
     model.train(was_training)
     loss = total / max(1, tokens)
@@ -167,7 +164,7 @@ class Trainer:
             loss_sum = aux_sum = z_sum = 0.0
             for batch in batches:
                 share = _trained_tokens(batch["labels"]) / max(1, tokens)
-                token_loss, aux, z = _losses(model, batch, cfg, cfg.bf16)
+                token_loss, aux, z = _losses(model, batch, bool(cfg.router_z_loss_coef), cfg.bf16)
                 loss = token_loss / max(1, tokens) + share * (coef * aux + cfg.router_z_loss_coef * z)
                 loss.backward()
                 loss_sum += float(token_loss)
