@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import mixtral
-from mixtral.lora import LoraConfig, apply_lora, has_lora, load_adapter, merge_and_unload, save_adapter, unload_lora
+import mixtral.train
+from mixtral.lora import (LoraConfig, apply_lora, has_lora, load_adapter, merge_adapter, merge_and_unload, save_adapter,
+                          unload_lora, unmerge_adapter)
 from mixtral.lora.layers import LoraLayer
 
 peft = pytest.importorskip("peft")
@@ -146,6 +148,31 @@ def test_merge_and_unload(build_pair, make_batch, diff, tmp_path):
     again = mixtral.MixtralForCausalLM.from_pretrained(tmp_path / "merged", progress=False).eval()
     with torch.no_grad():
         diff("merged, saved and loaded", again(ids, attention_mask=mask).logits, adapted, where=mask.bool())
+
+
+def test_merge_then_unmerge(build_pair, make_batch, diff):
+    """merge_adapter: the adapted logits from the base's own forward (the grouped expert dispatch); unmerge_adapter:
+    the base's weights back (fp32, to rounding) and the adapters active again."""
+    _, ours, _ = build_pair.fresh(CASE, "sdpa")
+    base_weights = {k: v.clone() for k, v in ours.state_dict().items()}
+    apply_lora(ours, LoraConfig(r=4, lora_alpha=8, target_modules=["all"]))
+    _randomize_b(ours)
+    ids, mask = make_batch(2, 10, ours.config.vocab_size, pads=[0, 2], seed=7)
+    with torch.no_grad():
+        adapted = ours(ids, attention_mask=mask).logits
+        merge_adapter(ours)
+        experts = ours.model.layers[0].mlp.experts
+        assert experts.lora_merged and experts.runs_grouped(torch.zeros(4, ours.config.hidden_size)) == \
+            mixtral.model.moe.Experts.runs_grouped(experts, torch.zeros(4, ours.config.hidden_size))
+        assert not torch.equal(ours.model.layers[0].self_attn.q_proj.weight, base_weights[
+            "model.layers.0.self_attn.q_proj.weight"])
+        diff("merged (adapters kept) vs adapted", ours(ids, attention_mask=mask).logits, adapted, where=mask.bool())
+        with pytest.raises(ValueError, match="unmerge_adapter"):
+            mixtral.train.Trainer(ours, [], [], mixtral.train.TrainConfig(), "unused", 0)
+        unmerge_adapter(ours)
+        for key, weight in base_weights.items():
+            diff("unmerged weights vs the base's", ours.state_dict()[key], weight, tol=1e-6)
+        diff("unmerged vs adapted", ours(ids, attention_mask=mask).logits, adapted, where=mask.bool())
 
 
 def test_unload_restores_the_base(build_pair, make_batch, diff):

@@ -164,3 +164,93 @@ def test_split_is_seeded():
     examples = [Example([i, i], [i, i]) for i in range(10)]
     a, b = split(examples, 0.2, seed=1), split(examples, 0.2, seed=1)
     assert [e.input_ids for e in a[1]] == [e.input_ids for e in b[1]] and len(a[1]) == 2 and len(a[0]) == 8
+
+
+def test_packed_documents_see_only_themselves(tiny_sp_folder, tok, diff):
+    """A packed row's logits are each document's own (positions from 0), and Transformers' with the same mask."""
+    from transformers import MixtralForCausalLM as HFMixtral
+
+    from mixtral.model.attention import packed_mask
+    from mixtral.train import pack
+
+    model = _model(tiny_sp_folder).eval()
+    docs = _examples(tok)[:3]
+    (row,) = pack(docs, 64)
+    assert row.input_ids == [t for d in docs for t in d.input_ids]
+    assert row.position_ids == [p for d in docs for p in range(len(d.input_ids))]
+    ids, positions = torch.tensor([row.input_ids]), torch.tensor([row.position_ids])
+    mask = packed_mask(positions)
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0]
+        hf = HFMixtral.from_pretrained(tiny_sp_folder).eval()
+        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0]
+    diff("packed logits vs Transformers with the same 4-D mask", packed, theirs, tol=1e-4)
+    start = 0
+    for d in docs:
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([d.input_ids])).logits[0]
+        diff("packed vs alone", packed[start:start + len(d.input_ids)], alone, tol=1e-5)
+        start += len(d.input_ids)
+    assert pack(docs, len(docs[0].input_ids) + len(docs[1].input_ids))[0].input_ids == docs[0].input_ids + \
+        docs[1].input_ids  # and the third starts a new row
+    with pytest.raises(ValueError, match="4-D attention_mask must be boolean"):
+        model(input_ids=ids, attention_mask=mask.float())
+
+
+def test_packed_step_equals_padded_step(tiny_sp_folder, tok, tmp_path, diff):
+    """The same documents padded a row each and packed into one row: the same loss, aux loss and gradients."""
+    from mixtral.train import pack
+
+    results = []
+    for packed in (False, True):
+        model = _model(tiny_sp_folder)
+        unfreeze(model, ["all"])
+        docs = _examples(tok)[:4]
+        data = pack(docs, 256) if packed else docs
+        trainer = Trainer(model, data, [], TrainConfig(steps=1, batch_size=len(data), lr=0.0, max_grad_norm=None),
+                          tmp_path / str(packed), 0, progress=False)
+        trainer.optimizer.zero_grad = lambda set_to_none=True: None
+        log = trainer.train()
+        results.append((log[0], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (padded, padded_grads), (packed, packed_grads) = results
+    assert packed["tokens"] == padded["tokens"]
+    diff("packed vs padded loss", torch.tensor(packed["loss"]), torch.tensor(padded["loss"]), tol=1e-5)
+    diff("packed vs padded aux loss", torch.tensor(packed["aux_loss"]), torch.tensor(padded["aux_loss"]), tol=1e-5)
+    for name in padded_grads:
+        diff(f"grad {name}", packed_grads[name], padded_grads[name], tol=1e-5)
+
+
+@pytest.mark.parametrize("how", [["--lora-r", "4", "--lora-targets", "all"], ["--train", "all"]], ids=["lora", "full"])
+def test_two_processes_equal_one(tiny_sp_folder, tmp_path, how):
+    """Data parallel under torchrun (gloo, 2 ranks x 1 micro-batch a step) against 1 process with the same 2
+    micro-batches a step: the same losses, routing, eval and result."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"text": t * (1 + i % 3)} for i, t in enumerate(TEXTS * 2)])
+    args = [tiny_sp_folder, data, "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--eval-fraction", "0.2",
+            "--seed", "1", *how]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MIXTRAL_DIST_TIMEOUT": "60"}
+    runs = {}
+    for name, launcher, accum in (("one", [], "2"), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                             "--nproc-per-node=2"], "1")):
+        out = tmp_path / name
+        cmd = [sys.executable, *launcher, "-m", "mixtral", "finetune", *args, "--grad-accum", accum, "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("wrote ") == 1  # rank 0 writes and tells
+        runs[name] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+                      load_file(out / "checkpoint-3" / "trainable.safetensors"))
+    (one, one_weights), (two, two_weights) = runs["one"], runs["two"]
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two] and len(one) == 3
+    for a, b in zip(one, two):
+        for key in ("loss", "aux_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        assert torch.allclose(torch.tensor(a["expert_load"]), torch.tensor(b["expert_load"]), atol=1e-4)
+    assert abs(one[-1]["eval_loss"] - two[-1]["eval_loss"]) <= 1e-5 and one[-1]["eval_tokens"] == two[-1]["eval_tokens"]
+    assert one_weights.keys() == two_weights.keys()
+    for name in one_weights:
+        assert torch.allclose(one_weights[name], two_weights[name], atol=1e-5, rtol=0), name

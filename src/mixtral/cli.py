@@ -288,12 +288,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          router_z_loss_coef=args.router_z_loss_coef, eval_every=args.eval_every,
                          save_every=args.save_every, seed=args.seed)
     log = finetune(args.model, args.data, args.out, lora=lora, train=args.train.split(",") if args.train else None,
-                   quantize=args.quantize, dtype=args.dtype, max_length=args.max_length,
+                   quantize=args.quantize, dtype=args.dtype, max_length=args.max_length, packing=args.packing,
                    eval_fraction=args.eval_fraction, config=config, resume=args.resume)
     last = log[-1] if log else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl") if k in last)
-    print(f"wrote {args.out} ({'adapter' if lora else 'model'}); step {last.get('step', 0)}: {summary}",
-          file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+            print(f"wrote {args.out} ({'adapter' if lora else 'model'}); step {last.get('step', 0)}: {summary}",
+              file=sys.stderr)
     return 0
 
 
@@ -401,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--packing", action="store_true", help="pack several examples into each max-length row (each "
+                   "attends only to itself, positions from 0)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="examples held out for evaluation")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")

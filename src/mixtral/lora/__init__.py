@@ -6,6 +6,7 @@
     save_adapter(model, "adapter/")   # adapter_config.json + adapter_model.safetensors, as PEFT writes them
     load_adapter(other, "adapter/")   # also an adapter PEFT trained on Transformers' Mixtral
     merge_and_unload(model)           # a plain model again, W + s BA in its weights
+    merge_adapter(model); unmerge_adapter(model)  # W + s BA in the weights for a while, adapters kept (as PEFT's)
 
 Over a quantized base (mixtral.quantize, or a quantized checkpoint) this is QLoRA: the base stays int8/int4 and
 frozen, and gradients go through products with its weights dequantized on the fly (never kept for backward).
@@ -24,8 +25,8 @@ from .config import ATTENTION, EXPERTS, ROUTER, LoraConfig
 from .layers import LoraExperts, LoraLayer, LoraLinear, LoraRouter, add_lora, unload
 from .peft_format import load_adapter, save_adapter
 
-__all__ = ["LoraConfig", "apply_lora", "load_adapter", "save_adapter", "merge_and_unload", "unload_lora",
-           "use_adapter", "lora_modules", "has_lora"]
+__all__ = ["LoraConfig", "apply_lora", "load_adapter", "save_adapter", "merge_and_unload", "merge_adapter",
+           "unmerge_adapter", "unload_lora", "use_adapter", "lora_modules", "has_lora"]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
@@ -95,15 +96,34 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (W += s B A, in fp32) and drop the adapters: a plain model, which
     save_pretrained writes as an ordinary checkpoint. A quantized base cannot take the update exactly: load the
     base in float, load_adapter, then merge (and quantize after, if wanted)."""
+    return unload_lora(merge_adapter(model))
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W += s B A, in fp32) and keep the adapters: the forward is the base's
+    (the experts' grouped dispatch again) until unmerge_adapter()."""
     mods = lora_modules(model)
     quantized = [n for n, m in mods.items() if not _float_weights(m)]
     if quantized:
         raise ValueError(f"cannot merge adapters into quantized weights ({quantized[0]} ...): rounding the sum would "
                          "change the model; load the base model in float, load_adapter(), then merge_and_unload()")
     for m in mods.values():
-        for name in m.lora_A:
-            m.merge_weight(name, getattr(m, name).data)
-    return unload_lora(model)
+        if not m.lora_merged:
+            for name in m.lora_A:
+                m.merge_weight(name, getattr(m, name).data)
+            m.lora_merged = True
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Take merged adapters out of the weights again (W -= s B A, in fp32): the base's weights as they were, up to
+    one rounding to their dtype each way (exact to ~1e-7 relative in fp32; bf16 weights may move by an ulp)."""
+    for m in lora_modules(model).values():
+        if m.lora_merged:
+            for name in m.lora_A:
+                m.merge_weight(name, getattr(m, name).data, sign=-1.0)
+            m.lora_merged = False
+    return model
 
 
 def use_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -28,18 +28,19 @@ class LoraLayer(nn.Module):
     lora_B: nn.ParameterDict
     lora_scaling: dict[str, float]
     lora_dropout: nn.Module
+    lora_merged: bool = False  # the update is in the weights (merge_adapter): the forward is the base's
 
     def lora_delta(self, name: str, x_MK: torch.Tensor, a_rK: torch.Tensor, b_Nr: torch.Tensor) -> torch.Tensor:
         """s B A dropout(x) for one (A, B) pair, in the adapter's dtype."""
         h_Mr = F.linear(self.lora_dropout(x_MK).to(a_rK.dtype), a_rK)
         return F.linear(h_Mr, b_Nr) * self.lora_scaling[name]
 
-    def merge_weight(self, name: str, weight: torch.Tensor) -> None:
-        """weight (..., N, K) += s B A, in fp32, expert by expert (no (E, N, K) temporary)."""
+    def merge_weight(self, name: str, weight: torch.Tensor, sign: float = 1.0) -> None:
+        """weight (..., N, K) += sign s B A, in fp32, expert by expert (no (E, N, K) temporary)."""
         a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
         for i, (a_rK, b_Nr) in enumerate(zip(a.view(-1, *a.shape[-2:]), b.view(-1, *b.shape[-2:]))):
             w = weight.view(-1, *weight.shape[-2:])[i]
-            w.copy_((w.float() + (b_Nr.float() @ a_rK.float()) * self.lora_scaling[name]).to(w.dtype))
+            w.copy_((w.float() + (b_Nr.float() @ a_rK.float()) * (sign * self.lora_scaling[name])).to(w.dtype))
 
 
 class LoraLinear(LoraLayer):
@@ -47,6 +48,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
+        if self.lora_merged:
+            return out
         return out + self.lora_delta("weight", x, self.lora_A["weight"], self.lora_B["weight"]).to(out.dtype)
 
 
@@ -55,6 +58,8 @@ class LoraRouter(LoraLayer):
 
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         out = super().logits(x_TH)
+        if self.lora_merged:
+            return out
         return out + self.lora_delta("weight", x_TH, self.lora_A["weight"], self.lora_B["weight"]).to(out.dtype)
 
 
@@ -63,7 +68,7 @@ class LoraExperts(LoraLayer):
 
     def routed_linear(self, name: str, x_TK: torch.Tensor, experts_TJ: torch.Tensor) -> torch.Tensor:
         out_TJN = super().routed_linear(name, x_TK, experts_TJ)
-        if name not in self.lora_A:
+        if name not in self.lora_A or self.lora_merged:
             return out_TJN
         a_ErK, b_ENr = self.lora_A[name], self.lora_B[name]
         h_TJr = torch.einsum("tjrk,tk->tjr", a_ErK[experts_TJ], self.lora_dropout(x_TK).to(a_ErK.dtype))
@@ -72,15 +77,17 @@ class LoraExperts(LoraLayer):
 
     def expert_linear(self, name: str, e: int, x_MK: torch.Tensor) -> torch.Tensor:
         out_MN = super().expert_linear(name, e, x_MK)
-        if name not in self.lora_A:
+        if name not in self.lora_A or self.lora_merged:
             return out_MN
         return out_MN + self.lora_delta(name, x_MK, self.lora_A[name][e], self.lora_B[name][e]).to(out_MN.dtype)
 
     def grouped_mlp(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
+        if self.lora_merged:
+            return super().grouped_mlp(x_NH, counts, weights_N)
         return self.expert_loop(x_NH, counts, weights_N)  # expert by expert, through expert_linear
 
     def runs_grouped(self, x_TH: torch.Tensor) -> bool:
-        return False
+        return self.lora_merged and super().runs_grouped(x_TH)
 
 
 def add_lora(module: nn.Module, mixin: type, adapters: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]],
@@ -106,4 +113,5 @@ def unload(module: LoraLayer) -> None:
     for attr in ("lora_A", "lora_B", "lora_dropout"):
         delattr(module, attr)
     del module.lora_scaling
+    module.__dict__.pop("lora_merged", None)
     module.__class__ = type(module).lora_base_class

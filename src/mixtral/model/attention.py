@@ -41,8 +41,16 @@ def causal_mask(
     Query i (at cache position past_len + i) sees key j when j <= i, j is not padding, and, with a sliding
     window w, j > i - w (the last w keys, itself included: Transformers' convention). Returns None when
     plain causal attention needs no mask (no padding, window not reached, no offset between q and k).
+    A 4-D boolean attention_mask (B|1, 1, S, T) is the whole mask already (packed documents: packed_mask), as in
+    Transformers, and is used as given.
     """
     kv_len = past_len + q_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or attention_mask.shape[1] != 1 or attention_mask.shape[2:] != (
+                q_len, kv_len):
+            raise ValueError(f"a 4-D attention_mask must be boolean (B, 1, S, T) = (B, 1, {q_len}, {kv_len}), True "
+                             f"where a query may look; got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        return attention_mask.to(device)
     window_bites = sliding_window is not None and kv_len > sliding_window
     if attention_mask is None and not window_bites and (q_len == 1 or past_len == 0):
         return None
@@ -58,6 +66,17 @@ def causal_mask(
                              f"got shape {tuple(attention_mask.shape)}")
         allowed = allowed & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)  # (B, 1, S, T)
     return allowed
+
+
+def packed_mask(position_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """(B, S) positions that restart at 0 for each packed document -> boolean (B, 1, S, S) mask: causal within a
+    document (and its sliding window), blind to the other documents of the row."""
+    doc = (position_ids == 0).cumsum(-1)  # (B, S): which document of its row a token belongs to
+    i = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & (i[None, None, :] <= i[None, :, None])  # (B, S, S)
+    if sliding_window is not None:
+        allowed = allowed & (i[None, None, :] > i[None, :, None] - sliding_window)
+    return allowed[:, None]
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -174,8 +174,9 @@ class MixtralForCausalLM(_WithBackbone):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux_loss = None
         if output_router_logits:
+            token_mask = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
             aux_loss = load_balancing_loss(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok,
-                                           attention_mask)
+                                           token_mask)  # a 4-D mask does not say which tokens are padding
             if loss is not None:
                 loss = loss + cfg.router_aux_loss_coef * aux_loss.to(loss.device)
         result = MoeCausalLMOutputWithPast(loss, aux_loss, logits, out.past_key_values, out.hidden_states,

@@ -32,14 +32,23 @@ def init_distributed(tp: int, ep: int, device: str | torch.device | None = None)
     if tp < 1 or ep < 1:
         raise ValueError(f"tp and ep must be >= 1, got {tp} and {ep}")
     want = tp * ep
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", want)) != want:
+        raise ValueError(f"{_flags(tp, ep)} needs {want} processes, torchrun started {os.environ['WORLD_SIZE']}")
+    rank, world = init_world(_flags(tp, ep), want, device)
+    if world != want:
+        raise ValueError(f"{_flags(tp, ep)} needs {want} processes, the process group has {world}")
+    return rank, world
+
+
+def init_world(what: str, nproc: int, device: str | torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size) of the process group, made from torchrun's environment unless one exists; `what` (the
+    flags that need it) and `nproc` name the command to run in the error when this process was not started by
+    torchrun."""
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-            raise RuntimeError(f"{_flags(tp, ep)} runs one process per rank: start it with "
-                               f"`torchrun --nproc-per-node {want} -m mixtral ...` (or call "
+            raise RuntimeError(f"{what} runs one process per rank: start it with "
+                               f"`torchrun --nproc-per-node {nproc} -m mixtral ...` (or call "
                                "torch.distributed.init_process_group on every rank first)")
-        world = int(os.environ["WORLD_SIZE"])
-        if world != want:
-            raise ValueError(f"{_flags(tp, ep)} needs {want} processes, torchrun started {world}")
         backend = "nccl" if device is not None and str(device).startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -49,10 +58,7 @@ def init_distributed(tp: int, ep: int, device: str | torch.device | None = None)
         # exception" from gloo's threads): tear it down first
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     control_group()  # made now, when every rank is here
-    world = dist.get_world_size()
-    if world != want:
-        raise ValueError(f"{_flags(tp, ep)} needs {want} processes, the process group has {world}")
-    return dist.get_rank(), world
+    return dist.get_rank(), dist.get_world_size()
 
 
 @functools.cache

@@ -6,7 +6,9 @@
 
 `mixtral finetune MODEL DATA --out DIR` is the same from the command line. The output folder gets the adapter (PEFT's
 format) or the whole model, checkpoint-N folders (trainable weights, optimizer, schedule, RNG) to --resume from,
-metrics.jsonl (loss, router losses, lr, tokens/s, eval loss and perplexity) and loss.png (with matplotlib).
+metrics.jsonl (loss, router losses, lr, tokens/s, eval loss and perplexity, each layer's expert load and router
+entropy) and loss.png (with matplotlib). Under torchrun (`torchrun --nproc-per-node N -m mixtral finetune ...`) the
+run is data parallel: each step's grad_accum x N micro-batches spread over the N processes.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Any
 
 import torch
 
-from .data import Example, load_examples, split
+from .data import Example, load_examples, pack, split
 from .loop import Trainer, TrainConfig, evaluate
 
-__all__ = ["finetune", "TrainConfig", "Trainer", "evaluate", "load_examples", "Example", "unfreeze", "PARTS"]
+__all__ = ["finetune", "TrainConfig", "Trainer", "evaluate", "load_examples", "pack", "Example", "unfreeze", "PARTS"]
 
 # the parts of a model `--train` names, by module path (full fine-tuning of some of them)
 PARTS = {"attention": (".self_attn.",), "experts": (".mlp.experts.",), "router": (".mlp.gate.",),
@@ -43,16 +45,23 @@ def unfreeze(model: torch.nn.Module, parts: list[str]) -> list[str]:
 
 def finetune(model: str | os.PathLike | None, data: str | os.PathLike, out_dir: str | os.PathLike, *,
              lora: Any = None, train: list[str] | None = None, quantize: str | None = None,
-             dtype: str | torch.dtype = torch.float32, max_length: int = 512, eval_fraction: float = 0.05,
-             config: TrainConfig | None = None, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+             dtype: str | torch.dtype = torch.float32, max_length: int = 512, packing: bool = False,
+             eval_fraction: float = 0.05, config: TrainConfig | None = None, resume: bool = False,
+             progress: bool = True) -> list[dict[str, Any]]:
     """Fine-tune a checkpoint (None: the demo model) on a data file; returns the metrics of each step.
 
     lora: a mixtral.lora.LoraConfig (over an int8/int4 base with quantize=: QLoRA); else `train` names the parts to
-    train in full (default: all). The result goes to out_dir: the adapter, or the whole model and tokenizer."""
+    train in full (default: all). packing: several examples a row of max_length tokens, blind to each other. The
+    result goes to out_dir: the adapter, or the whole model and tokenizer."""
     from ..lora import apply_lora, save_adapter
     from ..pipeline import load_model_and_tokenizer
 
     config = config or TrainConfig()
+    parallel = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: data parallel over its processes
+        from ..parallel import DataParallel
+
+        parallel = DataParallel()
     torch.manual_seed(config.seed)
     if quantize and lora is None:
         raise ValueError("full fine-tuning needs float weights: quantize= goes with lora= (QLoRA)")
@@ -74,8 +83,10 @@ def finetune(model: str | os.PathLike | None, data: str | os.PathLike, out_dir: 
 
     examples = load_examples(data, tok, max_length)
     train_set, eval_set = split(examples, eval_fraction, config.seed)
+    if packing:
+        train_set, eval_set = pack(train_set, max_length), pack(eval_set, max_length)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    trainer = Trainer(model_, train_set, eval_set, config, out_dir, pad, save_final, progress)
+    trainer = Trainer(model_, train_set, eval_set, config, out_dir, pad, save_final, progress, parallel)
     if resume:
         trainer.resume()
     return trainer.train()

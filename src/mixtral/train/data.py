@@ -2,7 +2,8 @@
 
 A text trains on all its tokens; a conversation only on its assistant turns (each turn's tokens are what the chat
 template adds for it, so the mask follows our template exactly); a .txt file is cut into max_length windows. Every
-problem names the file and line. Labels are -100 where no loss is taken.
+problem names the file and line. Labels are -100 where no loss is taken. `pack` puts several examples in one row of
+max_length tokens, each with its own positions (from 0) and blind to the others (attention.packed_mask).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..model.losses import IGNORE_INDEX
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
+    position_ids: list[int] | None = None  # packed: restarting at 0 where each document starts
 
     @property
     def trained_tokens(self) -> int:  # tokens whose next token is predicted with a loss
@@ -111,16 +113,37 @@ def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[lis
     return [examples[i] for i in order[:len(order) - held]], [examples[i] for i in order[len(order) - held:]]
 
 
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Examples packed in order into rows of at most max_length tokens (a new row when the next one does not fit).
+    Each document's positions start at 0 and its first token gets no label (nothing before it in its document
+    predicts it), so a packed row's loss is the sum of its documents' own."""
+    packs: list[Example] = []
+    for e in examples:
+        if not packs or len(packs[-1].input_ids) + len(e.input_ids) > max_length:
+            packs.append(Example([], [], []))
+        row = packs[-1]
+        row.input_ids += e.input_ids
+        row.labels += [IGNORE_INDEX] + e.labels[1:]
+        row.position_ids += range(len(e.input_ids))
+    return packs
+
+
 def collate(batch: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (B, S)."""
+    """Right-padded input_ids, attention_mask and labels (B, S); position_ids (B, S) too for packed examples (the
+    padding at 0: each pad token a document of its own)."""
     length = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
+    positions = torch.zeros((len(batch), length), dtype=torch.long)
     for row, e in enumerate(batch):
         n = len(e.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        positions[row, :n] = torch.tensor(e.position_ids if e.position_ids is not None else range(n))
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.position_ids is not None for e in batch):
+        out["position_ids"] = positions
+    return out
 
 
 def batch_at(examples: list[Example], index: int, batch_size: int, seed: int) -> list[Example]:

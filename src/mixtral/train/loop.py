@@ -1,5 +1,5 @@
 """The fine-tuning loop: AdamW, cosine schedule with warmup, gradient accumulation normalized by tokens, clipping,
-evaluation, checkpoints and a bit-exact resume.
+evaluation, checkpoints and a bit-exact resume, on one process or data parallel over torchrun's.
 
 Each optimizer step takes grad_accum micro-batches; each micro-batch's loss is its summed token loss over the whole
 step's trained tokens (so that every token weighs the same, whatever the padding and accumulation), plus the
@@ -10,16 +10,18 @@ optimizer, schedule and RNG state of a checkpoint) reads and computes exactly wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from ..model.attention import packed_mask
 from ..model.losses import IGNORE_INDEX, causal_lm_loss, load_balancing_loss, router_z_loss
 from .data import Example, batch_at, collate
 
@@ -58,34 +60,73 @@ def _trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _losses(model: Any, batch: dict[str, torch.Tensor], z_loss: bool, bf16: bool) -> tuple[torch.Tensor, ...]:
-    """(summed token loss, aux loss, z-loss or 0) of one micro-batch."""
-    mc = model.config
+class MicroBatch(NamedTuple):
+    token_loss: torch.Tensor  # summed over the trained tokens
+    aux: torch.Tensor  # load balancing, padding excluded
+    z: torch.Tensor  # router z-loss, or 0 when not asked for
+    load: torch.Tensor  # (L, E): top-k assignments to each expert, over the unpadded tokens (no grad)
+    entropy: torch.Tensor  # (L,): the router distributions' entropy summed over the unpadded tokens (no grad)
+
+
+def _forward(model: Any, config: Any, batch: dict[str, torch.Tensor], z_loss: bool, bf16: bool) -> MicroBatch:
+    """One micro-batch through `model` (the model, or its DDP wrapper): its losses and routing."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    positions = batch.get("position_ids")  # packed rows: each document sees only itself
+    mask = batch["attention_mask"] if positions is None else packed_mask(positions, config.sliding_window)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False,
                     output_router_logits=True)
     token_loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
-    aux = load_balancing_loss(out.router_logits, mc.num_local_experts, mc.num_experts_per_tok,
-                              batch["attention_mask"])
-    z = router_z_loss(out.router_logits, batch["attention_mask"]) if z_loss else aux.new_zeros(())
-    return token_loss, aux, z
+    real = batch["attention_mask"]  # (B, S): not padding
+    aux = load_balancing_loss(out.router_logits, config.num_local_experts, config.num_experts_per_tok, real)
+    z = router_z_loss(out.router_logits, real) if z_loss else aux.new_zeros(())
+    with torch.no_grad():
+        logits_LTE = torch.stack([r.float() for r in out.router_logits])  # (L, B*S, E)
+        keep_T = real.reshape(-1).bool()
+        probs_LTE = logits_LTE[:, keep_T].softmax(-1)
+        top_LTK = probs_LTE.topk(config.num_experts_per_tok, dim=-1).indices
+        load = torch.nn.functional.one_hot(top_LTK, config.num_local_experts).sum(dim=(1, 2)).float()  # (L, E)
+        entropy = -(probs_LTE * probs_LTE.clamp_min(1e-20).log()).sum(dim=(1, 2))  # (L,)
+    return MicroBatch(token_loss, aux, z, load, entropy)
 
 
 @torch.no_grad()
-def evaluate(model: Any, examples: list[Example], batch_size: int, pad_token_id: int, bf16: bool = False) -> dict:
-    """Mean token loss and perplexity over `examples` (labels as given)."""
+def evaluate(model: Any, examples: list[Example], batch_size: int, pad_token_id: int, bf16: bool = False,
+             parallel: Any = None) -> dict:
+    """Mean token loss and perplexity over `examples` (labels as given); under data parallelism each rank takes
+    every world-th example and the sums are added up."""
+    parallel = parallel or SingleProcess()
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_token_id)
-        total += float(_losses(model, batch, False, bf16)[0])
-        tokens += _trained_tokens(batch["labels"])
+    mine = examples[parallel.rank::parallel.world]
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss, tokens)
+    for i in range(0, len(mine), batch_size):
+        batch = collate(mine[i:i + batch_size], pad_token_id)
+        sums += torch.tensor([float(_forward(model, model.config, batch, False, bf16).token_loss),
+                              _trained_tokens(batch["labels"])], dtype=torch.float64)
+    total, tokens = parallel.sum(sums).tolist()
     model.train(was_training)
     loss = total / max(1, tokens)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
+
+
+class SingleProcess:
+    """One process: what mixtral.parallel.DataParallel answers for a world of ranks."""
+
+    rank, world = 0, 1
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def no_sync(self, wrapped: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 def trainable_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -93,35 +134,49 @@ def trainable_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
 
 
 class Trainer:
-    """Runs TrainConfig over a model whose trainable parameters are set (LoRA adapters, or parts of the model)."""
+    """Runs TrainConfig over a model whose trainable parameters are set (LoRA adapters, or parts of the model);
+    with `parallel` (mixtral.parallel.DataParallel, under torchrun) on every rank, each step's micro-batches are
+    spread over the ranks and rank 0 writes the metrics, checkpoints and result."""
 
     def __init__(self, model: Any, train: list[Example], eval_examples: list[Example], cfg: TrainConfig,
-                 out_dir: str | os.PathLike, pad_token_id: int, save_final: Any = None, progress: bool = True) -> None:
+                 out_dir: str | os.PathLike, pad_token_id: int, save_final: Any = None, progress: bool = True,
+                 parallel: Any = None) -> None:
         self.model, self.train_set, self.eval_set, self.cfg = model, train, eval_examples, cfg
-        self.out_dir, self.pad_token_id, self.progress = os.fspath(out_dir), pad_token_id, progress
+        self.out_dir, self.pad_token_id = os.fspath(out_dir), pad_token_id
         self.save_final = save_final  # (model, folder) -> None: the adapter or the whole model, at the end
+        self.parallel = parallel or SingleProcess()
+        self.main = self.parallel.rank == 0  # the rank that writes
+        self.progress = progress and self.main
         self.params = trainable_parameters(model)
         if not self.params:
             raise ValueError("no trainable parameters: apply LoRA (mixtral.lora.apply_lora) or unfreeze some")
+        if any(getattr(m, "lora_merged", False) for m in model.modules()):
+            raise ValueError("the adapters are merged into the weights: unmerge_adapter() before training them")
+        if self.parallel.world > 1:
+            torch.manual_seed(cfg.seed + 1_000_003 * self.parallel.rank)  # each rank its own dropout
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.forward_model = self.parallel.wrap(model)
         decay = [p for n, p in self.params.items() if p.dim() >= 2]
         no_decay = [p for n, p in self.params.items() if p.dim() < 2]  # norms, as is usual
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step = 0
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
         from safetensors.torch import save_file
 
         folder = os.path.join(self.out_dir, f"checkpoint-{self.step}")
-        os.makedirs(folder, exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, os.path.join(folder, TRAINABLE_NAME))
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
-                    "config": asdict(self.cfg)}, os.path.join(folder, STATE_NAME))
+        rng = self.parallel.gather(torch.get_rng_state())  # every rank's, for its dropout after a resume
+        if self.main:
+            os.makedirs(folder, exist_ok=True)
+            save_file({n: p.detach().contiguous() for n, p in self.params.items()},
+                      os.path.join(folder, TRAINABLE_NAME))
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "rng": rng, "config": asdict(self.cfg)},
+                       os.path.join(folder, STATE_NAME))
         return folder
 
     def resume(self, folder: str | os.PathLike | None = None) -> int:
@@ -139,37 +194,52 @@ class Trainer:
             for name, p in self.params.items():
                 p.copy_(saved[name])
         state = torch.load(os.path.join(folder, STATE_NAME), weights_only=True)
+        if len(state["rng"]) != self.parallel.world:
+            raise ValueError(f"{folder} was written by {len(state['rng'])} process(es); resume it with as many "
+                             f"(this run has {self.parallel.world})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"][self.parallel.rank])
         self.step = state["step"]
         return self.step
 
     # ---- the loop --------------------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the current step: of the step's grad_accum x world, every world-th."""
+        cfg, world, rank = self.cfg, self.parallel.world, self.parallel.rank
+        first = self.step * cfg.grad_accum * world
+        return [collate(batch_at(self.train_set, first + i * world + rank, cfg.batch_size, cfg.seed),
+                        self.pad_token_id) for i in range(cfg.grad_accum)]
+
     def train(self) -> list[dict[str, Any]]:
-        cfg, model = self.cfg, self.model
-        os.makedirs(self.out_dir, exist_ok=True)
+        cfg, model, config = self.cfg, self.model, self.model.config
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
-        if self.step == 0 and os.path.exists(metrics_path):  # a fresh run: not another run's records
-            os.remove(metrics_path)
+        if self.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            if self.step == 0 and os.path.exists(metrics_path):  # a fresh run: not another run's records
+                os.remove(metrics_path)
         log: list[dict[str, Any]] = []
         model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="Fine-tuning", disable=not self.progress)
-        coef = model.config.router_aux_loss_coef
+        coef, world = config.router_aux_loss_coef, self.parallel.world
+        layers, experts = config.num_hidden_layers, config.num_local_experts
         while self.step < cfg.steps:
             start = time.perf_counter()
-            batches = [collate(batch_at(self.train_set, self.step * cfg.grad_accum + i, cfg.batch_size, cfg.seed),
-                               self.pad_token_id) for i in range(cfg.grad_accum)]
-            tokens = sum(_trained_tokens(b["labels"]) for b in batches)
-            loss_sum = aux_sum = z_sum = 0.0
-            for batch in batches:
-                share = _trained_tokens(batch["labels"]) / max(1, tokens)
-                token_loss, aux, z = _losses(model, batch, bool(cfg.router_z_loss_coef), cfg.bf16)
-                loss = token_loss / max(1, tokens) + share * (coef * aux + cfg.router_z_loss_coef * z)
-                loss.backward()
-                loss_sum += float(token_loss)
-                aux_sum += share * float(aux)
-                z_sum += share * float(z)
+            batches = self._micro_batches()
+            mine = [_trained_tokens(b["labels"]) for b in batches]
+            tokens = int(self.parallel.sum(torch.tensor([sum(mine)], dtype=torch.float64)))  # the whole step's
+            # (loss, aux, z, unpadded tokens, expert load (L, E), router entropy (L,)), summed over the micro-batches
+            sums = torch.zeros(4 + layers * experts + layers, dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                share = mine[i] / max(1, tokens)
+                with self.parallel.no_sync(self.forward_model, last=i == len(batches) - 1):
+                    mb = _forward(self.forward_model, config, batch, bool(cfg.router_z_loss_coef), cfg.bf16)
+                    loss = mb.token_loss / max(1, tokens) + share * (coef * mb.aux + cfg.router_z_loss_coef * mb.z)
+                    (loss * world).backward()  # DDP averages over the ranks; the step's gradient is their sum
+                sums += torch.cat([torch.tensor([float(mb.token_loss), share * float(mb.aux), share * float(mb.z),
+                                                 int(batch["attention_mask"].sum())]),
+                                   mb.load.flatten().double().cpu(), mb.entropy.double().cpu()])
+            sums = self.parallel.sum(sums)
             grad_norm = (torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
                          if cfg.max_grad_norm else None)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -178,23 +248,30 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             seconds = time.perf_counter() - start
-            record = {"step": self.step, "loss": loss_sum / max(1, tokens), "aux_loss": aux_sum, "z_loss": z_sum,
-                      "lr": lr, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                      "grad_norm": None if grad_norm is None else float(grad_norm)}
+            seen = float(sums[3])
+            load = sums[4:4 + layers * experts].view(layers, experts)
+            record = {"step": self.step, "loss": float(sums[0]) / max(1, tokens), "aux_loss": float(sums[1]),
+                      "z_loss": float(sums[2]), "lr": lr, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "expert_load": (load / load.sum(-1, keepdim=True).clamp_min(1)).round(decimals=4).tolist(),
+                      "router_entropy": (sums[4 + layers * experts:] / max(1.0, seen)).round(decimals=4).tolist()}
             last = self.step == cfg.steps
             if (cfg.eval_every and self.step % cfg.eval_every == 0 or last) and self.eval_set:
-                record.update(evaluate(model, self.eval_set, cfg.batch_size, self.pad_token_id, cfg.bf16))
+                record.update(evaluate(model, self.eval_set, cfg.batch_size, self.pad_token_id, cfg.bf16,
+                                       self.parallel))
             log.append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0 or last:
                 self.save_checkpoint()
         bar.close()
-        if self.save_final is not None:
-            self.save_final(model, self.out_dir)
-        plot_losses(metrics_path, os.path.join(self.out_dir, "loss.png"))
+        if self.main:
+            if self.save_final is not None:
+                self.save_final(model, self.out_dir)
+            plot_metrics(metrics_path, os.path.join(self.out_dir, "loss.png"))
         return log
 
 
@@ -204,8 +281,9 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return os.path.join(out_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def plot_losses(metrics_path: str, png: str) -> bool:
-    """The training (and eval) loss curve as a PNG, where matplotlib is installed; whether it was written."""
+def plot_metrics(metrics_path: str, png: str) -> bool:
+    """The loss curves, each layer's router entropy over the steps and the last step's expert load (layers x
+    experts) as a PNG, where matplotlib is installed; whether it was written."""
     try:
         import matplotlib
 
@@ -215,14 +293,23 @@ def plot_losses(metrics_path: str, png: str) -> bool:
         return False
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    steps = [r["step"] for r in records]
+    fig, (ax, ent, heat) = plt.subplots(1, 3, figsize=(15, 4))
+    ax.plot(steps, [r["loss"] for r in records], label="train loss")
     evals = [r for r in records if "eval_loss" in r]
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats a token)")
+    ax.set(xlabel="step", ylabel="loss (nats a token)")
     ax.legend()
+    entropy = [r["router_entropy"] for r in records]
+    for layer in range(len(entropy[0])):
+        ent.plot(steps, [e[layer] for e in entropy], label=f"layer {layer}")
+    ent.set(xlabel="step", ylabel="router entropy (nats)", title="routing spread")
+    if len(entropy[0]) <= 8:
+        ent.legend(fontsize="small")
+    image = heat.imshow(records[-1]["expert_load"], aspect="auto", cmap="viridis")
+    heat.set(xlabel="expert", ylabel="layer", title=f"expert load at step {steps[-1]}")
+    fig.colorbar(image, ax=heat, label="share of the layer's assignments")
     fig.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return True
