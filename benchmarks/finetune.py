@@ -1,6 +1,6 @@
 """Fine-tuning step speed and peak memory: ours against Transformers + PEFT, same weights, targets, data and batch.
 
-    python benchmarks/finetune.py [--layers 2] [--batch 2] [--seq 128] [--steps 3]
+    python benchmarks/finetune.py [--layers 2] [--batch 2] [--seq 128] [--steps 3] [--qlora]
 
 The model is the bench config (hidden 1024, 8 experts of intermediate 3584, vocab 32000) cut to --layers layers,
 random fp32 weights written once by Transformers and loaded by both. Three modes:
@@ -9,9 +9,14 @@ random fp32 weights written once by Transformers and loaded by both. Three modes
   target_parameters, which adds W + BA for every expert on every forward; ours adds x A_e^T B_e^T for each expert's
   routed tokens only);
 - full: every parameter, AdamW.
-A step is forward + backward + AdamW on a (batch, seq) batch of random tokens (labels = inputs, no aux loss);
+A step is forward + backward + fused AdamW on a (batch, seq) batch of random tokens (labels = inputs, no aux loss);
 tokens/s is the median over --steps after one warm-up step. Each (engine, mode) runs in its own process so that
 its peak RSS (ru_maxrss, less the RSS before the model was built) is its own. Writes benchmarks/out/finetune.json.
+
+--qlora adds ours alone with LoRA on every target over an int8 and an int4 base (quantized as loaded; the float
+model never whole), and checks QLoRA's memory formula on this shape: weights (the bytes of every parameter and
+buffer) + 16 bytes a trainable parameter (fp32 value, gradient, AdamW's two moments) + activations (the rest of
+the step's peak). It prints the formula's figure for Mixtral-8x7B, computed on a meta-device model of its config.
 """
 
 from __future__ import annotations
@@ -28,7 +33,33 @@ import time
 import common as C
 
 MODES = ("lora-attention", "lora-experts", "full")
+QLORA_MODES = ("qlora-int8", "qlora-int4")
 RANK = 16
+MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
+
+
+def qlora_bytes(model) -> tuple[int, int]:
+    """(bytes of the weights as held, bytes of the trainable state: fp32 value, grad, 2 AdamW moments)."""
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return weights, 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def mixtral_8x7b_qlora(scheme: str) -> dict:
+    """The formula's terms for Mixtral-8x7B with LoRA r=16 on every target over a `scheme` base (no activations)."""
+    import torch
+
+    import mixtral
+    from mixtral.lora import LoraConfig, apply_lora
+    from mixtral.quantize import quantize
+
+    with torch.device("meta"):
+        model = mixtral.MixtralForCausalLM(mixtral.MixtralConfig(**MIXTRAL_8X7B, dtype="bfloat16")).to(torch.bfloat16)
+    quantize(model, scheme, progress=False)
+    apply_lora(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["all"]))
+    weights, state = qlora_bytes(model)
+    return {"scheme": scheme, "weights_bytes": weights, "trainable_state_bytes": state,
+            "trainable": state // 16}
 
 
 def worker(engine: str, mode: str, folder: str, batch: int, seq: int, steps: int) -> dict:
@@ -41,7 +72,9 @@ def worker(engine: str, mode: str, folder: str, batch: int, seq: int, steps: int
         import mixtral
         from mixtral.lora import LoraConfig, apply_lora
 
-        model = mixtral.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, progress=False)
+        scheme = mode.split("-")[1] if mode.startswith("qlora") else None
+        model = mixtral.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, progress=False,
+                                                           quantization=scheme)
         if mode != "full":
             targets = ["attention"] if mode == "lora-attention" else ["all"]
             apply_lora(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets))
@@ -59,7 +92,7 @@ def worker(engine: str, mode: str, folder: str, batch: int, seq: int, steps: int
                 target_parameters=params))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)  # both trainers' default (Transformers' since torch 2.8)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
     times = []
     for _ in range(steps + 1):
@@ -69,9 +102,10 @@ def worker(engine: str, mode: str, folder: str, batch: int, seq: int, steps: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+    weights, state = qlora_bytes(model)
     return {"engine": engine, "mode": mode, "tokens_per_s": batch * seq / statistics.median(times[1:]),
             "step_s": times[1:], "peak_bytes": C.peak_rss_bytes() - base_rss, "loss": float(loss),
-            "trainable": sum(p.numel() for p in trainable)}
+            "trainable": sum(p.numel() for p in trainable), "weights_bytes": weights, "trainable_state_bytes": state}
 
 
 def main() -> None:
@@ -80,6 +114,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--qlora", action="store_true", help="also LoRA over int8 / int4 bases (ours) and the memory "
+                    "formula checked, with its Mixtral-8x7B figure")
+    ap.add_argument("--modes", default=None, help=f"comma-separated subset of {', '.join(MODES + QLORA_MODES)}")
     ap.add_argument("--worker", nargs=3, metavar=("ENGINE", "MODE", "FOLDER"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -88,35 +125,60 @@ def main() -> None:
     import torch
     import transformers
 
+    modes = a.modes.split(",") if a.modes else list(MODES) + (list(QLORA_MODES) if a.qlora else [])
+    runs = [(mode, engine) for mode in modes for engine in ("ours", "transformers+peft")
+            if engine == "ours" or mode in MODES]
     with tempfile.TemporaryDirectory(prefix="mixtral-finetune-bench-") as folder:
         torch.manual_seed(C.SEED)
         config = transformers.MixtralConfig(**{**C.BENCH_CONFIG, "num_hidden_layers": a.layers})
         transformers.MixtralForCausalLM(config).save_pretrained(folder)
         results = []
-        for mode in MODES:
-            for engine in ("ours", "transformers+peft"):
-                out = subprocess.run([sys.executable, __file__, "--worker", engine, mode, folder, "--batch",
-                                      str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps)],
-                                     capture_output=True, text=True, env=C.worker_env(), timeout=3600)
-                if out.returncode:
-                    raise RuntimeError(f"{engine} {mode} failed:\n{out.stderr[-3000:]}")
-                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                r = results[-1]
-                print(f"{engine:18s} {mode:15s} {r['tokens_per_s']:7.1f} tok/s  peak {r['peak_bytes'] / C.GB:5.2f} GB",
-                      flush=True)
+        for mode, engine in runs:
+            out = subprocess.run([sys.executable, __file__, "--worker", engine, mode, folder, "--batch",
+                                  str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps)],
+                                 capture_output=True, text=True, env=C.worker_env(), timeout=3600)
+            if out.returncode:
+                raise RuntimeError(f"{engine} {mode} failed:\n{out.stderr[-3000:]}")
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = results[-1]
+            print(f"{engine:18s} {mode:15s} {r['tokens_per_s']:7.1f} tok/s  peak {r['peak_bytes'] / C.GB:5.2f} GB",
+                  flush=True)
     by = {(r["engine"], r["mode"]): r for r in results}
     rows = []
-    for mode in MODES:
+    for mode in (m for m in MODES if m in modes):
         o, t = by["ours", mode], by["transformers+peft", mode]
         rows.append([mode, f"{o['trainable'] / 1e6:.1f}M", C.fmt(o["tokens_per_s"]), C.fmt(t["tokens_per_s"]),
                      C.fmt(o["tokens_per_s"] / t["tokens_per_s"], 2), C.fmt(o["peak_bytes"] / C.GB, 2),
                      C.fmt(t["peak_bytes"] / C.GB, 2), C.fmt(o["peak_bytes"] / t["peak_bytes"], 2)])
     print()
-    print(C.format_table(["mode", "trainable", "ours tok/s", "HF+PEFT tok/s", "speed ratio", "ours peak GB",
-                          "HF+PEFT peak GB", "memory ratio"], rows))
+    if rows:
+        print(C.format_table(["mode", "trainable", "ours tok/s", "HF+PEFT tok/s", "speed ratio", "ours peak GB",
+                              "HF+PEFT peak GB", "memory ratio"], rows))
+    tokens, big = a.batch * a.seq, []
+    qrows = []
+    for mode in (m for m in QLORA_MODES if m in modes):
+        o = by["ours", mode]
+        activations = o["peak_bytes"] - o["weights_bytes"] - o["trainable_state_bytes"]
+        # activations scale with the hidden and intermediate sizes (both 4x the bench config's in Mixtral-8x7B)
+        # and the layer count; the output layer's part (vocab 32000 in both) is counted as if it scaled too: an
+        # upper bound
+        per_token = activations / tokens * (MIXTRAL_8X7B["hidden_size"] / C.BENCH_CONFIG["hidden_size"]) \
+            * MIXTRAL_8X7B["num_hidden_layers"] / a.layers
+        m = mixtral_8x7b_qlora(mode.split("-")[1])
+        m["activations_per_token_bytes"] = per_token
+        big.append(m)
+        qrows.append([mode, C.fmt(o["tokens_per_s"]), C.fmt(o["weights_bytes"] / C.GB, 3),
+                      C.fmt(o["trainable_state_bytes"] / C.GB, 3), C.fmt(activations / C.GB, 3),
+                      C.fmt(o["peak_bytes"] / C.GB, 3), C.fmt(m["weights_bytes"] / C.GB, 1),
+                      C.fmt(m["trainable_state_bytes"] / C.GB, 2), C.fmt(per_token * 1024 / C.GB, 1)])
+    if qrows:
+        print(C.format_table(["mode", "ours tok/s", "weights GB", "LoRA state GB", "activations GB (rest)",
+                              "peak GB", "8x7B weights GB", "8x7B LoRA state GB", "8x7B activations GB / 1k tokens"],
+                             qrows))
     print(f"bench config with {a.layers} layers, fp32, batch {a.batch} x {a.seq} tokens, {C.THREADS} threads")
     C.write_json(os.path.join(C.OUT_DIR, "finetune.json"), {"results": results, "layers": a.layers, "batch": a.batch,
-                                                          "seq": a.seq, "steps": a.steps, "time": time.time()})
+                                                          "seq": a.seq, "steps": a.steps, "mixtral_8x7b": big,
+                                                          "time": time.time()})
 
 
 if __name__ == "__main__":

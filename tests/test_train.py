@@ -90,6 +90,14 @@ def test_step_loss_is_the_models_loss(tiny_sp_folder, tok, tmp_path, diff):
     log = trainer.train()
     coef = model.config.router_aux_loss_coef
     diff("trainer loss vs model loss", torch.tensor(log[0]["loss"] + coef * log[0]["aux_loss"]), want.loss, tol=1e-5)
+    # the routing it records: each layer's share of top-2 assignments per expert, and router entropy a token
+    real = batch["attention_mask"].reshape(-1).bool()
+    for layer, logits in enumerate(want.router_logits):
+        probs = logits[real].softmax(-1)
+        counts = torch.bincount(probs.topk(2, dim=-1).indices.flatten(), minlength=4).float()
+        diff("expert load", torch.tensor(log[0]["expert_load"][layer]), counts / counts.sum(), tol=1e-4)
+        entropy = -(probs * probs.log()).sum(-1).mean()
+        diff("router entropy", torch.tensor(log[0]["router_entropy"][layer]), entropy, tol=1e-4)
 
 
 def test_accumulation_is_normalized_by_tokens(tiny_sp_folder, tok, tmp_path, diff):
@@ -122,10 +130,10 @@ def test_resume_is_bit_exact(tiny_sp_folder, tok, tmp_path):
         return trainer.train(), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     full_log, full_weights = run(tmp_path / "full")
-    assert full_log[-1]["eval_loss"] > 0 and [r["step"] for r in full_log] == [1, 2, 3, 4]
+    assert full_log[-1]["eval_loss"] > 0 and [r["step"] for r in full_log] == [0, 1, 2, 3, 4]  # 0: eval first
     resumed_log, resumed_weights = run(tmp_path / "resumed", tmp_path / "full" / "checkpoint-2")
     assert [r["step"] for r in resumed_log] == [3, 4]
-    for a, b in zip(full_log[2:], resumed_log):
+    for a, b in zip(full_log[3:], resumed_log):
         a.pop("tokens_per_s"), b.pop("tokens_per_s")  # a timing
         assert a == b
     assert all(torch.equal(full_weights[n], resumed_weights[n]) for n in full_weights)
@@ -138,11 +146,12 @@ def test_finetune_lora_learns_and_writes_an_adapter(tiny_sp_folder, tmp_path, ca
     out = tmp_path / "out"
     assert main(["finetune", tiny_sp_folder, data, "--out", str(out), "--lora-r", "8", "--lora-targets", "all",
                  "--steps", "12", "--lr", "3e-2", "--eval-every", "6", "--batch-size", "4"]) == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    before, *records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = (sum(r["loss"] for r in part) / 3 for part in (records[:3], records[-3:]))
     assert len(records) == 12 and last < 0.85 * first  # the random tiny model starts far off (~23 nats)
-    assert records[-1]["eval_loss"] < records[5]["eval_loss"]
+    assert before["step"] == 0 and records[-1]["eval_loss"] < records[5]["eval_loss"] < before["eval_loss"]
     assert (out / "adapter_config.json").is_file() and (out / "checkpoint-12" / "trainer_state.pt").is_file()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss and routing plot
     model = mixtral.MixtralForCausalLM.from_pretrained(tiny_sp_folder, progress=False)
     mixtral.lora.load_adapter(model, out)  # what was written loads back
     assert "wrote" in capsys.readouterr().err
@@ -242,7 +251,7 @@ def test_two_processes_equal_one(tiny_sp_folder, tmp_path, how):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stderr.count("wrote ") == 1  # rank 0 writes and tells
-        runs[name] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+        runs[name] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:],  # 0: eval
                       load_file(out / "checkpoint-3" / "trainable.safetensors"))
     (one, one_weights), (two, two_weights) = runs["one"], runs["two"]
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two] and len(one) == 3

@@ -77,7 +77,8 @@ class Experts(nn.Module):
 
     def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's (N, K) weight `name`."""
-        return getattr(self, name)[e]
+        unbound = self.__dict__.get("_unbound")
+        return unbound[name][e] if unbound and name in unbound else getattr(self, name)[e]
 
     def expert_linear(self, name: str, e: int, x_MK: torch.Tensor) -> torch.Tensor:
         """x_MK (M, K) times expert e's weight `name` -> (M, N)."""
@@ -93,12 +94,19 @@ class Experts(nn.Module):
         return self.expert_loop(x_NH, counts, weights_N)
 
     def expert_loop(self, x_NH: torch.Tensor, counts: list[int], weights_N: torch.Tensor) -> torch.Tensor:
-        """grouped_mlp with torch ops, one expert at a time."""
+        """grouped_mlp with torch ops, one expert at a time. Weights that train are unbound once for the loop: taking
+        each expert's slice by indexing makes backward zero-fill a whole (E, N, K) gradient per expert and add them
+        up (30% of a full fine-tuning step, measured); unbind's backward stacks the E gradients once."""
+        self._unbound = {name: p.unbind(0) for name, p in self.named_parameters(recurse=False)
+                         if p.requires_grad and torch.is_grad_enabled()}
         outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.expert_mlp(e, x_NH[start:start + n]))
-                start += n
+        try:
+            for e, n in enumerate(counts):
+                if n:
+                    outs.append(self.expert_mlp(e, x_NH[start:start + n]))
+                    start += n
+        finally:
+            self._unbound = {}
         return (torch.cat(outs) * weights_N[:, None]).to(x_NH.dtype)  # fp32 product, as Transformers
 
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
