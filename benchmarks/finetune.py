@@ -14,9 +14,13 @@ tokens/s is the median over --steps after one warm-up step. Each (engine, mode) 
 its peak RSS (ru_maxrss, less the RSS before the model was built) is its own. Writes benchmarks/out/finetune.json.
 
 --qlora adds ours alone with LoRA on every target over an int8 and an int4 base (quantized as loaded; the float
-model never whole), and checks QLoRA's memory formula on this shape: weights (the bytes of every parameter and
-buffer) + 16 bytes a trainable parameter (fp32 value, gradient, AdamW's two moments) + activations (the rest of
-the step's peak). It prints the formula's figure for Mixtral-8x7B, computed on a meta-device model of its config.
+model never whole), and checks QLoRA's memory formula on this shape: peak = weights (the bytes of every parameter
+and buffer) + 16 bytes a trainable parameter (fp32 value, gradient, AdamW's two moments) + a fixed part (transients:
+a dequantized expert, library buffers) + activations a token. Each scheme runs at --seq and 2 x --seq tokens, with
+and without gradient checkpointing: the activations a token are the slope between the two. For Mixtral-8x7B it
+prints the weights and LoRA state of a meta-device model of its config, and the activations a token scaled from
+this shape: the output layer's part (12 bytes a vocabulary entry: logits, log-softmax, gradient; the same vocab)
+as is, the rest x 4 (hidden and intermediate sizes) x 32 / --layers (layers).
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def worker(engine: str, mode: str, folder: str, batch: int, seq: int, steps: int
         import mixtral
         from mixtral.lora import LoraConfig, apply_lora
 
-        scheme = mode.split("-")[1] if mode.startswith("qlora") else None
+        scheme = mode.split("-")[1].split("+")[0] if mode.startswith("qlora") else None
         model = mixtral.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, progress=False,
                                                            quantization=scheme)
         if mode != "full":
@@ -90,6 +94,8 @@ def worker(engine: str, mode: str, folder: str, batch: int, seq: int, steps: int
             model = peft.get_peft_model(model, peft.LoraConfig(
                 r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                 target_parameters=params))
+    if mode.endswith("+ckpt"):
+        model.gradient_checkpointing_enable()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)  # both trainers' default (Transformers' since torch 2.8)
@@ -126,27 +132,30 @@ def main() -> None:
     import transformers
 
     modes = a.modes.split(",") if a.modes else list(MODES) + (list(QLORA_MODES) if a.qlora else [])
-    runs = [(mode, engine) for mode in modes for engine in ("ours", "transformers+peft")
+    runs = [(mode, engine, a.seq) for mode in modes for engine in ("ours", "transformers+peft")
             if engine == "ours" or mode in MODES]
+    runs = [run for mode, engine, seq in runs for run in (
+        [(mode + ckpt, engine, n) for ckpt in ("", "+ckpt") for n in (seq, 2 * seq)] if mode in QLORA_MODES
+        else [(mode, engine, seq)])]
     with tempfile.TemporaryDirectory(prefix="mixtral-finetune-bench-") as folder:
         torch.manual_seed(C.SEED)
         config = transformers.MixtralConfig(**{**C.BENCH_CONFIG, "num_hidden_layers": a.layers})
         transformers.MixtralForCausalLM(config).save_pretrained(folder)
         results = []
-        for mode, engine in runs:
+        for mode, engine, seq in runs:
             out = subprocess.run([sys.executable, __file__, "--worker", engine, mode, folder, "--batch",
-                                  str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps)],
+                                  str(a.batch), "--seq", str(seq), "--steps", str(a.steps)],
                                  capture_output=True, text=True, env=C.worker_env(), timeout=3600)
             if out.returncode:
                 raise RuntimeError(f"{engine} {mode} failed:\n{out.stderr[-3000:]}")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.append({**json.loads(out.stdout.strip().splitlines()[-1]), "seq": seq})
             r = results[-1]
-            print(f"{engine:18s} {mode:15s} {r['tokens_per_s']:7.1f} tok/s  peak {r['peak_bytes'] / C.GB:5.2f} GB",
-                  flush=True)
-    by = {(r["engine"], r["mode"]): r for r in results}
+            print(f"{engine:18s} {mode:15s} seq {seq:4d} {r['tokens_per_s']:7.1f} tok/s  peak "
+                  f"{r['peak_bytes'] / C.GB:5.2f} GB", flush=True)
+    by = {(r["engine"], r["mode"], r["seq"]): r for r in results}
     rows = []
     for mode in (m for m in MODES if m in modes):
-        o, t = by["ours", mode], by["transformers+peft", mode]
+        o, t = by["ours", mode, a.seq], by["transformers+peft", mode, a.seq]
         rows.append([mode, f"{o['trainable'] / 1e6:.1f}M", C.fmt(o["tokens_per_s"]), C.fmt(t["tokens_per_s"]),
                      C.fmt(o["tokens_per_s"] / t["tokens_per_s"], 2), C.fmt(o["peak_bytes"] / C.GB, 2),
                      C.fmt(t["peak_bytes"] / C.GB, 2), C.fmt(o["peak_bytes"] / t["peak_bytes"], 2)])
@@ -154,27 +163,28 @@ def main() -> None:
     if rows:
         print(C.format_table(["mode", "trainable", "ours tok/s", "HF+PEFT tok/s", "speed ratio", "ours peak GB",
                               "HF+PEFT peak GB", "memory ratio"], rows))
-    tokens, big = a.batch * a.seq, []
-    qrows = []
+    big, qrows = [], []
+    logits_part = 12 * C.BENCH_CONFIG["vocab_size"]  # bytes a token: fp32 logits, log-softmax, their gradient
+    scale = MIXTRAL_8X7B["hidden_size"] / C.BENCH_CONFIG["hidden_size"] * MIXTRAL_8X7B["num_hidden_layers"] / a.layers
     for mode in (m for m in QLORA_MODES if m in modes):
-        o = by["ours", mode]
-        activations = o["peak_bytes"] - o["weights_bytes"] - o["trainable_state_bytes"]
-        # activations scale with the hidden and intermediate sizes (both 4x the bench config's in Mixtral-8x7B)
-        # and the layer count; the output layer's part (vocab 32000 in both) is counted as if it scaled too: an
-        # upper bound
-        per_token = activations / tokens * (MIXTRAL_8X7B["hidden_size"] / C.BENCH_CONFIG["hidden_size"]) \
-            * MIXTRAL_8X7B["num_hidden_layers"] / a.layers
         m = mixtral_8x7b_qlora(mode.split("-")[1])
-        m["activations_per_token_bytes"] = per_token
+        for ckpt in ("", "+ckpt"):
+            short, long = by["ours", mode + ckpt, a.seq], by["ours", mode + ckpt, 2 * a.seq]
+            per_token = (long["peak_bytes"] - short["peak_bytes"]) / (a.batch * a.seq)
+            fixed = long["peak_bytes"] - long["weights_bytes"] - long["trainable_state_bytes"] \
+                - per_token * a.batch * 2 * a.seq
+            big_per_token = logits_part + max(0.0, per_token - logits_part) * scale
+            m["activations_per_token_bytes" + ckpt.replace("+", "_")] = big_per_token
+            qrows.append([mode + ckpt, C.fmt(long["tokens_per_s"]), C.fmt(long["weights_bytes"] / C.GB, 3),
+                          C.fmt(long["trainable_state_bytes"] / C.GB, 3), C.fmt(fixed / C.GB, 3),
+                          C.fmt(per_token / 1e6, 2), C.fmt(long["peak_bytes"] / C.GB, 3),
+                          C.fmt(m["weights_bytes"] / C.GB, 1), C.fmt(m["trainable_state_bytes"] / C.GB, 2),
+                          C.fmt(big_per_token * 1000 / C.GB, 1)])
         big.append(m)
-        qrows.append([mode, C.fmt(o["tokens_per_s"]), C.fmt(o["weights_bytes"] / C.GB, 3),
-                      C.fmt(o["trainable_state_bytes"] / C.GB, 3), C.fmt(activations / C.GB, 3),
-                      C.fmt(o["peak_bytes"] / C.GB, 3), C.fmt(m["weights_bytes"] / C.GB, 1),
-                      C.fmt(m["trainable_state_bytes"] / C.GB, 2), C.fmt(per_token * 1024 / C.GB, 1)])
     if qrows:
-        print(C.format_table(["mode", "ours tok/s", "weights GB", "LoRA state GB", "activations GB (rest)",
-                              "peak GB", "8x7B weights GB", "8x7B LoRA state GB", "8x7B activations GB / 1k tokens"],
-                             qrows))
+        print(C.format_table(["mode", f"tok/s ({2 * a.seq})", "weights GB", "LoRA state GB", "fixed GB",
+                              "MB a token", f"peak GB ({2 * a.seq})", "8x7B weights GB", "8x7B LoRA state GB",
+                              "8x7B GB / 1k tokens"], qrows))
     print(f"bench config with {a.layers} layers, fp32, batch {a.batch} x {a.seq} tokens, {C.THREADS} threads")
     C.write_json(os.path.join(C.OUT_DIR, "finetune.json"), {"results": results, "layers": a.layers, "batch": a.batch,
                                                           "seq": a.seq, "steps": a.steps, "mixtral_8x7b": big,

@@ -245,6 +245,13 @@ def test_qlora_matches_lora_on_the_same_float_weights(scheme, group_size, build_
     assert len(experts & f_saved) == 2  # the float twin's backward keeps expert weights (the hook sees them)
     assert not weights & q_saved  # the quantized base keeps no weight dequantized
     assert not any(p.requires_grad for n, p in quantized.named_parameters() if "lora_" not in n)
+    quantized.zero_grad(set_to_none=True)  # and with gradient checkpointing (backward recomputes the forward)
+    quantized.gradient_checkpointing_enable()
+    quantized(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    grads = {n: p.grad for n, p in quantized.named_parameters() if p.grad is not None}
+    assert grads.keys() == q_grads.keys()
+    for name in grads:
+        diff("qlora grads with checkpointing", grads[name], q_grads[name], tol=1e-6)
 
 
 def test_errors(build_pair, tmp_path):

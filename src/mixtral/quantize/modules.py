@@ -53,8 +53,9 @@ class _DequantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
-        w = _dequantize(ctx.scheme, dict(zip(PARTS[ctx.scheme], ctx.saved_tensors)), torch.float32)
-        return ((grad_y.float() @ w).to(grad_y.dtype), None, *([None] * len(ctx.saved_tensors)))
+        parts = ctx.saved_tensors  # unpacked once: gradient checkpointing allows no second unpack
+        w = _dequantize(ctx.scheme, dict(zip(PARTS[ctx.scheme], parts)), torch.float32)
+        return ((grad_y.float() @ w).to(grad_y.dtype), None, *([None] * len(parts)))
 
 
 def _needs_grad(x: torch.Tensor) -> bool:
