@@ -301,3 +301,60 @@ def test_logit_bias_penalties_and_prompt_logprobs(model):
     for i, (lp, top) in enumerate(scored.prompt_logprobs):
         assert lp == pytest.approx(full[i, prompt[i + 1]].item(), abs=1e-4)
         assert [t for t, _ in top] == full[i].topk(3).indices.tolist()
+
+
+def test_prefix_cache_reuses_shared_beginnings(model):
+    """Prompts that start with the same 70 tokens (a system prompt) and a conversation's next turn: the blocks
+    computed for the first are copied in for the others (counted), and every output equals generate() alone."""
+    from mixtral.generation.prefix import BLOCK
+
+    system = list(range(3, 73))  # 70 tokens: 2 whole blocks of 32
+    engine = BatchEngine(model, max_batch=4, prefill_chunk=16, prefix_cache_tokens=256)
+    first = Sequence(system + [80, 81, 82], SamplingParams(max_tokens=6))
+    engine.add([first])
+    _run(engine)
+    assert engine.prefix.hit_tokens == 0 and len(engine.prefix.blocks) == 2
+    others = [Sequence(system + suffix, SamplingParams(max_tokens=8)) for suffix in ([90], [91, 92, 93], [7] * 9)]
+    turn = Sequence(first.prompt + first.output + [100, 101], SamplingParams(max_tokens=5))  # 81 tokens: 2 blocks
+    scored = Sequence(system + [95], SamplingParams(max_tokens=2, prompt_logprobs=0))  # needs every position
+    for s in [*others, turn, scored]:
+        engine.add([s])
+    _run(engine)
+    assert engine.prefix.hit_tokens == 4 * 2 * BLOCK  # the scored prompt was prefilled in full
+    assert len(scored.prompt_logprobs) == len(scored.prompt) - 1
+    for s in [first, *others, turn, scored]:
+        assert s.output == _alone(model, s.prompt, s.params.max_tokens), f"prompt of {len(s.prompt)} tokens"
+
+
+def test_prefix_cache_eviction_keeps_outputs_exact(model):
+    """A pool of 3 blocks under 24 prompts drawn from 4 beginnings: blocks are evicted and replaced all the time
+    (a block whose parent went is never reached through its old row), and every output equals generate()."""
+    g = torch.Generator().manual_seed(5)
+    beginnings = [torch.randint(3, 256, (70,), generator=g).tolist() for _ in range(4)]
+    engine = BatchEngine(model, max_batch=3, prefill_chunk=48, prefix_cache_tokens=96)
+    seqs = []
+    for i in range(24):
+        start = beginnings[int(torch.randint(0, 4, (1,), generator=g))][:int(torch.randint(33, 70, (1,), generator=g))]
+        seqs.append(Sequence(start + torch.randint(3, 256, (3,), generator=g).tolist(), SamplingParams(max_tokens=4)))
+        engine.add([seqs[-1]])
+        if i % 3 == 2:
+            _run(engine)
+    _run(engine)
+    assert engine.prefix.hit_tokens > 0 and engine.prefix.next_id > engine.prefix.capacity  # reused and evicted
+    for s in seqs:
+        assert s.output == _alone(model, s.prompt, 4)
+
+
+def test_prefix_cache_never_reaches_a_block_through_an_evicted_parent(model):
+    """Blocks A, B cached (B after A); C takes A's pool row; a prompt C + B must not reuse B, whose keys and values
+    were computed after A: it is prefilled, and its output equals generate()."""
+    g = torch.Generator().manual_seed(7)
+    a, b, c = (torch.randint(3, 256, (32,), generator=g).tolist() for _ in range(3))
+    engine = BatchEngine(model, max_batch=1, prefill_chunk=128, prefix_cache_tokens=64)  # 2 blocks
+    seqs = [Sequence(prompt, SamplingParams(max_tokens=4)) for prompt in (a + b + [9], c + [9], c + b + [9])]
+    for s in seqs:
+        engine.add([s])
+        _run(engine)
+    assert engine.prefix.hit_tokens == 32  # c alone, for the third prompt
+    for s in seqs:
+        assert s.output == _alone(model, s.prompt, 4)

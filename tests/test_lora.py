@@ -132,13 +132,18 @@ def test_gradients_match_peft(build_pair, make_batch, diff, tmp_path):
     assert all(p.grad is None for n, p in ours.named_parameters() if "lora_" not in n)  # the base stays frozen
 
 
-def test_merge_and_unload(build_pair, make_batch, diff, tmp_path):
+def _adapted(build_pair, make_batch):
+    """(a model with random adapters on every target, ids, mask, its logits on them)."""
     _, ours, _ = build_pair.fresh(CASE, "sdpa")
     apply_lora(ours, LoraConfig(r=4, lora_alpha=8, target_modules=["all"]))
     _randomize_b(ours)
     ids, mask = make_batch(2, 10, ours.config.vocab_size, pads=[0, 2], seed=7)
     with torch.no_grad():
-        adapted = ours(ids, attention_mask=mask).logits
+        return ours, ids, mask, ours(ids, attention_mask=mask).logits
+
+
+def test_merge_and_unload(build_pair, make_batch, diff, tmp_path):
+    ours, ids, mask, adapted = _adapted(build_pair, make_batch)
     merge_and_unload(ours)
     assert not has_lora(ours) and not any("lora" in k for k in ours.state_dict())
     assert type(ours.model.layers[0].mlp.experts) is mixtral.model.moe.Experts
@@ -153,13 +158,9 @@ def test_merge_and_unload(build_pair, make_batch, diff, tmp_path):
 def test_merge_then_unmerge(build_pair, make_batch, diff):
     """merge_adapter: the adapted logits from the base's own forward (the grouped expert dispatch); unmerge_adapter:
     the base's weights back (fp32, to rounding) and the adapters active again."""
-    _, ours, _ = build_pair.fresh(CASE, "sdpa")
-    base_weights = {k: v.clone() for k, v in ours.state_dict().items()}
-    apply_lora(ours, LoraConfig(r=4, lora_alpha=8, target_modules=["all"]))
-    _randomize_b(ours)
-    ids, mask = make_batch(2, 10, ours.config.vocab_size, pads=[0, 2], seed=7)
+    ours, ids, mask, adapted = _adapted(build_pair, make_batch)
+    base_weights = {k: v.clone() for k, v in ours.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
-        adapted = ours(ids, attention_mask=mask).logits
         merge_adapter(ours)
         experts = ours.model.layers[0].mlp.experts
         assert experts.lora_merged and experts.runs_grouped(torch.zeros(4, ours.config.hidden_size)) == \

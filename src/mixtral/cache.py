@@ -108,11 +108,13 @@ class StaticCache:
         """Batch rows `rows` of this cache (and their first `length` slots) as a cache of their own."""
         return StaticCacheView(self, rows, self.max_len if length is None else length)
 
-    def copy_row(self, src: "StaticCache", src_row: int, dst_row: int, length: int, src_start: int = 0) -> None:
-        """Slots [src_start, src_start + length) of row src_row of `src` into slots [0, length) of row dst_row of
-        this cache (a prefilled prompt joining a batch, or a finished row's place taken by another)."""
+    def copy_row(self, src: "StaticCache", src_row: int, dst_row: int, length: int, src_start: int = 0,
+                 dst_start: int = 0) -> None:
+        """Slots [src_start, src_start + length) of row src_row of `src` into slots [dst_start, dst_start + length)
+        of row dst_row of this cache (a prefilled prompt joining a batch, a finished row's place taken by another, a
+        cached prefix's block)."""
         for mine, theirs in zip(self.keys + self.values, src.keys + src.values):
-            mine[dst_row, :, :length].copy_(theirs[src_row, :, src_start:src_start + length])
+            mine[dst_row, :, dst_start:dst_start + length].copy_(theirs[src_row, :, src_start:src_start + length])
 
 
 def write_slots(buffer: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor | None) -> None:

@@ -308,11 +308,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         quantize=args.quantize, compile=args.compile, max_batch=args.max_batch, max_waiting=args.max_waiting,
         max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, prefill_chunk=args.prefill_chunk,
+        prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
         api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY") or None, max_body_bytes=args.max_body_bytes,
         tp=args.tp, ep=args.ep, max_memory=args.max_memory, offload_folder=args.offload_folder, lora=args.lora)
     for name in ("max_batch", "max_waiting", "prefill_chunk", "max_body_bytes", "tp", "ep"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if settings.prefix_cache_tokens < 0:
+        raise ValueError("--prefix-cache-tokens must be >= 0 (0, or --no-prefix-cache: no prefix cache)")
     if args.tp * args.ep > 1 and start_ranks(args) != 0:
         return _follow_server(settings)
     run_server(settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
@@ -369,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's context, lowered so that the KV cache fits in --kv-cache-gib)")
     p.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache size when --max-model-len is not given")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between decode steps")
+    p.add_argument("--prefix-cache-tokens", type=int, default=8192,
+                   help="prompt tokens whose keys and values are kept, so that a prompt starting the same way (a "
+                        "system prompt, earlier turns) is not prefilled again (Mixtral-8x7B bf16: 128 KiB a token)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from its first token")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get a 413")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds for running requests to finish before they are aborted")

@@ -5,7 +5,9 @@ length: a sequence's token at position p sits in slot p of its row, so rows need
 Rows [0, B) are the running sequences, in order; one that finishes gives its row to the last one (a copy of that
 row's slots), so that every decode step runs over a contiguous prefix of the rows.
 
-Prompts are prefilled into a one-row scratch cache, then copied into free rows. Each step runs one prefill forward
+Prompts are prefilled into a one-row scratch cache, then copied into free rows. With a prefix cache
+(prefix_cache_tokens > 0, see prefix.py), a prompt's beginning already computed for an earlier prompt is copied in
+rather than prefilled again. Each step runs one prefill forward
 of at most about `prefill_chunk` prompt tokens (a long prompt goes in pieces; short ones are packed together, each
 attending only to itself; a prompt alone in one piece is the very computation generate() does), then decodes one
 token for every running row, so that streams keep producing while long prompts come in. The decode step is
@@ -30,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from ..cache import StaticCache
+from .prefix import BLOCK, PrefixCache
 from .decode import (COMPILED_CACHE_BUCKET, NOT_GRAPHABLE, compiled_forward_last, forward_last, graphable,
                      logits_at, record_graph, run_layers, static_mask)
 from .sampling import logit_bias, presence_frequency_penalty, process_logits, select_next
@@ -111,7 +114,7 @@ class BatchEngine:
     Not thread-safe: one thread (the server's scheduler) calls add, abort and step."""
 
     def __init__(self, model: Any, max_batch: int = 32, max_len: int | None = None, prefill_chunk: int = 512,
-                 compile: bool = False) -> None:
+                 compile: bool = False, prefix_cache_tokens: int = 0) -> None:
         context = model.config.max_position_embeddings
         self.max_len = min(max_len or context, context)
         if max_batch < 1 or prefill_chunk < 1:
@@ -119,6 +122,7 @@ class BatchEngine:
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.cache = StaticCache.for_model(model, max_batch, self.max_len)  # (R, nkv, L, D) per layer
         self.scratch = StaticCache.for_model(model, 1, self.max_len)  # the prompt being prefilled
+        self.prefix = PrefixCache(model, prefix_cache_tokens) if prefix_cache_tokens >= BLOCK else None
         self.device = self.cache.keys[0].device
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[list[Sequence]] = deque()  # groups sharing one prompt (n > 1)
@@ -225,12 +229,17 @@ class BatchEngine:
             budget, end, rows = budget - n, self.prefilled + n, rows + len(self.prefilling)
         # first come, first served: a group waits for rows rather than being overtaken
         while self.waiting and rows + len(self.waiting[0]) <= self.max_batch:
-            length = len(self.waiting[0][0].prompt)
-            if segments and (length > budget or end + length > self.max_len):
+            prompt = self.waiting[0][0].prompt
+            blocks = self._cached_blocks(self.waiting[0])
+            cached = len(blocks) * BLOCK  # slots copied from the prefix cache, not computed
+            if segments and (len(prompt) - cached > budget or end + len(prompt) > self.max_len):
                 break  # only the first segment may be a piece of a longer prompt
-            group, n = self.waiting.popleft(), min(budget, length)
-            segments.append((group, 0, n, end))
-            budget, end, rows = budget - n, end + n, rows + len(group)
+            group, n = self.waiting.popleft(), min(budget, len(prompt) - cached)
+            if self.prefix is not None:
+                self.prefix.load(blocks, self.scratch, 0, end)
+                self.prefix.count(len(prompt), cached)
+            segments.append((group, cached, n, end))
+            budget, end, rows = budget - n, end + cached + n, rows + len(group)
         if not segments:
             return []
 
@@ -267,6 +276,10 @@ class BatchEngine:
             self.step_error, self.prefilling, self.prefilled = e, None, 0
             return self.fail([s for g, *_ in segments for s in g], "the prefill forward", e)
 
+        if self.prefix is not None:  # the prompts complete now: their blocks for the prompts to come
+            for done, first_pos, count, first_slot in segments:
+                if first_pos + count == len(done[0].prompt):
+                    self.prefix.insert(done[0].prompt, self.scratch, 0, first_slot)
         events: list[TokenEvent] = []
         if start + n < len(group[0].prompt):
             self.prefilling, self.prefilled = group, start + n
@@ -285,6 +298,13 @@ class BatchEngine:
                 events.append(self._choose(s, logits[k:k + 1]))
         self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])
         return events
+
+    def _cached_blocks(self, group: list[Sequence]) -> list[int]:
+        """The prefix cache's blocks that start this group's prompt (none for prompt_logprobs, which needs every
+        prompt position computed)."""
+        if self.prefix is None or group[0].params.prompt_logprobs is not None:
+            return []
+        return self.prefix.lookup(group[0].prompt)
 
     def _score_prompt(self, group: list[Sequence], start: int, logits: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens after positions start.. (logits (n, V) at those positions)."""

@@ -53,6 +53,7 @@ class ServeSettings:
     max_model_len: int | None = None  # prompt + completion tokens per sequence (default: see slot_cache_length)
     kv_cache_gib: float = 4.0  # the slot cache's size when max_model_len is not given
     prefill_chunk: int = 512  # prompt tokens prefilled per step
+    prefix_cache_tokens: int = 8192  # prompt tokens whose keys and values are kept for reuse (0: no prefix cache)
     api_key: str | None = None
     max_body_bytes: int = 4 << 20  # request bodies larger than this are refused (413)
     tp: int = 1  # under torchrun: this process is one rank of tp x ep, rank 0 serves HTTP
@@ -72,7 +73,8 @@ def load_engine(s: ServeSettings) -> tuple[Any, Any, BatchEngine]:
                                           **offload_kwargs(s.max_memory, s.offload_folder, s.device))
     model.eval()
     length = s.max_model_len or slot_cache_length(model, s.max_batch, s.kv_cache_gib)
-    return model, tok, BatchEngine(model, s.max_batch, length, s.prefill_chunk, compile=s.compile)
+    return model, tok, BatchEngine(model, s.max_batch, length, s.prefill_chunk, compile=s.compile,
+                                   prefix_cache_tokens=s.prefix_cache_tokens)
 
 
 def slot_cache_length(model: Any, rows: int, budget_gib: float) -> int:
@@ -102,7 +104,8 @@ class ServerState:
         self.metrics = Metrics(running=lambda: self.scheduler.running if self.scheduler else 0,
                                waiting=lambda: self.scheduler.waiting if self.scheduler else 0,
                                batch=lambda: self.scheduler.engine.last_batch if self.scheduler else 0,
-                               offload=lambda: self.model.offload_stats() if self.model is not None else None)
+                               offload=lambda: self.model.offload_stats() if self.model is not None else None,
+                               prefix=lambda: self.scheduler.engine.prefix if self.scheduler else None)
 
     def load(self) -> None:
         s = self.settings

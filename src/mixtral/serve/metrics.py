@@ -12,7 +12,8 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.5, 
 
 class Metrics:
     def __init__(self, running: Callable[[], float], waiting: Callable[[], float],
-                 batch: Callable[[], float], offload: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 batch: Callable[[], float], offload: Callable[[], dict[str, Any] | None] = lambda: None,
+                 prefix: Callable[[], Any] = lambda: None) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("mixtral_requests", "HTTP requests to /v1 routes, by route and status code",
                                 ["route", "status"], registry=r)
@@ -36,6 +37,12 @@ class Metrics:
                                ("prefetch_accuracy", "Share of the experts read ahead that a step then used")):
             Gauge(f"mixtral_offload_{key}", help_text, registry=r).set_function(
                 lambda key=key: (offload() or {}).get(key, 0))
+        for key, help_text in (("hit_rate", "Share of the prompt tokens whose keys and values came from the prefix "
+                                            "cache"),
+                               ("hit_tokens", "Prompt tokens taken from the prefix cache"),
+                               ("prompt_tokens", "Prompt tokens looked up in the prefix cache")):
+            Gauge(f"mixtral_prefix_cache_{key}", help_text, registry=r).set_function(
+                lambda key=key: getattr(prefix(), key, 0))
         self.e2e = Histogram("mixtral_e2e_request_latency_seconds", "Request arrival to its last token",
                              buckets=LATENCY_BUCKETS, registry=r)
 
