@@ -1,8 +1,15 @@
 """Serving: `mixtral serve` under 1, 8 and 32 concurrent clients against (a) the same requests run one after another
-with generate() and (b) llama-cpp-python's OpenAI server on the same weights (GGUF), in one run.
+with generate(), (b) llama.cpp's own server (llama-server with a parallel slot per client) and (c) llama-cpp-python's
+OpenAI server, on the same weights (GGUF), in one run.
 
     python benchmarks/serve.py [--dtype bf16] [--requests 32] [--prompt-tokens 64] [--max-tokens 64]
-                               [--clients 1 8 32] [--engines ours generate llama.cpp steps] [--compile]
+                               [--clients 1 8 32] [--engines ours generate llama-server llama.cpp steps] [--compile]
+                               [--workload plain|shared-prefix]
+
+--workload shared-prefix: every prompt is one ~--system-tokens system text (500) followed by a user turn of its own of
+~--prompt-tokens tokens (use 32); the engine `ours-no-prefix` is mixtral serve with --no-prefix-cache, for the ratio.
+llama-server (../shared/tools/build-llama.sh: $LLAMA_BIN, default /tmp/llama-bin) runs with -np = the most clients,
+a context of that many times prompt + max tokens, and keep-alive off (it drops reused connections).
 
 The bench config's checkpoint (benchmarks/out/bench-model, built once) gets Mixtral's real tokenizer (from the
 mistral-common package) in a folder beside it, benchmarks/out/serve-model/, with its GGUF. Every engine gets the
@@ -12,7 +19,7 @@ bounds TPOT as clients are added: a memory-bound step reads the experts it route
 loops that each send requests until the requests are used up. Measured per request: time to first token (TTFT) and
 time per output token after it (TPOT = (last - first) / (tokens - 1)); per level: aggregate output tokens/s = all
 output tokens / wall time. Each server is its own process with the machine's cores; one runs at a time. Writes
-benchmarks/out/serve.json and benchmarks/serve.png.
+benchmarks/out/serve.json and benchmarks/serve.png (serve-shared-prefix.* for that workload).
 
 llama-cpp-python's server decodes one request at a time (a lock around its model; it has no parallel slots), and by
 default a new request interrupts the one streaming: it runs with --interrupt_requests False so that they queue.
@@ -65,11 +72,16 @@ def ensure_serve_model(dtype: str) -> tuple[str, str]:
     return SERVE_DIR, gguf
 
 
-def make_prompts(n: int, tokens: int) -> list[str]:
-    """n different prompts of about `tokens` tokens each, cut from English text."""
+LLAMA_BIN = os.environ.get("LLAMA_BIN", "/tmp/llama-bin")
+
+
+def make_prompts(n: int, tokens: int, system_tokens: int = 0) -> list[str]:
+    """n different prompts of about `tokens` tokens each, cut from English text; after a common system text of about
+    system_tokens tokens when that is > 0 (the shared-prefix workload)."""
     words = open(os.path.join(HERE, "data", "english.txt")).read().split()
     size = max(1, int(tokens * 0.75))  # ~1.3 tokens a word with Mixtral's tokenizer
-    return [" ".join(words[(i * 37 + k) % len(words)] for k in range(size)) for i in range(n)]
+    system = " ".join(words[-int(system_tokens * 0.75):]) + "\n\nUser: " if system_tokens else ""
+    return [system + " ".join(words[(i * 37 + k) % len(words)] for k in range(size)) for i in range(n)]
 
 
 # ---- the load generator ----------------------------------------------------------------------------------------
@@ -95,12 +107,12 @@ async def one_request(client: Any, url: str, body: dict[str, Any]) -> dict[str, 
 
 
 async def run_level(url: str, prompts: list[str], clients: int, max_tokens: int,
-                    extra: dict[str, Any]) -> dict[str, Any]:
+                    extra: dict[str, Any], keep_alive: bool = True) -> dict[str, Any]:
     import httpx
 
     todo = list(enumerate(prompts))
     results: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4 if keep_alive else 0)
 
     async with httpx.AsyncClient(limits=limits) as client:
         async def loop() -> None:
@@ -133,12 +145,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], port: int, health: str) -> subprocess.Popen:
+def start_server(cmd: list[str], port: int, health: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     import httpx
 
     # its log goes to a file: a pipe nobody reads fills up, and a chatty server (llama.cpp's) then blocks on it
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=C.worker_env())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env={**C.worker_env(), **(env or {})})
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -155,15 +167,17 @@ def start_server(cmd: list[str], port: int, health: str) -> subprocess.Popen:
 
 
 def bench_server(name: str, cmd: list[str], port: int, health: str, prompts: list[str], levels: list[int],
-                 max_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
+                 max_tokens: int, extra: dict[str, Any], keep_alive: bool = True,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
     print(f"{name}: starting", flush=True)
-    proc = start_server(cmd, port, health)
+    proc = start_server(cmd, port, health, env)
     url = f"http://127.0.0.1:{port}/v1/completions"
     try:
-        asyncio.run(run_level(url, prompts[:2], 1, 4, extra))  # warm-up: kernels built, caches touched
+        # warm-up (kernels built, caches touched) on other text: a prompt cache starts cold for the measured ones
+        asyncio.run(run_level(url, ["Warm up the server.", "Once more."], 1, 4, extra, keep_alive))
         out = {}
         for c in levels:
-            out[str(c)] = res = asyncio.run(run_level(url, prompts, c, max_tokens, extra))
+            out[str(c)] = res = asyncio.run(run_level(url, prompts, c, max_tokens, extra, keep_alive))
             print(f"  {c:>2} clients: {res['tok_per_s']:7.1f} tok/s, TTFT p50 {res['ttft_p50']:.3f}s, "
                   f"TPOT p50 {res['tpot_p50'] * 1e3:.1f} ms, p99 {res['tpot_p99'] * 1e3:.1f} ms", flush=True)
         return out
@@ -288,7 +302,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--engines", nargs="+", default=["ours", "generate", "llama.cpp", "steps"])
+    ap.add_argument("--engines", nargs="+", default=["ours", "generate", "llama-server", "llama.cpp", "steps"],
+                    help="ours, ours-no-prefix, generate, llama-server, llama.cpp (llama-cpp-python's server), steps")
+    ap.add_argument("--workload", choices=("plain", "shared-prefix"), default="plain")
+    ap.add_argument("--system-tokens", type=int, default=500, help="the shared-prefix workload's common text")
     ap.add_argument("--compile", action="store_true", help="mixtral serve --compile")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,7 +315,8 @@ def main() -> None:
         return
 
     folder, gguf = ensure_serve_model(args.dtype)
-    prompts = make_prompts(args.requests, args.prompt_tokens)
+    prompts = make_prompts(args.requests, args.prompt_tokens,
+                           args.system_tokens if args.workload == "shared-prefix" else 0)
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "bfloat16"}[args.dtype]
     data: dict[str, Any] = {"settings": {**vars(args), "cores": os.cpu_count()}, "servers": {},
                             "bandwidth_GBps_before": C.measure_bandwidth()["bandwidth_GBps"]}
@@ -318,18 +336,33 @@ def main() -> None:
         for b, r in steps.items():
             print(f"  {b} rows: {r['step_ms']:.1f} ms a step, {r['experts_per_layer']:.2f} experts a layer"
                   if isinstance(r, dict) else f"  {b}: {r}", flush=True)
-    if "ours" in args.engines:
+    for engine, name in (("ours", "mixtral serve"), ("ours-no-prefix", "mixtral serve --no-prefix-cache")):
+        if engine not in args.engines:
+            continue
         port = _free_port()
         cmd = [sys.executable, "-m", "mixtral", "serve", "--model", folder, "--port", str(port), "--dtype",
                torch_dtype, "--max-batch", str(max(args.clients)), "--served-model-name", "bench"]
         cmd += ["--quantize", "int8"] if args.dtype == "int8" else []
         cmd += ["--compile"] if args.compile else []
+        cmd += ["--no-prefix-cache"] if engine == "ours-no-prefix" else []
         try:
-            data["servers"]["mixtral serve"] = bench_server(
-                "mixtral serve", cmd, port, "/health", prompts, args.clients, args.max_tokens,
-                {"stream_options": {"include_usage": True}})
+            data["servers"][name] = bench_server(name, cmd, port, "/health", prompts, args.clients, args.max_tokens,
+                                                 {"stream_options": {"include_usage": True}})
         except Exception as e:  # noqa: BLE001 - reported in the table and JSON
-            data["servers"]["mixtral serve"] = {"error": C.short_error(e)}
+            data["servers"][name] = {"error": C.short_error(e)}
+            print(f"  failed: {C.short_error(e)}", flush=True)
+    if "llama-server" in args.engines:
+        port, slots = _free_port(), max(args.clients)
+        context = slots * (args.prompt_tokens + args.max_tokens + 64 +
+                           (args.system_tokens if args.workload == "shared-prefix" else 0))
+        cmd = [os.path.join(LLAMA_BIN, "llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(slots), "-c", str(context), "-t", str(C.THREADS), "-tb", str(C.THREADS), "-a", "bench"]
+        try:
+            data["servers"]["llama-server"] = bench_server(
+                "llama-server", cmd, port, "/health", prompts, args.clients, args.max_tokens,
+                {"stream_options": {"include_usage": True}}, keep_alive=False, env={"LD_LIBRARY_PATH": LLAMA_BIN})
+        except Exception as e:  # noqa: BLE001
+            data["servers"]["llama-server"] = {"error": C.short_error(e)}
             print(f"  failed: {C.short_error(e)}", flush=True)
     if "llama.cpp" in args.engines:
         port = _free_port()
@@ -344,14 +377,15 @@ def main() -> None:
             print(f"  failed: {C.short_error(e)}", flush=True)
     data["bandwidth_GBps_after"] = C.measure_bandwidth()["bandwidth_GBps"]
     report(data)
-    C.write_json(os.path.join(C.OUT_DIR, "serve.json"), data)
+    name = "serve" if args.workload == "plain" else f"serve-{args.workload}"
+    C.write_json(os.path.join(C.OUT_DIR, f"{name}.json"), data)
     if data["servers"]:
-        plot(data, os.path.join(HERE, "serve.png"))
+        plot(data, os.path.join(HERE, f"{name}.png"))
 
 
 def report(data: dict[str, Any]) -> None:
     seq = data.get("sequential_generate") or {}
-    llama = data["servers"].get("llama-cpp-python server", {})
+    llama = data["servers"].get("llama-server") or data["servers"].get("llama-cpp-python server", {})
     rows = []
     for name, res in data["servers"].items():
         if "error" in res:
@@ -361,7 +395,7 @@ def report(data: dict[str, Any]) -> None:
             r = res[str(c)]
             vs_seq = r["tok_per_s"] / seq["tok_per_s"] if "tok_per_s" in seq else None
             vs_llama = (r["tok_per_s"] / llama[str(c)]["tok_per_s"]
-                        if str(c) in llama and name != "llama-cpp-python server" else None)
+                        if str(c) in llama and not name.startswith("llama") else None)
             rows.append([name, c, C.fmt(r["tok_per_s"]), C.fmt(vs_seq, 2), C.fmt(vs_llama, 2),
                          C.fmt(r["ttft_p50"], 3), C.fmt(r["ttft_p99"], 3), C.fmt(r["tpot_p50"] * 1e3),
                          C.fmt(r["tpot_p99"] * 1e3)])
@@ -370,9 +404,15 @@ def report(data: dict[str, Any]) -> None:
                      C.fmt(seq["ttft_p50"], 3), C.fmt(seq["ttft_p99"], 3), C.fmt(seq["tpot_p50"] * 1e3),
                      C.fmt(seq["tpot_p99"] * 1e3)])
     print()
-    print(C.format_table(["engine", "clients", "tok/s", "x generate", "x llama.cpp", "TTFT p50 s", "TTFT p99 s",
+    anchor = "x llama-server" if "llama-server" in data["servers"] else "x llama-cpp-python"
+    print(C.format_table(["engine", "clients", "tok/s", "x generate", anchor, "TTFT p50 s", "TTFT p99 s",
                           "TPOT p50 ms", "TPOT p99 ms"], rows))
     ours = data["servers"].get("mixtral serve", {})
+    off = data["servers"].get("mixtral serve --no-prefix-cache", {})
+    for c in data["settings"]["clients"]:
+        if str(c) in ours and str(c) in off:
+            print(f"\nours, {c} clients: TTFT p50 without the prefix cache / with it: "
+                  f"{off[str(c)]['ttft_p50'] / ours[str(c)]['ttft_p50']:.2f}")
     if "1" in ours and "8" in ours:
         print(f"\nours: p99 TPOT at 8 clients / at 1: {ours['8']['tpot_p99'] / ours['1']['tpot_p99']:.2f}")
     print(f"bandwidth {data['bandwidth_GBps_before']:.1f} -> {data['bandwidth_GBps_after']:.1f} GB/s")

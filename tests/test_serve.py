@@ -163,6 +163,34 @@ def test_chat_equals_generate(server, loaded):
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref)
 
 
+def test_shared_system_prompt_comes_from_the_prefix_cache(server, loaded):
+    """Two chats with one long system prompt: the second's first blocks come from the prefix cache (on by default;
+    /metrics counts them), and both answers equal generate() on their whole prompts."""
+    tok = loaded[1]
+    system = "You are a careful assistant who answers in plain words. " * 8  # ~100 tokens
+    before = server.metric("mixtral_prefix_cache_hit_tokens")
+    for question in ("What is a river?", "What is a mountain?"):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        r = server.client().chat.completions.create(model=server_folder_name(server), messages=messages,
+                                                    max_completion_tokens=8, temperature=0)
+        assert r.choices[0].message.content == _text(loaded, _reference(loaded, ids, 8))
+    assert server.metric("mixtral_prefix_cache_hit_tokens") - before >= 64  # 2+ blocks of 32 reused
+    assert 0 < server.metric("mixtral_prefix_cache_hit_rate") <= 1
+
+
+def test_no_prefix_cache_flag(monkeypatch, folder, capsys):
+    import mixtral.serve
+    from mixtral.cli import main
+
+    seen = []
+    monkeypatch.setattr(mixtral.serve, "run_server", lambda settings, **kw: seen.append(settings))
+    assert main(["serve", "--model", folder]) == 0 and main(["serve", "--model", folder, "--no-prefix-cache"]) == 0
+    assert [s.prefix_cache_tokens for s in seen] == [8192, 0]
+    assert main(["serve", "--model", folder, "--prefix-cache-tokens", "-1"]) == 1
+    assert "--prefix-cache-tokens must be >= 0" in capsys.readouterr().err
+
+
 def test_32_concurrent_clients_equal_generate(server, loaded):
     """32 clients at once, streaming and not, prompts and outputs of different lengths: every answer equals
     generate() alone, each request answered exactly once."""
