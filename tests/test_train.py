@@ -263,3 +263,18 @@ def test_two_processes_equal_one(tiny_sp_folder, tmp_path, how):
     assert one_weights.keys() == two_weights.keys()
     for name in one_weights:
         assert torch.allclose(one_weights[name], two_weights[name], atol=1e-5, rtol=0), name
+
+
+def test_checkpoints_kept_and_a_full_disk(tiny_sp_folder, tok, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    model = apply_lora(_model(tiny_sp_folder), LoraConfig(r=2))
+    cfg = TrainConfig(steps=5, batch_size=2, save_every=1, save_total_limit=2)
+    Trainer(model, _examples(tok), [], cfg, tmp_path / "a", 0, progress=False).train()
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+    with pytest.raises(OSError, match=r"not enough disk space for .*checkpoint-1: a checkpoint takes ~0\.06 GiB"):
+        Trainer(model, _examples(tok), [], TrainConfig(steps=1, batch_size=2), tmp_path / "b", 0,
+                progress=False).train()

@@ -286,7 +286,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          max_grad_norm=args.max_grad_norm,
                          bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
                          router_z_loss_coef=args.router_z_loss_coef, eval_every=args.eval_every,
-                         save_every=args.save_every, seed=args.seed)
+                         save_every=args.save_every, save_total_limit=args.save_total_limit, seed=args.seed)
     log = finetune(args.model, args.data, args.out, lora=lora, train=args.train.split(",") if args.train else None,
                    quantize=args.quantize, dtype=args.dtype, max_length=args.max_length, packing=args.packing,
                    eval_fraction=args.eval_fraction, config=config, resume=args.resume)
@@ -414,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.05, help="examples held out for evaluation")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--save-total-limit", type=int, default=None, help="checkpoints kept, the latest (default: all)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--router-z-loss-coef", type=float, default=0.0)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -43,6 +44,7 @@ class TrainConfig:
     router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss (1e-3 there); Mixtral has none
     eval_every: int = 0  # steps; 0: only at the end
     save_every: int = 0  # steps; 0: only at the end
+    save_total_limit: int | None = None  # checkpoints kept (the latest); None: all (a full 8x7B one is ~560 GB)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # recorded with the metrics (the command line, ...)
 
@@ -175,12 +177,31 @@ class Trainer:
         rng = self.parallel.gather(torch.get_rng_state())  # every rank's, for its dropout after a resume
         if self.main:
             os.makedirs(folder, exist_ok=True)
+            self._check_disk(folder)
             save_file({n: p.detach().contiguous() for n, p in self.params.items()},
                       os.path.join(folder, TRAINABLE_NAME))
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "rng": rng, "config": asdict(self.cfg)},
                        os.path.join(folder, STATE_NAME))
+            self._drop_old_checkpoints()
         return folder
+
+    def _check_disk(self, folder: str) -> None:
+        """A clear error before writing a checkpoint that the disk cannot hold (torch.save's own is cryptic)."""
+        weights = sum(p.numel() * p.element_size() for p in self.params.values())
+        need = 3 * weights + (64 << 20)  # the weights, AdamW's two moments, some slack
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise OSError(f"not enough disk space for {folder}: a checkpoint takes ~{need / 2**30:.2f} GiB (the "
+                          f"trainable weights and AdamW's two moments), {free / 2**30:.2f} GiB are free; free some, "
+                          "or keep fewer checkpoints (save_total_limit / --save-total-limit)")
+
+    def _drop_old_checkpoints(self) -> None:
+        if self.cfg.save_total_limit is None:
+            return
+        steps = sorted(checkpoint_steps(self.out_dir))
+        for step in steps[:max(0, len(steps) - self.cfg.save_total_limit)]:
+            shutil.rmtree(os.path.join(self.out_dir, f"checkpoint-{step}"))
 
     def resume(self, folder: str | os.PathLike | None = None) -> int:
         """Continue from `folder` (default: the latest checkpoint in out_dir); returns the step it starts at."""
@@ -284,9 +305,13 @@ class Trainer:
         return log
 
 
+def checkpoint_steps(out_dir: str) -> list[int]:
+    return [int(name.split("-", 1)[1]) for name in os.listdir(out_dir) if name.startswith("checkpoint-")
+            and name.split("-", 1)[1].isdigit()] if os.path.isdir(out_dir) else []
+
+
 def latest_checkpoint(out_dir: str) -> str | None:
-    steps = [int(name.split("-", 1)[1]) for name in os.listdir(out_dir) if name.startswith("checkpoint-")
-             and name.split("-", 1)[1].isdigit()] if os.path.isdir(out_dir) else []
+    steps = checkpoint_steps(out_dir)
     return os.path.join(out_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
