@@ -276,10 +276,9 @@ class BatchEngine:
             self.step_error, self.prefilling, self.prefilled = e, None, 0
             return self.fail([s for g, *_ in segments for s in g], "the prefill forward", e)
 
-        if self.prefix is not None:  # the prompts complete now: their blocks for the prompts to come
-            for done, first_pos, count, first_slot in segments:
-                if first_pos + count == len(done[0].prompt):
-                    self.prefix.insert(done[0].prompt, self.scratch, 0, first_slot)
+        if self.prefix is not None:  # the blocks computed so far, for the prompts to come (a piece's too: the
+            for done, first_pos, count, first_slot in segments:  # prompts behind a long one can start next step)
+                self.prefix.insert(done[0].prompt[:first_pos + count], self.scratch, 0, first_slot)
         events: list[TokenEvent] = []
         if start + n < len(group[0].prompt):
             self.prefilling, self.prefilled = group, start + n
