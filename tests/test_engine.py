@@ -358,3 +358,25 @@ def test_prefix_cache_never_reaches_a_block_through_an_evicted_parent(model):
     assert engine.prefix.hit_tokens == 32  # c alone, for the third prompt
     for s in seqs:
         assert s.output == _alone(model, s.prompt, 4)
+
+
+def test_a_step_is_one_forward(model, monkeypatch):
+    """A step with a running row and a prompt coming in runs the experts once over both (one pass over the
+    weights), gives the row its next token and the prompt its first, and both go on equal to generate()."""
+    engine = BatchEngine(model, max_batch=2, prefill_chunk=64)
+    running = Sequence([5, 6, 7], SamplingParams(max_tokens=10))
+    engine.add([running])
+    engine.step()
+    calls = []
+    moe = type(model.model.layers[0].mlp)
+    forward = moe.forward
+    monkeypatch.setattr(moe, "forward", lambda self, x: calls.append(x.shape) or forward(self, x))
+    newcomer = Sequence(list(range(20, 45)), SamplingParams(max_tokens=6))
+    engine.add([newcomer])
+    engine.step()
+    assert calls == [(1, 1 + 25, model.config.hidden_size)] * model.config.num_hidden_layers  # 1 row + 25 tokens
+    assert len(running.output) == 3 and len(newcomer.output) == 1  # the first step: its prefill, then a decode
+    monkeypatch.undo()
+    _run(engine)
+    assert running.output == _alone(model, running.prompt, 10)
+    assert newcomer.output == _alone(model, newcomer.prompt, 6)

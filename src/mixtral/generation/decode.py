@@ -53,6 +53,39 @@ def run_layers(model: Any, ids: torch.Tensor, position_ids: torch.Tensor, cache_
     return x
 
 
+class RowsAndPack:
+    """The cache of a step over `rows` decoding rows and a pack of prompt tokens together (run_mixed): the tokens are
+    (1, N), the first `rows` one a row of row_cache (each at its position's slot), the other S = N - rows in
+    pack_cache's one row at pack_slots (S,). It attends by itself (Attention.forward hands it q, k, v): each row over
+    its own slots (row_mask (rows, 1, 1, L)), the pack under pack_mask ((1, 1, S, L'), None: plain causal)."""
+
+    def __init__(self, rows: int, row_slots: torch.Tensor, row_cache: StaticCacheView, row_mask: torch.Tensor,
+                 pack_slots: torch.Tensor, pack_cache: StaticCacheView, pack_mask: torch.Tensor | None) -> None:
+        self.rows, self.row_slots, self.row_cache, self.row_mask = rows, row_slots, row_cache, row_mask
+        self.pack_slots, self.pack_cache, self.pack_mask = pack_slots, pack_cache, pack_mask
+
+    def attend(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, nh, N, D), k and v (1, nkv, N, D) of the step's tokens -> attention outputs (1, N, nh*D)."""
+        rows, outs = self.rows, []
+        if rows:  # (rows, nh, 1, D) against each row's cache
+            k_new, v_new = (t[0, :, :rows, None].transpose(0, 1) for t in (k, v))  # (rows, nkv, 1, D)
+            k_rows, v_rows = self.row_cache.update(k_new, v_new, attn.layer_idx, self.row_slots)
+            out = attn.attend(q[0, :, :rows, None].transpose(0, 1), k_rows, v_rows, self.row_mask)[0]
+            outs.append(out.reshape(1, rows, -1))
+        if rows < q.shape[2]:  # the pack: (1, nh, S, D) against its own slots
+            k_pack, v_pack = self.pack_cache.update(k[:, :, rows:], v[:, :, rows:], attn.layer_idx, self.pack_slots)
+            out = attn.attend(q[:, :, rows:], k_pack, v_pack, self.pack_mask)[0]
+            outs.append(out.transpose(1, 2).flatten(2))
+        return torch.cat(outs, dim=1)
+
+
+def run_mixed(model: Any, ids: torch.Tensor, positions: torch.Tensor, cache: RowsAndPack) -> torch.Tensor:
+    """One forward over decoding rows and a pack of prompt tokens together (ids and positions (N,), laid out as
+    `cache` says): every linear layer and the experts see the N tokens at once, their weights read once a step;
+    only attention runs apart (RowsAndPack). Returns (N, H) before the final norm."""
+    return run_layers(model, ids[None], positions[None], None, None, cache)[0]
+
+
 def logits_at(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits (..., V) of hidden states (..., H) that run_layers returned."""
     return model.lm_head(model.model.norm(hidden)).float()

@@ -7,11 +7,15 @@ row's slots), so that every decode step runs over a contiguous prefix of the row
 
 Prompts are prefilled into a one-row scratch cache, then copied into free rows. With a prefix cache
 (prefix_cache_tokens > 0, see prefix.py), a prompt's beginning already computed for an earlier prompt is copied in
-rather than prefilled again. Each step runs one prefill forward
-of at most about `prefill_chunk` prompt tokens (a long prompt goes in pieces; short ones are packed together, each
-attending only to itself; a prompt alone in one piece is the very computation generate() does), then decodes one
-token for every running row, so that streams keep producing while long prompts come in. The decode step is
-forward_last with per-row positions, generate()'s own step.
+rather than prefilled again. Each step takes at most about `prefill_chunk` prompt tokens (a long prompt goes in
+pieces; short ones are packed together, each attending only to itself) and the next token of every running row, in
+one forward (decode.run_mixed): every linear layer and the experts run over all of the step's tokens, their weights
+read once, and only attention runs apart (each row over its own slots, the pack over the scratch row). So streams
+keep producing while long prompts come in, and a prompt costs the running rows no second pass over the weights. A
+prompt's first token comes from the step that finishes its prefill; it decodes from the next. With nothing running,
+the prefill runs alone (a prompt alone in one piece is the very computation generate() does), and with `compile` the
+decode step is the compiled one, after the prefill. The decode step alone is forward_last with per-row positions,
+generate()'s own step.
 
 A failure ends only what it touches: one sequence's sampling that raises finishes that sequence with "error"; a
 forward that raises finishes every sequence in it with "error" (their rows are freed, so the cache left behind holds
@@ -27,14 +31,14 @@ import itertools
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..cache import StaticCache
-from .prefix import BLOCK, PrefixCache
 from .decode import (COMPILED_CACHE_BUCKET, NOT_GRAPHABLE, compiled_forward_last, forward_last, graphable,
-                     logits_at, record_graph, run_layers, static_mask)
+                     RowsAndPack, logits_at, record_graph, run_layers, run_mixed, static_mask)
+from .prefix import BLOCK, PrefixCache
 from .sampling import logit_bias, presence_frequency_penalty, process_logits, select_next
 
 
@@ -101,6 +105,19 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None
+
+
+@dataclass
+class Pack:
+    """A step's prompt tokens, packed in the scratch row (BatchEngine._plan_prefill)."""
+
+    segments: list[tuple[list[Sequence], int, int, int]]  # (group, first position, tokens, first slot)
+    ids: list[int]  # (S,)
+    positions: torch.Tensor  # (S,)
+    slots: torch.Tensor  # (S,): in the scratch row
+    mask: torch.Tensor | None  # (1, 1, S, end), None: plain causal
+    end: int  # scratch slots attended over
+    picks: list[int]  # per prompt that ends in the pack: its last token's index
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -187,12 +204,17 @@ class BatchEngine:
     # ---- one step ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """Drop aborted sequences, prefill up to ~prefill_chunk prompt tokens, decode one token for every running
-        row; returns what each sequence got, in order. A forward that fails finishes its sequences with "error"
-        and sets step_error (None after a step whose forwards ran)."""
+        """Drop aborted sequences; then one forward over the next token of every running row and up to
+        ~prefill_chunk prompt tokens together (compiled: the prefill, then the compiled decode step); returns what
+        each sequence got, in order. A forward that fails finishes its sequences with "error" and sets step_error
+        (None after a step whose forwards ran)."""
         self.step_error = None
         events = self._drop_aborted()
-        events += self._prefill()
+        pack = self._plan_prefill()
+        if self.running and pack is not None and not self.compiled:
+            return events + self._mixed(pack)
+        if pack is not None:
+            events += self._prefill(pack)
         if self.running:
             events += self._decode()
         return events
@@ -216,11 +238,12 @@ class BatchEngine:
             s.finish_reason = "abort"
         return [TokenEvent(s, None, len(s.output), finish_reason="abort") for s in gone]
 
-    def _prefill(self) -> list[TokenEvent]:
-        """One forward over the scratch row with up to ~prefill_chunk prompt tokens: the next piece of the prompt
-        being prefilled (always from slot 0), then whole waiting prompts packed after it while they fit, each in
-        slots of its own and attending only to itself. Packed, the experts see many prompts' tokens at once: their
-        GEMMs get rows enough to run near the machine's peak (a 64-token prompt alone gives each expert ~16)."""
+    def _plan_prefill(self) -> Pack | None:
+        """The prompt tokens of this step, up to ~prefill_chunk of them, in the scratch row: the next piece of the
+        prompt being prefilled (always from slot 0), then whole waiting prompts packed after it while they fit,
+        each in slots of its own and attending only to itself (their beginnings copied from the prefix cache where
+        it has them). Packed, the experts see many prompts' tokens at once: their GEMMs get rows enough to run near
+        the machine's peak (a 64-token prompt alone gives each expert ~16)."""
         segments: list[tuple[list[Sequence], int, int, int]] = []  # (group, first position, tokens, first slot)
         budget, end, rows = self.prefill_chunk, 0, len(self.running)
         if self.prefilling is not None:
@@ -241,8 +264,7 @@ class BatchEngine:
             segments.append((group, cached, n, end))
             budget, end, rows = budget - n, end + cached + n, rows + len(group)
         if not segments:
-            return []
-
+            return None
         ids: list[int] = []
         positions: list[int] = []
         first: list[int] = []  # per token: the first slot of its own prompt
@@ -263,23 +285,64 @@ class BatchEngine:
         else:  # causal within each prompt, blind to the others: (1, 1, S, end)
             seen = torch.arange(end, device=self.device)
             mask = static_mask(None, slots, window, end) & (seen >= base[:, None])
-        try:
-            hidden = run_layers(self.model, torch.tensor([ids], device=self.device), pos[None], slots, mask,
-                                self.scratch.rows(slice(0, 1), end))  # (1, S, H)
-            logits = logits_at(self.model, hidden[0, picks])  # (K, V)
-            offset = 0
-            for scored, first_pos, length, _ in segments:
-                if scored[0].params.prompt_logprobs is not None:
-                    self._score_prompt(scored, first_pos, logits_at(self.model, hidden[0, offset:offset + length]))
-                offset += length
-        except Exception as e:  # noqa: BLE001 - these prompts fail; the scratch row holds nothing else
-            self.step_error, self.prefilling, self.prefilled = e, None, 0
-            return self.fail([s for g, *_ in segments for s in g], "the prefill forward", e)
+        return Pack(segments, ids, pos, slots, mask, end, picks)
 
+    def _prefill(self, pack: Pack) -> list[TokenEvent]:
+        """The pack's forward alone, over the scratch row."""
+        try:
+            hidden = run_layers(self.model, torch.tensor([pack.ids], device=self.device), pack.positions[None],
+                                pack.slots, pack.mask, self.scratch.rows(slice(0, 1), pack.end))[0]  # (S, H)
+            logits = self._prompt_logits(pack, hidden)
+        except Exception as e:  # noqa: BLE001 - these prompts fail; the scratch row holds nothing else
+            return self._prefill_failed(pack, e)
+        return self._join(pack, logits)
+
+    def _mixed(self, pack: Pack) -> list[TokenEvent]:
+        """The running rows' next tokens and the pack in one forward (decode.run_mixed): the weights read once."""
+        b, (last, pos, length, plain) = len(self.running), self._decode_inputs()
+        self.last_batch = b
+        ids = torch.tensor(last + pack.ids, device=self.device)  # (B + S,)
+        positions = torch.cat([torch.tensor(pos, device=self.device), pack.positions])  # (B + S,)
+        row_slots = positions[:b, None]  # (B, 1)
+        cache = RowsAndPack(b, row_slots, self.cache.rows(slice(0, b), length),
+                            static_mask(None, row_slots, self.model.config.sliding_window, length),
+                            pack.slots, self.scratch.rows(slice(0, 1), pack.end), pack.mask)
+        try:
+            hidden = run_mixed(self.model, ids, positions, cache)  # (B + S, H)
+            logits = logits_at(self.model, hidden[:b])  # (B, V)
+            argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
+            prompt_logits = self._prompt_logits(pack, hidden[b:])
+        except Exception as e:  # noqa: BLE001 - every sequence in the forward fails; their rows are freed
+            self.step_error = e
+            events = self.fail(self.running, "the forward", e)
+            self.running = []
+            return events + self._prefill_failed(pack, e)
+        return self._decoded(logits, argmax, plain) + self._join(pack, prompt_logits)
+
+    def _prompt_logits(self, pack: Pack, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of the prompts that end in the pack (K, V), from its hidden states (S, H); the prompt tokens'
+        log-probabilities, for the prompts that asked for them."""
+        logits = logits_at(self.model, hidden[pack.picks])  # (K, V)
+        offset = 0
+        for scored, first_pos, length, _ in pack.segments:
+            if scored[0].params.prompt_logprobs is not None:
+                self._score_prompt(scored, first_pos, logits_at(self.model, hidden[offset:offset + length]))
+            offset += length
+        return logits
+
+    def _prefill_failed(self, pack: Pack, e: BaseException) -> list[TokenEvent]:
+        self.step_error, self.prefilling, self.prefilled = e, None, 0
+        return self.fail([s for g, *_ in pack.segments for s in g], "the prefill forward", e)
+
+    def _join(self, pack: Pack, logits: torch.Tensor) -> list[TokenEvent]:
+        """After the pack's forward: its blocks to the prefix cache, the prompt left in pieces kept for the next
+        step, and each prompt that ended a row per choice, with its first token."""
+        segments = pack.segments
         if self.prefix is not None:  # the blocks computed so far, for the prompts to come (a piece's too: the
             for done, first_pos, count, first_slot in segments:  # prompts behind a long one can start next step)
                 self.prefix.insert(done[0].prompt[:first_pos + count], self.scratch, 0, first_slot)
         events: list[TokenEvent] = []
+        group, start, n, _ = segments[0]
         if start + n < len(group[0].prompt):
             self.prefilling, self.prefilled = group, start + n
             segments = segments[1:]
@@ -321,22 +384,23 @@ class BatchEngine:
             assert s.prompt_logprobs is not None
             s.prompt_logprobs += entries
 
-    def _decode(self) -> list[TokenEvent]:
-        b = len(self.running)
-        self.last_batch = b
-        last = [s.output[-1] for s in self.running]
+    def _decode_inputs(self) -> tuple[list[int], list[int], int, list[bool]]:
+        """Each running row's last token and position, the slots attention reads (rounded up, so that views of few
+        lengths are made), and which rows are plain greedy."""
         pos = [s.cached for s in self.running]
+        length = min(self.max_len, -(-(max(pos) + 1) // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET)
+        return [s.output[-1] for s in self.running], pos, length, [s.params.plain_greedy for s in self.running]
+
+    def _decode(self) -> list[TokenEvent]:
+        b, (last, pos, length, plain) = len(self.running), self._decode_inputs()
+        self.last_batch = b
+        rows, step = b, forward_last
         if self.compiled:  # a bucket's shape: rows past b repeat row 0 (so route to the same experts) into free rows
-            rows = next(x for x in self.buckets if x >= b)
-            length = self.max_len
+            rows, length = next(x for x in self.buckets if x >= b), self.max_len
             last, pos = last + last[:1] * (rows - b), pos + pos[:1] * (rows - b)
-            step: Callable[..., torch.Tensor] = self.graphs.get(rows) or compiled_forward_last(self.model)
-        else:  # attention over the slots in use, rounded up so that views of few lengths are made
-            rows, step = b, forward_last
-            length = min(self.max_len, -(-(max(pos) + 1) // COMPILED_CACHE_BUCKET) * COMPILED_CACHE_BUCKET)
+            step = self.graphs.get(rows) or compiled_forward_last(self.model)
         ids = torch.tensor(last, device=self.device)[:, None]  # (rows, 1)
         positions = torch.tensor(pos, device=self.device)[:, None]  # (rows, 1): slot = position
-        plain = [s.params.plain_greedy for s in self.running]
         try:
             logits = step(self.model, ids, positions, positions, None, self.cache.rows(slice(0, rows), length),
                           False, length)[:b]  # (B, V)
@@ -347,6 +411,11 @@ class BatchEngine:
             events = self.fail(self.running, "the decode forward", e)
             self.running = []
             return events
+        return self._decoded(logits, argmax, plain)
+
+    def _decoded(self, logits: torch.Tensor, argmax: list[int], plain: list[bool]) -> list[TokenEvent]:
+        """Each running row's token from its logits (B, V) (argmax: the plain greedy rows' choice, read back once);
+        the rows that finished are freed."""
         events = [self._choose(s, logits[i:i + 1], argmax[i] if plain[i] else None)
                   for i, s in enumerate(self.running)]
         self._free_rows([i for i, s in enumerate(self.running) if s.finish_reason is not None])

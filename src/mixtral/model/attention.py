@@ -153,18 +153,30 @@ class Attention(nn.Module):
         cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, D)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, D)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
+        if hasattr(cache, "attend"):  # a cache that attends by itself (the batch engine's step: rows + prompts)
+            return self.o_proj(cache.attend(self, q, k, v)), None
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, nkv, T, D)
+        out, probs = self.attend(q, k, v, mask, output_attentions)
+        out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # (B, S, nh*D)
+        return self.o_proj(out), probs
 
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, S, H) -> q (B, nh, S, D), k and v (B, nkv, S, D), q and k rotated."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q (B, nh, S, D) over k, v (B, nkv, T, D) with the configured backend -> (B, nh, S, D), probabilities."""
         impl = self.config._attn_implementation
         if output_attentions and impl != "eager":
             raise ValueError(f"output_attentions=True needs attn_implementation='eager' (this model uses {impl!r}): "
                              "only eager attention computes the probabilities")
         attend = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}[impl]
         out, probs = attend(q, k, v, mask, self.scale, self.dropout, self.training)
-        out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # (B, S, nh*D)
-        return self.o_proj(out), probs if output_attentions else None
+        return out, probs if output_attentions else None
