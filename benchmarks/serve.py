@@ -99,8 +99,8 @@ async def one_request(client: Any, url: str, body: dict[str, Any]) -> dict[str, 
             if chunk.get("usage"):
                 usage = chunk["usage"]
             choice = (chunk.get("choices") or [None])[0]
-            if choice is not None and (choice.get("text") or choice.get("finish_reason") is None):
-                arrivals.append(time.perf_counter())  # a token (not the empty chunk some servers end with)
+            if choice is not None and choice.get("text"):  # text: a token (llama-server's first and last chunks
+                arrivals.append(time.perf_counter())  # carry none; counting them made its TTFT look instant)
     tokens = usage["completion_tokens"] if usage else len(arrivals)
     first, last = arrivals[0], arrivals[-1]
     return {"ttft": first - start, "tpot": (last - first) / (tokens - 1) if tokens > 1 else None, "tokens": tokens}
@@ -176,8 +176,9 @@ def bench_server(name: str, cmd: list[str], port: int, health: str, prompts: lis
         # warm-up (kernels built, caches touched) on other text: a prompt cache starts cold for the measured ones
         asyncio.run(run_level(url, ["Warm up the server.", "Once more."], 1, 4, extra, keep_alive))
         out = {}
-        for c in levels:
-            out[str(c)] = res = asyncio.run(run_level(url, prompts, c, max_tokens, extra, keep_alive))
+        for k, c in enumerate(levels):  # each level's prompts start their own way: no prompt cache carries over
+            level = [f"Part {k + 1}. {p}" for p in prompts]
+            out[str(c)] = res = asyncio.run(run_level(url, level, c, max_tokens, extra, keep_alive))
             print(f"  {c:>2} clients: {res['tok_per_s']:7.1f} tok/s, TTFT p50 {res['ttft_p50']:.3f}s, "
                   f"TPOT p50 {res['tpot_p50'] * 1e3:.1f} ms, p99 {res['tpot_p99'] * 1e3:.1f} ms", flush=True)
         return out
