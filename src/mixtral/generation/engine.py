@@ -18,8 +18,9 @@ decode step is the compiled one, after the prefill. The decode step alone is for
 generate()'s own step.
 
 A failure ends only what it touches: one sequence's sampling that raises finishes that sequence with "error"; a
-forward that raises finishes every sequence in it with "error" (their rows are freed, so the cache left behind holds
-no sequence that read a half-written slot) and the next step goes on. `step_error` tells the caller that a step's
+step's combined forward that raises is run again as two (the prompts, then the rows); a forward that raises then
+finishes every sequence in it with "error" (their rows are freed, so the cache left behind holds no sequence that
+read a half-written slot) and the next step goes on. `step_error` tells the caller that a step's
 forward failed, for it to decide when failures that repeat are fatal.
 
 Shapes: B running rows, R rows, L slots per row, V vocabulary.
@@ -298,7 +299,8 @@ class BatchEngine:
         return self._join(pack, logits)
 
     def _mixed(self, pack: Pack) -> list[TokenEvent]:
-        """The running rows' next tokens and the pack in one forward (decode.run_mixed): the weights read once."""
+        """The running rows' next tokens and the pack in one forward (decode.run_mixed): the weights read once. If
+        it fails, the pack and the rows run apart, as without it, so that a bad prompt does not end the rows."""
         b, (last, pos, length, plain) = len(self.running), self._decode_inputs()
         self.last_batch = b
         ids = torch.tensor(last + pack.ids, device=self.device)  # (B + S,)
@@ -312,11 +314,9 @@ class BatchEngine:
             logits = logits_at(self.model, hidden[:b])  # (B, V)
             argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
             prompt_logits = self._prompt_logits(pack, hidden[b:])
-        except Exception as e:  # noqa: BLE001 - every sequence in the forward fails; their rows are freed
-            self.step_error = e
-            events = self.fail(self.running, "the forward", e)
-            self.running = []
-            return events + self._prefill_failed(pack, e)
+        except Exception:  # noqa: BLE001 - the prompts and the rows apart, so that a failure ends only its own
+            events = self._prefill(pack)  # (the slots the failed forward wrote are written again)
+            return events + (self._decode() if self.running else [])
         return self._decoded(logits, argmax, plain) + self._join(pack, prompt_logits)
 
     def _prompt_logits(self, pack: Pack, hidden: torch.Tensor) -> torch.Tensor:
