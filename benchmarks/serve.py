@@ -44,7 +44,7 @@ import common as C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVE_DIR = os.path.join(C.OUT_DIR, "serve-model")
-GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}
+GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 START_TIMEOUT = 600
 
 
@@ -227,22 +227,37 @@ def sequential_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def steps_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """The engine's decode step alone (no prompt coming in) at each of spec["rows"] running rows, alternated for
-    `rounds` rounds of `steps` steps (median ms a step), and the experts a step's rows route to (distinct per layer,
-    counted with a hook on the routers): what a step must read."""
+    `rounds` rounds of `steps` steps (median ms a step), and what bounds it (issue 20, item 2): the bytes the step
+    must read (the weights every token uses, the distinct experts its rows route to, counted per layer with a hook
+    on the routers, and the rows' cached keys and values) over the measured read bandwidth, and its FLOPs over a
+    measured GEMM rate in the model's dtype; the ratio is the step's time over the larger of the two."""
     import statistics
 
     import torch
 
     from mixtral import MixtralForCausalLM, MixtralTokenizer
     from mixtral.generation.engine import BatchEngine, SamplingParams, Sequence
-    from mixtral.model.moe import Router
+    from mixtral.model.moe import Experts, Router
 
-    model = MixtralForCausalLM.from_pretrained(spec["model"], dtype=spec["torch_dtype"], progress=False).eval()
+    model = MixtralForCausalLM.from_pretrained(spec["model"], dtype=spec["torch_dtype"], progress=False,
+                                               quantization=spec.get("quantize")).eval()
     tok = MixtralTokenizer.from_pretrained(spec["model"])
+    cfg = model.config
     seen: list[int] = []
     for m in model.modules():
         if isinstance(m, Router):
             m.register_forward_hook(lambda _m, _i, out: seen.append(int(out[2].unique().numel())))
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    expert_bytes = nbytes(t for m in experts for t in (*m.parameters(), *m.buffers()))  # all layers' experts
+    every_token = (nbytes((*model.parameters(), *model.buffers())) - expert_bytes
+                   - nbytes([model.model.embed_tokens.weight]))  # a token reads one embedding row
+    per_expert = expert_bytes / (len(experts) * cfg.num_local_experts)  # one expert of one layer
+    kv_item = model.model.embed_tokens.weight.element_size()
+    h, d = cfg.hidden_size, cfg.head_size  # weights a token multiplies by (whatever their storage)
+    active = cfg.num_hidden_layers * (2 * h * d * (cfg.num_attention_heads + cfg.num_key_value_heads)
+                                      + h * cfg.num_local_experts
+                                      + cfg.num_experts_per_tok * 3 * h * cfg.intermediate_size) + h * cfg.vocab_size
     engines = {}
     for b in spec["rows"]:
         engine = BatchEngine(model, max_batch=b, max_len=1024)
@@ -252,17 +267,36 @@ def steps_worker(spec: dict[str, Any]) -> dict[str, Any]:
             engine.step()
         engines[b] = engine
     times: dict[int, list[float]] = {b: [] for b in engines}
-    experts: dict[int, list[int]] = {b: [] for b in engines}
+    distinct: dict[int, list[int]] = {b: [] for b in engines}
+    cached: dict[int, list[int]] = {b: [] for b in engines}
     for _ in range(spec["rounds"]):
         for b, engine in engines.items():
             seen.clear()
+            cached[b].append(sum(s.cached + 1 for s in engine.running))
             start = time.perf_counter()
             for _ in range(spec["steps"]):
                 engine.step()
             times[b].append((time.perf_counter() - start) / spec["steps"])
-            experts[b] += seen
-    return {str(b): {"step_ms": statistics.median(times[b]) * 1e3,
-                     "experts_per_layer": sum(experts[b]) / len(experts[b])} for b in engines}
+            distinct[b] += seen
+    bandwidth = C.measure_bandwidth()["bandwidth_GBps"] * 1e9
+    a = torch.randn(2048, 2048, dtype=model.model.embed_tokens.weight.dtype)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    peak = 5 * 2 * 2048**3 / (time.perf_counter() - start)  # FLOP/s of a large GEMM in the model's dtype
+    out = {"bandwidth_GBps": bandwidth / 1e9, "gemm_GFLOPs": peak / 1e9}
+    for b in engines:
+        per_layer = sum(distinct[b]) / len(distinct[b])
+        kv = statistics.mean(cached[b]) * 2 * cfg.num_key_value_heads * cfg.head_size * kv_item * cfg.num_hidden_layers
+        must_read = every_token + per_layer * per_expert * cfg.num_hidden_layers + kv
+        flops = 2 * b * active
+        bound = max(must_read / bandwidth, flops / peak)
+        step = statistics.median(times[b])
+        out[str(b)] = {"step_ms": step * 1e3, "experts_per_layer": per_layer, "bytes_read": must_read,
+                       "flops": flops, "bound_ms": bound * 1e3, "step_over_bound": step / bound,
+                       "memory_bound": must_read / bandwidth >= flops / peak}
+    return out
 
 
 def plot(data: dict[str, Any], path: str) -> None:
@@ -318,7 +352,7 @@ def main() -> None:
     folder, gguf = ensure_serve_model(args.dtype)
     prompts = make_prompts(args.requests, args.prompt_tokens,
                            args.system_tokens if args.workload == "shared-prefix" else 0)
-    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "bfloat16"}[args.dtype]
+    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "bfloat16", "int4": "bfloat16"}[args.dtype]
     data: dict[str, Any] = {"settings": {**vars(args), "cores": os.cpu_count()}, "servers": {},
                             "bandwidth_GBps_before": C.measure_bandwidth()["bandwidth_GBps"]}
     if "generate" in args.engines:
@@ -330,20 +364,29 @@ def main() -> None:
             print(f"  {seq['tok_per_s']:.1f} tok/s, TTFT p50 {seq['ttft_p50']:.3f}s, "
                   f"TPOT p50 {seq['tpot_p50'] * 1e3:.1f} ms", flush=True)
     if "steps" in args.engines:
-        print("the engine's decode step alone, 1 and 8 rows, alternated ...", flush=True)
+        print("the engine's decode step alone, 1, 8 and 32 rows, alternated ...", flush=True)
         steps = C.run_worker(__file__, {"model": folder, "torch_dtype": torch_dtype, "prompts": prompts,
-                                        "rows": [1, 8], "rounds": 7, "steps": 10}, timeout=1800)
+                                        "rows": [1, 8, 32], "rounds": 7, "steps": 10,
+                                        "quantize": args.dtype if args.dtype in ("int8", "int4") else None},
+                                 timeout=1800)
         data["decode_step_alone"] = steps
         for b, r in steps.items():
-            print(f"  {b} rows: {r['step_ms']:.1f} ms a step, {r['experts_per_layer']:.2f} experts a layer"
-                  if isinstance(r, dict) else f"  {b}: {r}", flush=True)
+            if isinstance(r, dict):
+                print(f"  {b} rows: {r['step_ms']:.1f} ms a step, {r['experts_per_layer']:.2f} experts a layer, "
+                      f"{r['bytes_read'] / 1e6:.0f} MB and {r['flops'] / 1e9:.1f} GFLOP: bound {r['bound_ms']:.1f} "
+                      f"ms ({'memory' if r['memory_bound'] else 'compute'}), step / bound "
+                      f"{r['step_over_bound']:.2f}", flush=True)
+            elif b in ("bandwidth_GBps", "gemm_GFLOPs"):
+                print(f"  {b}: {r:.1f}", flush=True)
+            else:
+                print(f"  {b}: {r}", flush=True)
     for engine, name in (("ours", "mixtral serve"), ("ours-no-prefix", "mixtral serve --no-prefix-cache")):
         if engine not in args.engines:
             continue
         port = _free_port()
         cmd = [sys.executable, "-m", "mixtral", "serve", "--model", folder, "--port", str(port), "--dtype",
                torch_dtype, "--max-batch", str(max(args.clients)), "--served-model-name", "bench"]
-        cmd += ["--quantize", "int8"] if args.dtype == "int8" else []
+        cmd += ["--quantize", args.dtype] if args.dtype in ("int8", "int4") else []
         cmd += ["--compile"] if args.compile else []
         cmd += ["--no-prefix-cache"] if engine == "ours-no-prefix" else []
         try:
