@@ -292,8 +292,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                    eval_fraction=args.eval_fraction, config=config, resume=args.resume)
     last = log[-1] if log else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl") if k in last)
-    if int(os.environ.get("RANK", "0")) == 0:
-            print(f"wrote {args.out} ({'adapter' if lora else 'model'}); step {last.get('step', 0)}: {summary}",
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 tells
+        print(f"wrote {args.out} ({'adapter' if lora else 'model'}); step {last.get('step', 0)}: {summary}",
               file=sys.stderr)
     return 0
 

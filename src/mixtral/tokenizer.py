@@ -593,7 +593,6 @@ class MixtralTokenizer:
         return encoded if return_dict else encoded["input_ids"]
 
 
-
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy a checkpoint folder's tokenizer (and generation config) files into another checkpoint folder; a GGUF
     source has its tokenizer rebuilt from its metadata."""

@@ -35,6 +35,12 @@ class LoraLayer(nn.Module):
         h_Mr = F.linear(self.lora_dropout(x_MK).to(a_rK.dtype), a_rK)
         return F.linear(h_Mr, b_Nr) * self.lora_scaling[name]
 
+    def plus_weight_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + s B A dropout(x) for the module's one adapter ("weight"); out as it is while merged."""
+        if self.lora_merged:
+            return out
+        return out + self.lora_delta("weight", x, self.lora_A["weight"], self.lora_B["weight"]).to(out.dtype)
+
     def merge_weight(self, name: str, weight: torch.Tensor, sign: float = 1.0) -> None:
         """weight (..., N, K) += sign s B A, in fp32, expert by expert (no (E, N, K) temporary)."""
         a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
@@ -47,20 +53,14 @@ class LoraLinear(LoraLayer):
     """A Linear (float or quantized) with an adapter on its weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.lora_merged:
-            return out
-        return out + self.lora_delta("weight", x, self.lora_A["weight"], self.lora_B["weight"]).to(out.dtype)
+        return self.plus_weight_delta(super().forward(x), x)
 
 
 class LoraRouter(LoraLayer):
     """The router (mlp.gate) with an adapter on its (E, H) weight: the logits change, routing follows them."""
 
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
-        out = super().logits(x_TH)
-        if self.lora_merged:
-            return out
-        return out + self.lora_delta("weight", x_TH, self.lora_A["weight"], self.lora_B["weight"]).to(out.dtype)
+        return self.plus_weight_delta(super().logits(x_TH), x_TH)
 
 
 class LoraExperts(LoraLayer):
