@@ -9,10 +9,11 @@ plus that fp32 allowance; quantized kernels against x @ dequantize(...).T in fp3
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,9 @@ def backend() -> bool:
     available = kernels.available()  # the first call builds (once per machine)
     if not available:
         warnings.warn("mixtral CPU kernels unavailable here: these tests check the torch fallbacks only")
-    print(f"\nmixtral.kernels: {'compiled kernels' if available else 'torch fallbacks'}")
+    forced = os.environ.get("MIXTRAL_ISA")
+    assert not forced or cpu.isa() == forced, f"MIXTRAL_ISA={forced} but the kernels in use are {cpu.isa()}"
+    print(f"\nmixtral.kernels: {cpu.isa() or 'torch fallbacks'}")
     return available
 
 
@@ -79,33 +82,48 @@ def test_bf16_paths_agree():
     assert_matches(cpu.extension().linear(x, w, None, False), ref)
 
 
-_WITHOUT_BF16 = textwrap.dedent("""
-    import torch, torch.nn.functional as F
-    from mixtral import kernels
-    from mixtral.kernels import cpu
-    ops = cpu._build(cpu.isa_flags(cpu.cpu_flags() - {"avx512_bf16"}))
-    assert not ops.has_bf16_dot()
-    q, k, v = torch.randn(1, 4, 80, 64), torch.randn(1, 2, 80, 64), torch.randn(1, 2, 80, 64)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert (ops.prefill_attend(q, k, v, None, 0.125, True) - ref).abs().max() < 1e-5
-    w, x = torch.randn(64, 256), torch.randn(3, 256)
-    parts = kernels.quantize_int4(w, 32)
-    ref = F.linear(x, kernels.dequantize_int4(*parts))
-    assert (ops.linear_int4(x.bfloat16(), *parts, 32, None).float() - ref).abs().max() < 0.1 * ref.abs().max()
-    y = ops.linear(x.bfloat16(), w.bfloat16(), None, True).float()
-    assert (y - F.linear(x.bfloat16().float(), w.bfloat16().float())).abs().max() < 0.01 * y.abs().max()
-    print("ok")
-""")
+@pytest.mark.parametrize("level", [name for name in cpu.LEVELS if name != "neon"])
+def test_every_isa_level(level):
+    """This file's tests again, in a fresh process, at each instruction-set level below the host's best that it can run
+    (MIXTRAL_ISA): AVX2 (matvec_portable.cpp), AVX-512 without VDPBF16PS. The host's own level is this process's run."""
+    if os.environ.get("MIXTRAL_ISA"):
+        pytest.skip("already a run at a forced level")
+    levels = cpu.supported_levels()
+    if level not in levels[:-1] or not kernels.available():
+        pytest.skip(f"{level} is not below this CPU's best level ({levels[-1] if levels else 'none'}) or cannot build")
+    env = {**os.environ, "MIXTRAL_ISA": level}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout.splitlines()[-1], done.stdout[-2000:]
 
 
-def test_kernels_build_and_run_without_avx512_bf16(tmp_path):
-    """CPUs with AVX-512 but not AVX512_BF16 build the kernels without the VDPBF16PS paths (their bf16 weights
-    widened to fp32 instead): in a fresh process, with its own cache folder, the build must succeed and compute."""
-    if not cpu.isa_flags(cpu.cpu_flags()) or not kernels.available():
-        pytest.skip("needs a CPU and compiler that build the kernels")
-    env = {**os.environ, "MIXTRAL_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_BF16], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+ISA_TEST = Path(__file__).with_name("kernels") / "isa_test.cpp"
+
+
+@pytest.mark.parametrize("level", list(cpu.LEVELS))
+def test_kernel_cores_without_torch(level, tmp_path):
+    """tests/kernels/isa_test.cpp: the matvec, attention and elementwise cores, built without torch at one level, against
+    scalar references. NEON is cross-compiled (g++-aarch64-linux-gnu) and run under qemu-user (Debian's packages,
+    which .ci/run installs); the x86 levels run natively where the CPU has them."""
+    flags = list(cpu.LEVELS[level].cflags)
+    if level == "neon":
+        compiler, runner = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+        if not (compiler and runner):
+            pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user)")
+        flags.append("-static")
+        run = [runner, str(tmp_path / "isa_test")]
+    else:
+        compiler = shutil.which("g++")
+        if compiler is None or level not in cpu.supported_levels():
+            pytest.skip(f"needs g++ and a CPU with {level}")
+        run = [str(tmp_path / "isa_test")]
+    built = subprocess.run([compiler, "-std=c++17", "-O2", *flags, "-o", str(tmp_path / "isa_test"), str(ISA_TEST)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stdout[-3000:]
+    assert done.stdout.count("max error") >= 200  # every check ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

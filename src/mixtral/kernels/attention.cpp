@@ -2,15 +2,10 @@
 //
 // At one query a token, sdpa's CPU kernels spend 100-350 us per call on setup for a few microseconds of work; this
 // loop reads each cached key and value row once per query head, skips slots the mask hides (unwritten static
-// cache slots cost nothing but the check) and keeps scores in a small buffer. Built with matvec.cpp by cpu.py.
+// cache slots cost nothing but the check) and keeps scores in a small buffer. Built with the other kernels by
+// cpu.py, at every ISA level (vec.h).
 // Shapes: B batch, nh query heads, nkv key/value heads, S queries, T cached slots, D head size.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <torch/library.h>
-
-#include <immintrin.h>
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -19,33 +14,38 @@
 #include <optional>
 #include <vector>
 
-#include "simd.h"
+#ifndef MIXTRAL_NO_ATEN
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#endif
 
-namespace {
+namespace mixtral_attention {
 
-using mixtral_simd::load16;
+namespace simd = mixtral_simd;
+using simd::W;
 
 template <class T>
 float dot(const float* q, const T* k, int64_t D) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load16(q + d, D - d), load16(k + d, D - d), acc);
-  return _mm512_reduce_add_ps(acc);
+  simd::V acc = simd::zero();
+  for (int64_t d = 0; d < D; d += W) acc = simd::fma(simd::loadn(q + d, D - d), simd::loadn(k + d, D - d), acc);
+  return simd::reduce_add(acc);
 }
 
 template <class T>
-void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
-                 const int64_t* mask_stride, bool causal, double scale, const at::Tensor& out) {
-  const int64_t B = q.size(0), nh = q.size(1), S = q.size(2), D = q.size(3), nkv = k.size(1), T_ = k.size(2);
+void attend_rows(const simd::Heads<const T>& q_, const simd::Heads<const T>& k_, const simd::Heads<const T>& v_, const bool* mask,
+                 const int64_t* mask_stride, bool causal, double scale, const simd::Heads<T>& out) {
+  const int64_t B = q_.size[0], nh = q_.size[1], S = q_.size[2], D = q_.size[3], nkv = k_.size[1], T_ = k_.size[2];
   const int64_t rep = nh / nkv;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
+  const T* qp = q_.data;
+  const T* kp = k_.data;
+  const T* vp = v_.data;
+  T* op = out.data;
+  const int64_t *qs = q_.stride, *ks = k_.stride, *vs = v_.stride, *os = out.stride;
   // A thread's share is at least ~64K multiply-adds: below that, waking the second thread costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, T_ * D));
-  at::parallel_for(0, B * nh * S, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(T_), qf(D), acc(D + 16);
+  simd::parallel_for(0, B * nh * S, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(T_), qf(D), acc(D + W);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (nh * S), h = (i / S) % nh, s = i % S, kh = h / rep;
       const T* qrow = qp + b * qs[0] + h * qs[1] + s * qs[2];
@@ -75,14 +75,17 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         const float p = std::exp(scores[t] - best);
         total += p;
         const T* vrow = vrows + t * vs[2];
-        const __m512 pv = _mm512_set1_ps(p);
-        for (int64_t d = 0; d < D; d += 16)
-          _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(pv, load16(vrow + d, D - d), _mm512_loadu_ps(acc.data() + d)));
+        const simd::V pv = simd::set1(p);
+        for (int64_t d = 0; d < D; d += W)
+          simd::store(acc.data() + d, simd::fma(pv, simd::loadn(vrow + d, D - d), simd::load(acc.data() + d)));
       }
       for (int64_t d = 0; d < D; ++d) orow[d] = T(acc[d] / total);
     }
   });
 }
+
+#ifndef MIXTRAL_NO_ATEN
+using simd::heads;
 
 // q (B, nh, S, D), k and v (B, nkv, T, D) with unit stride on D, mask None or bool broadcastable to (B, 1, S, T)
 // (True = may look), causal: query s also sees only slots <= s + T - S. Returns (B, nh, S, D), laid out as
@@ -107,16 +110,22 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   const bool* mp = mask ? m.data_ptr<bool>() : nullptr;
   if (q.scalar_type() == at::kFloat)
-    attend_rows<float>(q, k, v, mp, mstride, causal, scale, out);
+    attend_rows<float>(heads<const float>(q), heads<const float>(k), heads<const float>(v), mp, mstride, causal, scale,
+                       heads<float>(out));
   else
-    attend_rows<c10::BFloat16>(q, k, v, mp, mstride, causal, scale, out);
+    attend_rows<simd::BFloat16>(heads<const simd::BFloat16>(q), heads<const simd::BFloat16>(k),
+                                heads<const simd::BFloat16>(v), mp, mstride, causal, scale, heads<simd::BFloat16>(out));
   return out;
 }
+#endif
 
-}  // namespace
+}  // namespace mixtral_attention
+
+#ifndef MIXTRAL_NO_ATEN
 
 TORCH_LIBRARY_FRAGMENT(mixtral_kernels, m) {
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) { m.impl("attend", &attend); }
+TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) { m.impl("attend", &mixtral_attention::attend); }
+#endif

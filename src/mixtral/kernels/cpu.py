@@ -1,11 +1,17 @@
-"""Builds and loads the C++ kernels (matvec.cpp, attention.cpp, prefill_attention.cpp, experts.cpp; simd.h) for the
-running CPU, once per machine, source and torch version.
+"""Builds and loads the C++ kernels for the running CPU's instruction-set level, once per machine, source and torch
+version; picks the level at run time.
 
-The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the instruction
-sets it was compiled for and a hash of the source, flags and torch version: a cache shared between machines or
-environments never loads a library built for another. torch's cpp_extension holds a file lock while building, so
-concurrent first uses in several processes build once; within a process, a lock makes threads load it once.
-MIXTRAL_KERNELS=0 turns the kernels off (every function then runs its torch fallback).
+Levels (lowest first on each architecture): avx2 (AVX2 + FMA + F16C), avx512 (AVX-512 F/BW/VL/DQ), avx512_bf16
+(+ AVX512_BF16: VDPBF16PS), and neon (aarch64). One library per level: the AVX-512 levels build matvec.cpp, the
+others matvec_portable.cpp; attention.cpp, prefill_attention.cpp and experts.cpp build at every level (vec.h). The
+best level the CPU has is used; MIXTRAL_ISA=avx2|avx512|avx512_bf16|neon forces a lower one (tests, benchmarks). A
+level whose build fails falls back to the next lower one, and only where none builds to torch's ops.
+
+The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the level and a hash
+of the source, flags and torch version: a cache shared between machines or environments never loads a library built
+for another. torch's cpp_extension holds a file lock while building, so concurrent first uses in several processes
+build once; within a process, a lock makes threads load it once. MIXTRAL_KERNELS=0 turns the kernels off (every
+function then runs its torch fallback).
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import sys
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +31,74 @@ import torch
 
 from ..paths import cache_root
 
-# The .cpp files are compiled; the header is included by them.
-SOURCES = [Path(__file__).with_name(name)
-           for name in ("matvec.cpp", "attention.cpp", "prefill_attention.cpp", "experts.cpp", "simd.h")]
-# /proc/cpuinfo flag -> compiler flag. The kernels need all of REQUIRED and use OPTIONAL where the CPU has it; the
-# build enables exactly the ones present, never -march=native.
-REQUIRED = {"avx2": "-mavx2", "fma": "-mfma", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw",
-            "avx512vl": "-mavx512vl", "avx512dq": "-mavx512dq"}
-OPTIONAL = {"avx512_bf16": "-mavx512bf16"}
+_HERE = Path(__file__).parent
+_COMMON = ("attention.cpp", "prefill_attention.cpp", "experts.cpp", "vec.h")  # built at every level
+
+
+@dataclass(frozen=True)
+class Level:
+    """An instruction-set level: the /proc/cpuinfo flags it needs, its compiler flags, its matvec source."""
+
+    name: str
+    needs: frozenset[str]
+    cflags: tuple[str, ...]
+    matvec: str
+
+    @property
+    def sources(self) -> list[Path]:
+        return [_HERE / name for name in (self.matvec, *_COMMON)]
+
+
+_X86 = ("avx2", "fma", "f16c")
+_AVX512 = (*_X86, "avx512f", "avx512bw", "avx512vl", "avx512dq")
+# Lowest first per architecture. Builds enable exactly these instruction sets, never -march=native.
+LEVELS = {level.name: level for level in (
+    Level("avx2", frozenset(_X86), ("-mavx2", "-mfma", "-mf16c"), "matvec_portable.cpp"),
+    Level("avx512", frozenset(_AVX512),
+          ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), "matvec.cpp"),
+    Level("avx512_bf16", frozenset((*_AVX512, "avx512_bf16")),
+          ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"),
+          "matvec.cpp"),
+    Level("neon", frozenset(("asimd",)), (), "matvec_portable.cpp"),
+)}
 
 
 def cpu_flags() -> set[str]:
-    """The instruction-set flags of /proc/cpuinfo; empty where there is none (not Linux)."""
+    """The instruction-set flags of /proc/cpuinfo (x86 "flags", aarch64 "Features"); empty where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if platform.machine() in ("arm64", "aarch64"):
+        return {"asimd"}  # every aarch64 CPU has NEON (macOS has no /proc/cpuinfo)
     return set()
 
 
-def isa_flags(flags: set[str]) -> list[str] | None:
-    """Compiler flags for the instruction sets in `flags` that the kernels use, or None if one they need is missing."""
-    if not set(REQUIRED) <= flags:
-        return None
-    return list(REQUIRED.values()) + [opt for name, opt in OPTIONAL.items() if name in flags]
+def supported_levels(flags: set[str] | None = None) -> list[str]:
+    """The levels this CPU (or these flags) can run, lowest first."""
+    flags = cpu_flags() if flags is None else flags
+    arm = platform.machine() in ("arm64", "aarch64")
+    return [name for name, level in LEVELS.items() if level.needs <= flags and (name == "neon") == arm]
+
+
+def requested_level(flags: set[str] | None = None) -> str | None:
+    """The level to build: MIXTRAL_ISA if set and runnable here (else a warning), otherwise the best one; None if the
+    CPU has none of them."""
+    flags = cpu_flags() if flags is None else flags
+    levels = supported_levels(flags)
+    forced = os.environ.get("MIXTRAL_ISA", "").strip().lower()
+    if forced and forced not in levels:
+        missing = sorted(LEVELS[forced].needs - flags) if forced in LEVELS else []
+        why = (f"unknown level (one of {', '.join(LEVELS)})" if forced not in LEVELS
+               else f"this CPU lacks {', '.join(missing)}" if missing else "not for this architecture")
+        warnings.warn(f"MIXTRAL_ISA={forced} ignored: {why}; using {levels[-1] if levels else 'torch ops'}",
+                      stacklevel=3)
+    elif forced:
+        return forced
+    return levels[-1] if levels else None
 
 
 def cache_dir() -> Path:
@@ -64,38 +113,52 @@ def extension() -> Any | None:
 
 
 _LOADING = threading.Lock()
+_IN_USE: list[str] = []  # the level loaded, once one is
+
+
+def isa() -> str | None:
+    """The instruction-set level of the kernels in use ("avx2", "avx512", "avx512_bf16", "neon"), building them if
+    needed; None where every op runs torch's."""
+    return _IN_USE[0] if extension() is not None else None
 
 
 @functools.cache
 def _extension() -> Any | None:
     if os.environ.get("MIXTRAL_KERNELS") == "0":
         return None
-    isa = isa_flags(cpu_flags())
-    if isa is None:
-        return None  # no AVX512: the torch fallbacks are what this CPU runs, nothing to warn about
-    try:
-        return _build(isa)
-    except Exception as e:  # no compiler, failed build, unloadable library: every function falls back to torch
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"mixtral CPU kernels unavailable, using torch ops: {first_line}", stacklevel=2)
-        return None
+    level = requested_level()
+    if level is None:
+        return None  # no level this CPU can run: the torch fallbacks are what it runs, nothing to warn about
+    levels = supported_levels()
+    for name in reversed(levels[:levels.index(level) + 1]):  # the requested level, then the lower ones
+        try:
+            ops = _build(name)
+        except Exception as e:  # no compiler, failed build, unloadable library: try the level below, then torch
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"mixtral CPU kernels for {name} unavailable: {first_line}", stacklevel=2)
+            continue
+        _IN_USE.append(name)
+        return ops
+    warnings.warn("mixtral CPU kernels unavailable at every level: using torch ops", stacklevel=2)
+    return None
 
 
-def _build(isa: list[str]) -> Any:
+def _build(level_name: str) -> Any:
+    """Compiles (once) and loads the library of one level; the process can hold only one (its ops' names)."""
     from torch.utils import cpp_extension
 
-    cflags = ["-O3", "-fopenmp", *isa]
-    texts = {path.name: path.read_text() for path in SOURCES}
+    level = LEVELS[level_name]
+    cflags = ["-O3", "-fopenmp", *level.cflags]
+    texts = {path.name: path.read_text() for path in level.sources}
     key = hashlib.sha256("\n".join([*texts.values(), *cflags, torch.__version__]).encode()).hexdigest()[:12]
-    tag = "avx512bf16" if "-mavx512bf16" in isa else "avx512"
-    name = f"mixtral_matvec_{tag}_{key}"
+    name = f"mixtral_kernels_{level.name}_{key}"
     folder = cache_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
     failed = folder / "FAILED"  # not retried at every start: delete the folder to retry (after fixing the compiler)
     if failed.exists():
         raise RuntimeError(f"an earlier build failed (see {failed})")
     if not (folder / f"{name}.so").exists():
-        print("compiling CPU kernels (once)...", file=sys.stderr, flush=True)
+        print(f"compiling CPU kernels for {level.name} (once)...", file=sys.stderr, flush=True)
     # The build compiles copies in its folder: the same command from every checkout, so that ninja, which rebuilds
     # when the command changes, does not rebuild for each checkout sharing the cache.
     sources = [folder / name for name in texts]

@@ -5,12 +5,9 @@
 // largest first, and runs their products single-threaded (ATen ops inside a parallel region do), with the same
 // products as the Python loop in moe.py, at up to 1.3x its speed. Between them, silu(gate) * up is one pass in
 // fp32 (rounded once in bf16, where torch's two ops round twice), and each output row is scaled by its routing
-// weight in place, while still in cache. Built with matvec.cpp by cpu.py.
+// weight in place, while still in cache. Built with the other kernels by cpu.py, at every ISA level (vec.h).
 // Shapes: N routed (token, expert) rows sorted by expert, H hidden, I intermediate, E experts.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/library.h>
+#include "vec.h"
 
 #include <algorithm>
 #include <atomic>
@@ -19,23 +16,27 @@
 #include <type_traits>
 #include <vector>
 
-#include "simd.h"
+#ifndef MIXTRAL_NO_ATEN
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+#endif
 
-namespace {
+namespace mixtral_experts {
 
-using mixtral_simd::load16;
-using mixtral_simd::store16;
+namespace simd = mixtral_simd;
+using simd::W;
 
 // h (n, I) = silu(g) * u for gu (n, 2I) = [g, u], in fp32: silu(g) = g / (1 + e^-g), as torch computes it.
 template <class T>
 void silu_mul(const T* gu, int64_t n, int64_t I, T* h) {
-  const __m512 one = _mm512_set1_ps(1.0f);
+  const simd::V one = simd::set1(1.0f);
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t i = 0; i < I; i += 16) {
-      const __m512 g = load16(gu + r * 2 * I + i, I - i), u = load16(gu + r * 2 * I + I + i, I - i);
-      const __m512 e = mixtral_simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));  // e^-g
-      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
-      store16(h + r * I + i, _mm512_mul_ps(silu, u), I - i);
+    for (int64_t i = 0; i < I; i += W) {
+      const simd::V g = simd::loadn(gu + r * 2 * I + i, I - i), u = simd::loadn(gu + r * 2 * I + I + i, I - i);
+      const simd::V e = simd::exp(simd::sub(simd::zero(), g));  // e^-g
+      const simd::V silu = simd::div(g, simd::add(one, e));
+      simd::storen(h + r * I + i, simd::mul(silu, u), I - i);
     }
 }
 
@@ -43,11 +44,12 @@ void silu_mul(const T* gu, int64_t n, int64_t I, T* h) {
 template <class T>
 void scale_rows(T* y, int64_t n, int64_t H, const float* w) {
   for (int64_t r = 0; r < n; ++r) {
-    const __m512 wr = _mm512_set1_ps(w[r]);
-    for (int64_t i = 0; i < H; i += 16) store16(y + r * H + i, _mm512_mul_ps(load16(y + r * H + i, H - i), wr), H - i);
+    const simd::V wr = simd::set1(w[r]);
+    for (int64_t i = 0; i < H; i += W) simd::storen(y + r * H + i, simd::mul(simd::loadn(y + r * H + i, H - i), wr), H - i);
   }
 }
 
+#ifndef MIXTRAL_NO_ATEN
 // fp32 gate_up products run in blocks of this many weight rows (output columns): MKL's single-threaded sgemm runs
 // 10-17% faster over a 4 MB block of weights than over a whole expert's 29 MB (n x 7168 x 1024, n = 64-256), the
 // same arithmetic per output; expert_mlp 1.12x in fp32 (bench model, 512 tokens). bf16 gains nothing.
@@ -65,9 +67,10 @@ void run_expert(const at::Tensor& x_e, const at::Tensor& gate_up_e, const at::Te
     at::mm_out(gu_c, x_e, gate_up_e.narrow(0, c, gu_c.size(1)).t());
   }
   at::Tensor h = at::empty({n, I}, x_e.options());
-  silu_mul(gu.data_ptr<T>(), n, I, h.data_ptr<T>());
+  using S = std::conditional_t<std::is_same_v<T, float>, float, simd::BFloat16>;  // the same bits
+  silu_mul(static_cast<const S*>(gu.data_ptr()), n, I, static_cast<S*>(h.data_ptr()));
   at::mm_out(ye, h, down_e.t());
-  if (w) scale_rows(ye.data_ptr<T>(), n, ye.size(1), w);
+  if (w) scale_rows(static_cast<S*>(ye.data_ptr()), n, ye.size(1), w);
 }
 
 // x (N, H) sorted by expert, counts (E) rows per expert, gate_up (E, 2I, H) = [w1; w3], down (E, H, I), weights
@@ -115,10 +118,14 @@ at::Tensor expert_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::
   return y;
 }
 
-}  // namespace
+#endif
 
+}  // namespace mixtral_experts
+
+#ifndef MIXTRAL_NO_ATEN
 TORCH_LIBRARY_FRAGMENT(mixtral_kernels, m) {
   m.def("expert_mlp(Tensor x, Tensor gate_up, Tensor down, int[] counts, Tensor? weights) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) { m.impl("expert_mlp", &expert_mlp); }
+TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) { m.impl("expert_mlp", &mixtral_experts::expert_mlp); }
+#endif

@@ -9,13 +9,7 @@
 // rounding at the end. Softmax runs over a query's whole row of scores (two passes, not online). Built with the
 // other kernels by cpu.py; bf16 needs AVX512_BF16 (the Python side keeps sdpa without it).
 // Shapes: B batch, nh query heads, nkv key/value heads, S queries, T keys, D head size (a multiple of 32).
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <torch/library.h>
-
-#include <immintrin.h>
+#include "vec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -24,47 +18,46 @@
 #include <optional>
 #include <vector>
 
-#include "simd.h"
+#ifndef MIXTRAL_NO_ATEN
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#endif
 
-namespace {
+namespace mixtral_prefill {
 
-using mixtral_simd::exp16;
-using mixtral_simd::first;
-using mixtral_simd::store16;
-constexpr int kRowsPerTile = 4;      // query rows per register tile
-constexpr int kKeyBlocks = 4;        // 16-key blocks per q k^T tile: 4 x 4 accumulators
+namespace simd = mixtral_simd;
+using simd::W;  // keys (q k^T) or head dims (p v) in one vector
+constexpr int kRowsPerTile = 4;  // query rows per register tile
+// W-key blocks per q k^T tile and W-dim vectors per p v tile: 4 x 4 accumulators where there are 32 vector
+// registers (AVX-512, NEON), 4 x 2 with AVX2's 16.
+constexpr int kBlocks = W == 8 ? 2 : 4;
 constexpr int64_t kQueryBlock = 32;  // query rows per task: its keys and values stay in L2 across the rows
 
 // Both dtypes work in 32-bit units: a pair of bf16 (what VDPBF16PS multiplies and adds) or one fp32 (FMA). A unit
-// of q, or of probabilities, is broadcast to 16 lanes and multiplied with 16 lanes of packed keys or values.
+// of q, or of probabilities, is broadcast to W lanes and multiplied with W lanes of packed keys or values.
 template <class T>
 constexpr int64_t kPerUnit = 4 / sizeof(T);  // elements in a unit: 2 bf16, 1 fp32
 
-inline __m512 madd(__m512 acc, __m512i a, __m512i b, float) {
-  return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
-}
+inline simd::V madd(simd::V acc, simd::V a, simd::V b, float) { return simd::fma(a, b, acc); }
 #ifdef __AVX512BF16__
-inline __m512 madd(__m512 acc, __m512i a, __m512i b, c10::BFloat16) {
+inline simd::V madd(simd::V acc, simd::V a, simd::V b, simd::BFloat16) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 #endif
 
-inline __m512i broadcast_unit(const void* p, int64_t u) {
-  return _mm512_set1_epi32(static_cast<const int32_t*>(p)[u]);
-}
-
-// Keys of one head in blocks of 16 keys: kp[block][unit][key] = unit `unit` of key 16 block + key (zeros past T):
-// one 64-byte load holds the same unit of 16 keys.
+// Keys of one head in blocks of W keys: kp[block][unit][key] = unit `unit` of key W block + key (zeros past T):
+// one vector load holds the same unit of W keys.
 void pack_keys(const int32_t* k, int64_t stride_units, int64_t T, int64_t units, int32_t* kp) {
-  for (int64_t b = 0; b < (T + 15) / 16; ++b)
-    for (int64_t i = 0; i < 16; ++i) {
-      const int64_t t = 16 * b + i;
-      for (int64_t u = 0; u < units; ++u) kp[(b * units + u) * 16 + i] = t < T ? k[t * stride_units + u] : 0;
+  for (int64_t b = 0; b < (T + W - 1) / W; ++b)
+    for (int64_t i = 0; i < W; ++i) {
+      const int64_t t = W * b + i;
+      for (int64_t u = 0; u < units; ++u) kp[(b * units + u) * W + i] = t < T ? k[t * stride_units + u] : 0;
     }
 }
 
-// Values of one head by units of keys: vp[key unit][d][j] = v[kPerUnit key unit + j][d] (zeros past T): one 64-byte
-// load holds 16 dims of a unit of keys, multiplied with that unit of a query's probabilities.
+// Values of one head by units of keys: vp[key unit][d][j] = v[kPerUnit key unit + j][d] (zeros past T): one vector
+// load holds W dims of a unit of keys, multiplied with that unit of a query's probabilities.
 template <class T>
 void pack_values(const T* v, int64_t stride, int64_t keys, int64_t D, T* vp) {
   constexpr int64_t n = kPerUnit<T>;
@@ -72,45 +65,46 @@ void pack_values(const T* v, int64_t stride, int64_t keys, int64_t D, T* vp) {
     for (int64_t d = 0; d < D; ++d) vp[((t / n) * D + d) * n + t % n] = t < keys ? v[t * stride + d] : T(0.0f);
 }
 
-// s[r][16 (kb + j) + i] = scale * q[r] . key (16 (kb + j) + i) for r < 4, j < NB, i < 16; q rows of `units` units.
+// s[r][W (kb + j) + i] = scale * q[r] . key (W (kb + j) + i) for r < 4, j < NB, i < W; q rows of `units` units.
 template <class T, int NB>
 inline void qk_tile(const T* q, int64_t units, const int32_t* kp, int64_t kb, float scale, float* s, int64_t lds) {
-  __m512 acc[kRowsPerTile][NB];
+  simd::V acc[kRowsPerTile][NB];
   for (auto& row : acc)
-    for (auto& a : row) a = _mm512_setzero_ps();
+    for (auto& a : row) a = simd::zero();
+  const int32_t* q32 = reinterpret_cast<const int32_t*>(q);
   for (int64_t u = 0; u < units; ++u) {
-    __m512i keys[NB];
-    for (int j = 0; j < NB; ++j) keys[j] = _mm512_loadu_si512(kp + ((kb + j) * units + u) * 16);
+    simd::V keys[NB];
+    for (int j = 0; j < NB; ++j) keys[j] = simd::load_bits(kp + ((kb + j) * units + u) * W);
     for (int r = 0; r < kRowsPerTile; ++r) {
-      const __m512i qr = broadcast_unit(q, r * units + u);
+      const simd::V qr = simd::broadcast_bits(q32 + r * units + u);
       for (int j = 0; j < NB; ++j) acc[r][j] = madd(acc[r][j], qr, keys[j], T());
     }
   }
-  const __m512 sc = _mm512_set1_ps(scale);
+  const simd::V sc = simd::set1(scale);
   for (int r = 0; r < kRowsPerTile; ++r)
-    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(s + r * lds + 16 * (kb + j), _mm512_mul_ps(acc[r][j], sc));
+    for (int j = 0; j < NB; ++j) simd::store(s + r * lds + W * (kb + j), simd::mul(acc[r][j], sc));
 }
 
-// out[r][d0 + 16 j + i] = sum over keys of p[r][key] v[key][d0 + 16 j + i] * inv_total[r], for r < 4, j < NV.
+// out[r][d0 + W j + i] = sum over keys of p[r][key] v[key][d0 + W j + i] * inv_total[r], for r < 4, j < NV.
 template <class T, int NV>
 inline void pv_tile(const T* p, int64_t ldp, int64_t key_units, const T* vp, int64_t D, int64_t d0,
                     const float* inv_total, T* const* out) {
   constexpr int64_t n = kPerUnit<T>;
-  __m512 acc[kRowsPerTile][NV];
+  simd::V acc[kRowsPerTile][NV];
   for (auto& row : acc)
-    for (auto& a : row) a = _mm512_setzero_ps();
+    for (auto& a : row) a = simd::zero();
   for (int64_t t = 0; t < key_units; ++t) {
-    __m512i vals[NV];
-    for (int j = 0; j < NV; ++j) vals[j] = _mm512_loadu_si512(vp + (t * D + d0 + 16 * j) * n);
+    simd::V vals[NV];
+    for (int j = 0; j < NV; ++j) vals[j] = simd::load_bits(vp + (t * D + d0 + W * j) * n);
     for (int r = 0; r < kRowsPerTile; ++r) {
-      const __m512i pr = broadcast_unit(p + r * ldp, t);
+      const simd::V pr = simd::broadcast_bits(reinterpret_cast<const int32_t*>(p + r * ldp) + t);
       for (int j = 0; j < NV; ++j) acc[r][j] = madd(acc[r][j], pr, vals[j], T());
     }
   }
   for (int r = 0; r < kRowsPerTile; ++r) {
     if (!out[r]) continue;
-    const __m512 inv = _mm512_set1_ps(inv_total[r]);
-    for (int j = 0; j < NV; ++j) store16(out[r] + d0 + 16 * j, _mm512_mul_ps(acc[r][j], inv), 16);
+    const simd::V inv = simd::set1(inv_total[r]);
+    for (int j = 0; j < NV; ++j) simd::storen(out[r] + d0 + W * j, simd::mul(acc[r][j], inv), W);
   }
 }
 
@@ -122,52 +116,48 @@ float softmax_row(float* s, int64_t L, int64_t padded, const bool* mask, int64_t
   if (mask)
     for (int64_t t = 0; t < L; ++t)
       if (!mask[t * mstride]) s[t] = neg_inf;
-  __m512 best = _mm512_set1_ps(neg_inf);
-  for (int64_t t = 0; t < L; t += 16) best = _mm512_max_ps(best, _mm512_mask_loadu_ps(best, first(L - t), s + t));
-  const float mx = _mm512_reduce_max_ps(best);
+  simd::V best = simd::set1(neg_inf);
+  for (int64_t t = 0; t < L; t += W) best = simd::max(best, simd::loadn(s + t, L - t, neg_inf));
+  const float mx = simd::reduce_max(best);
   if (mx == neg_inf) {
     std::memset(static_cast<void*>(p), 0, padded * sizeof(T));
     return 0.0f;
   }
-  const __m512 m = _mm512_set1_ps(mx);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < L; t += 16) {
-    const __mmask16 k = first(L - t);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m)));
-    total = _mm512_add_ps(total, e);
-    store16(p + t, e, L - t);
+  const simd::V m = simd::set1(mx);
+  simd::V total = simd::zero();
+  for (int64_t t = 0; t < L; t += W) {
+    // lanes past L load -inf: e^-inf = 0
+    const simd::V e = simd::exp(simd::sub(simd::loadn(s + t, L - t, neg_inf), m));
+    total = simd::add(total, e);
+    simd::storen(p + t, e, L - t);
   }
   for (int64_t t = L; t < padded; ++t) p[t] = T(0.0f);
-  return 1.0f / _mm512_reduce_add_ps(total);
+  return 1.0f / simd::reduce_add(total);
 }
 
 template <class T>
-void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mp, const int64_t* ms,
-                double scale, bool causal, const at::Tensor& out) {
+void attend_all(const simd::Heads<const T>& q, const simd::Heads<const T>& k, const simd::Heads<const T>& v,
+                const bool* mp, const int64_t* ms, double scale, bool causal, const simd::Heads<T>& out) {
   constexpr int64_t n = kPerUnit<T>;
-  const int64_t B = q.size(0), nh = q.size(1), S = q.size(2), D = q.size(3), nkv = k.size(1), T_ = k.size(2);
-  const int64_t rep = nh / nkv, units = D / n, blocks = (T_ + 15) / 16, key_units = (T_ + n - 1) / n;
+  const int64_t B = q.size[0], nh = q.size[1], S = q.size[2], D = q.size[3], nkv = k.size[1], T_ = k.size[2];
+  const int64_t rep = nh / nkv, units = D / n, blocks = (T_ + W - 1) / W, key_units = (T_ + n - 1) / n;
 
-  // Pack every key/value head once: (B nkv, blocks * 16 * units) and (B nkv, key_units * D * n).
-  const int64_t kp_size = blocks * 16 * units, vp_size = key_units * D * n;
+  // Pack every key/value head once: (B nkv, blocks * W * units) and (B nkv, key_units * D * n).
+  const int64_t kp_size = blocks * W * units, vp_size = key_units * D * n;
   std::vector<int32_t> kp(B * nkv * kp_size);
   std::vector<T> vp(B * nkv * vp_size);
-  const T* kd = k.data_ptr<T>();
-  const T* vd = v.data_ptr<T>();
-  at::parallel_for(0, B * nkv, 1, [&](int64_t begin, int64_t end) {
+  simd::parallel_for(0, B * nkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nkv, h = i % nkv;
-      pack_keys(reinterpret_cast<const int32_t*>(kd + b * k.stride(0) + h * k.stride(1)), k.stride(2) / n, T_,
+      pack_keys(reinterpret_cast<const int32_t*>(k.data + b * k.stride[0] + h * k.stride[1]), k.stride[2] / n, T_,
                 units, kp.data() + i * kp_size);
-      pack_values(vd + b * v.stride(0) + h * v.stride(1), v.stride(2), T_, D, vp.data() + i * vp_size);
+      pack_values(v.data + b * v.stride[0] + h * v.stride[1], v.stride[2], T_, D, vp.data() + i * vp_size);
     }
   });
 
-  const T* qd = q.data_ptr<T>();
-  T* od = out.data_ptr<T>();
-  const int64_t qblocks = (S + kQueryBlock - 1) / kQueryBlock, lds = blocks * 16, ldp = key_units * n;
+  const int64_t qblocks = (S + kQueryBlock - 1) / kQueryBlock, lds = blocks * W, ldp = key_units * n;
   const float fscale = float(scale);
-  at::parallel_for(0, B * nh * qblocks, 1, [&](int64_t begin, int64_t end) {
+  simd::parallel_for(0, B * nh * qblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kRowsPerTile * lds);
     std::vector<T> p(kRowsPerTile * ldp), qt(kRowsPerTile * D);
     for (int64_t task = begin; task < end; ++task) {
@@ -182,29 +172,31 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
         for (int r = 0; r < kRowsPerTile; ++r) {
           const bool real = r < rows;
           len[r] = !real ? 1 : causal ? std::min(T_, r0 + r + T_ - S + 1) : T_;  // causal: query s at slot s + T - S
-          orow[r] = real ? od + b * out.stride(0) + h * out.stride(1) + (r0 + r) * out.stride(2) : nullptr;
-          const T* src = qd + b * q.stride(0) + h * q.stride(1) + (real ? r0 + r : r0) * q.stride(2);
+          orow[r] = real ? out.data + b * out.stride[0] + h * out.stride[1] + (r0 + r) * out.stride[2] : nullptr;
+          const T* src = q.data + b * q.stride[0] + h * q.stride[1] + (real ? r0 + r : r0) * q.stride[2];
           std::memcpy(static_cast<void*>(qt.data() + r * D), src, D * sizeof(T));
         }
         const int64_t longest = *std::max_element(len, len + kRowsPerTile);
-        const int64_t kblocks = (longest + 15) / 16, used_units = (longest + n - 1) / n;
+        const int64_t kblocks = (longest + W - 1) / W, used_units = (longest + n - 1) / n;
         int64_t kb = 0;
-        for (; kb + kKeyBlocks <= kblocks; kb += kKeyBlocks)
-          qk_tile<T, kKeyBlocks>(qt.data(), units, kph, kb, fscale, s.data(), lds);
+        for (; kb + kBlocks <= kblocks; kb += kBlocks)
+          qk_tile<T, kBlocks>(qt.data(), units, kph, kb, fscale, s.data(), lds);
         for (; kb < kblocks; ++kb) qk_tile<T, 1>(qt.data(), units, kph, kb, fscale, s.data(), lds);
         float inv_total[kRowsPerTile];
         for (int r = 0; r < kRowsPerTile; ++r) {
           const bool* mrow = mp && r < rows ? mp + b * ms[0] + (r0 + r) * ms[2] : nullptr;
           inv_total[r] = softmax_row(s.data() + r * lds, len[r], n * used_units, mrow, ms[3], p.data() + r * ldp);
         }
-        int64_t d0 = 0;
-        for (; d0 + 64 <= D; d0 += 64) pv_tile<T, 4>(p.data(), ldp, used_units, vph, D, d0, inv_total, orow);
-        if (d0 < D) pv_tile<T, 2>(p.data(), ldp, used_units, vph, D, d0, inv_total, orow);
+        int64_t d0 = 0;  // D is a multiple of 32: 2 W divides it below AVX-512
+        for (; d0 + kBlocks * W <= D; d0 += kBlocks * W)
+          pv_tile<T, kBlocks>(p.data(), ldp, used_units, vph, D, d0, inv_total, orow);
+        for (; d0 < D; d0 += 2 * W) pv_tile<T, 2>(p.data(), ldp, used_units, vph, D, d0, inv_total, orow);
       }
     }
   });
 }
 
+#ifndef MIXTRAL_NO_ATEN
 at::Tensor prefill_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& mask, double scale, bool causal) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
@@ -229,21 +221,27 @@ at::Tensor prefill_attend(const at::Tensor& q, const at::Tensor& k, const at::Te
   }
   const bool* mp = mask ? m.data_ptr<bool>() : nullptr;
   if (dtype == at::kFloat) {
-    attend_all<float>(q, k, v, mp, ms, scale, causal, out);
+    attend_all<float>(simd::heads<const float>(q), simd::heads<const float>(k), simd::heads<const float>(v), mp, ms,
+                      scale, causal, simd::heads<float>(out));
   } else {
 #ifdef __AVX512BF16__
-    attend_all<c10::BFloat16>(q, k, v, mp, ms, scale, causal, out);
+    using B16 = simd::BFloat16;
+    attend_all<B16>(simd::heads<const B16>(q), simd::heads<const B16>(k), simd::heads<const B16>(v), mp, ms, scale,
+                    causal, simd::heads<B16>(out));
 #else
     TORCH_CHECK(false, "prefill_attend in bfloat16 needs a CPU with AVX512_BF16");
 #endif
   }
   return out;
 }
+#endif
 
-}  // namespace
+}  // namespace mixtral_prefill
 
+#ifndef MIXTRAL_NO_ATEN
 TORCH_LIBRARY_FRAGMENT(mixtral_kernels, m) {
   m.def("prefill_attend(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) { m.impl("prefill_attend", &prefill_attend); }
+TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) { m.impl("prefill_attend", &mixtral_prefill::prefill_attend); }
+#endif

@@ -1,0 +1,477 @@
+// Matrix-vector kernels for the ISA levels below AVX-512: AVX2 + FMA + F16C (8 fp32 lanes) and aarch64 NEON (4),
+// written against vec.h. The same ops, layouts and results as matvec.cpp (the AVX-512 kernels, which cpu.py builds
+// instead where the CPU has AVX-512): y[m] = W x[m] for a few rows x[m], each weight row streamed once from memory.
+//
+// Shapes: M rows of x, K inputs, N outputs, E experts, T tokens, Kt experts per token, G = K / group_size.
+//
+// A weight row is read in chunks of kCols columns, widened to kVecs vectors of W fp32 weights in registers and
+// multiplied with x (fp32, laid out by the format: plain, or per chunk in the order the codes unpack). A tile
+// computes R output rows for up to MB rows of x, streaming its R rows once. Grouped formats (int8 in groups, int4)
+// sum a chunk's products first and multiply by the chunk's scale once (the group size is a multiple of 32 columns,
+// so a 32-column chunk lies in one group): one FMA a chunk instead of one multiply a vector.
+#include "vec.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#ifndef MIXTRAL_NO_ATEN
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#endif
+
+namespace mixtral_matvec {
+
+namespace simd = mixtral_simd;
+using simd::V;
+using simd::W;
+
+constexpr int kRows = 4;  // output rows per tile (R)
+// Each of a tile's R weight streams prefetches this far ahead into L2, as matvec.cpp does.
+constexpr int64_t kPrefetch = 2048;
+constexpr int kRegisters = W == 8 ? 16 : 32;  // AVX2 has 16 vector registers, NEON (and AVX-512) 32
+
+// ---- widening codes to fp32 -----------------------------------------------------------------------------------
+// W int8 codes at p as fp32.
+inline V int8s(const uint8_t* p) {
+#if defined(MIXTRAL_AVX2)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#elif defined(MIXTRAL_NEON)
+  int32_t word;
+  std::memcpy(&word, p, 4);
+  return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(word))))));
+#else
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#endif
+}
+
+// W 4-bit codes as fp32 minus `bias`: the low nibbles of the W bytes at p (shift 0) or the high ones (shift 4).
+inline V nibbles(const uint8_t* p, int shift, int bias) {
+#if defined(MIXTRAL_AVX2)
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  const __m256i q = _mm256_and_si256(_mm256_srli_epi32(bytes, shift), _mm256_set1_epi32(15));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(bias)));
+#elif defined(MIXTRAL_NEON)
+  uint32_t word;
+  std::memcpy(&word, p, 4);
+  const uint32x4_t bytes = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(word)))));
+  const int32x4_t q = vreinterpretq_s32_u32(vandq_u32(vshlq_u32(bytes, vdupq_n_s32(-shift)), vdupq_n_u32(15)));
+  return vcvtq_f32_s32(vsubq_s32(q, vdupq_n_s32(bias)));
+#else
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  const __m512i q = _mm512_and_si512(_mm512_srli_epi32(bytes, shift), _mm512_set1_epi32(15));
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(bias)));
+#endif
+}
+
+// ---- weight formats ------------------------------------------------------------------------------------------
+// kCols columns in kBytes bytes a chunk, kVecs vectors of x (kXFloats floats: the chunk's x as the format lays it
+// out) a chunk. weights(chunk, v) is vector v of the chunk's weights (codes, for the grouped formats, whose chunk
+// sums are then scaled: kScaled, scale(n, s); kZeros adds zero(n, s) times the chunk's x sum, which x's layout holds
+// in the lane 0 of a vector after the chunk's values). finish(n, acc) ends a row's dot product.
+struct Format {
+  static constexpr bool kScaled = false, kZeros = false;
+  const uint8_t* base;
+  int64_t row_bytes;
+  const uint8_t* row(int64_t n) const { return base + n * row_bytes; }
+  float scale(int64_t, int64_t) const { return 1.0f; }
+  float zero(int64_t, int64_t) const { return 0.0f; }
+  float finish(int64_t, float acc) const { return acc; }
+};
+
+struct Fp32 : Format {
+  static constexpr int kVecs = 2, kCols = 2 * W, kBytes = 4 * kCols, kXFloats = kCols;
+  Fp32 expert(int64_t e, int64_t N) const { return {{base + e * N * row_bytes, row_bytes}}; }
+  static V weights(const uint8_t* c, int v) { return simd::load(reinterpret_cast<const float*>(c) + v * W); }
+};
+
+// A bf16 is the top half of an fp32: widened, times fp32 x.
+struct Bf16 : Format {
+  static constexpr int kVecs = 2, kCols = 2 * W, kBytes = 2 * kCols, kXFloats = kCols;
+  Bf16 expert(int64_t e, int64_t N) const { return {{base + e * N * row_bytes, row_bytes}}; }
+  static V weights(const uint8_t* c, int v) { return simd::load(reinterpret_cast<const simd::BFloat16*>(c) + v * W); }
+};
+
+// int8 codes times one fp32 scale per row, applied to the finished dot product.
+struct Int8 : Format {
+  static constexpr int kVecs = 4, kCols = 4 * W, kBytes = kCols, kXFloats = kCols;
+  const float* scales;
+  Int8 expert(int64_t e, int64_t N) const { return {{base + e * N * row_bytes, row_bytes}, scales + e * N}; }
+  static V weights(const uint8_t* c, int v) { return int8s(c + v * W); }
+  float finish(int64_t n, float acc) const { return acc * scales[n]; }
+};
+
+// int8 codes in groups of a multiple of 32 columns (llama.cpp's Q8_0), an fp16 scale each.
+struct Int8Groups : Format {
+  static constexpr bool kScaled = true;
+  static constexpr int kVecs = 32 / W, kCols = 32, kBytes = 32, kXFloats = 32;
+  const uint16_t* scales;  // fp16 (N, G)
+  int64_t G, chunks_per_group;
+  Int8Groups expert(int64_t e, int64_t N) const {
+    return {{base + e * N * row_bytes, row_bytes}, scales + e * N * G, G, chunks_per_group};
+  }
+  static V weights(const uint8_t* c, int v) { return int8s(c + v * W); }
+  float scale(int64_t n, int64_t s) const { return simd::half_to_float(scales[n * G + s / chunks_per_group]); }
+};
+
+// int4 codes, two a byte (column 2i in the low nibble of byte i), in groups of a multiple of 32 columns, an fp16
+// scale (and zero, asymmetric) each: w = q scale + zero, or (q - 8) scale when symmetric (llama.cpp's Q4_0). A
+// 32-column chunk is 16 bytes: vector v < 16 / W takes the low nibbles of bytes v W .. v W + W - 1 (even columns),
+// the others the high nibbles (odd columns); x is laid out to match (permute_int4).
+struct Int4 : Format {
+  static constexpr bool kScaled = true;
+  static constexpr int kVecs = 32 / W, kCols = 32, kBytes = 16;
+  const uint16_t* scales;  // fp16 (N, G)
+  const uint16_t* zeros;   // fp16 (N, G); null: symmetric
+  int64_t G, chunks_per_group;
+  int bias;  // 8 when symmetric, else 0
+  Int4 expert(int64_t e, int64_t N) const {
+    return {{base + e * N * row_bytes, row_bytes}, scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G,
+            chunks_per_group, bias};
+  }
+  V weights(const uint8_t* c, int v) const {
+    constexpr int half = 16 / W;
+    return v < half ? nibbles(c + v * W, 0, bias) : nibbles(c + (v - half) * W, 4, bias);
+  }
+  float scale(int64_t n, int64_t s) const { return simd::half_to_float(scales[n * G + s / chunks_per_group]); }
+  float zero(int64_t n, int64_t s) const { return simd::half_to_float(zeros[n * G + s / chunks_per_group]); }
+};
+struct Int4Zeros : Int4 {  // asymmetric: x's layout also holds each chunk's sum
+  static constexpr bool kZeros = true;
+  static constexpr int kXFloats = 32 + W;
+  Int4Zeros expert(int64_t e, int64_t N) const { return {Int4::expert(e, N)}; }
+};
+struct Int4Symmetric : Int4 {
+  static constexpr int kXFloats = 32;
+  Int4Symmetric expert(int64_t e, int64_t N) const { return {Int4::expert(e, N)}; }
+};
+
+// Rows of x per tile: the accumulators (twice as many for a grouped format's chunk sums) in half the registers.
+template <class F, int R>
+constexpr int kMaxMB = std::max(1, kRegisters / 2 / (R * (F::kScaled ? 2 : 1)));
+
+// ---- the tile: R output rows x MB rows of x --------------------------------------------------------------------
+// x[m] holds `chunks` chunks of kXFloats floats (zero past K); the weight rows hold `chunks` chunks, the last one
+// possibly partial (`last_bytes` of it), copied zero-padded.
+template <class F, int MB, int R, class O>
+inline void tile(const F& f, int64_t n0, int64_t chunks, int64_t last_bytes, const float* const* x, O* const* y) {
+  V acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = simd::zero();
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = f.row(n0 + r);
+  alignas(64) uint8_t tail[R][F::kBytes];
+
+  // Row r's stream continues in row r + R, of the next tile: prefetch that far ahead along it.
+  const int64_t ahead = (kPrefetch / f.row_bytes) * R * f.row_bytes + kPrefetch % f.row_bytes;
+  for (int64_t s = 0; s < chunks; ++s) {
+    const uint8_t* w[R];
+    for (int r = 0; r < R; ++r) {
+      w[r] = rows[r] + F::kBytes * s;
+      if (s == chunks - 1 && last_bytes < F::kBytes) {
+        std::memset(tail[r], 0, F::kBytes);
+        std::memcpy(tail[r], w[r], last_bytes);
+        w[r] = tail[r];
+      } else if ((F::kBytes * s) % 64 == 0) {
+        simd::prefetch(w[r] + ahead);
+      }
+    }
+    V part[MB][R];  // the chunk's products (grouped formats), or the accumulators themselves
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = F::kScaled ? simd::zero() : acc[m][r];
+    _Pragma("GCC unroll 8") for (int v = 0; v < F::kVecs; ++v) {
+      V xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = simd::load(x[m] + F::kXFloats * s + W * v);
+      for (int r = 0; r < R; ++r) {
+        const V wv = f.weights(w[r], v);
+        for (int m = 0; m < MB; ++m) part[m][r] = simd::fma(wv, xv[m], part[m][r]);
+      }
+    }
+    if constexpr (F::kScaled) {
+      for (int r = 0; r < R; ++r) {
+        const V sc = simd::set1(f.scale(n0 + r, s));
+        for (int m = 0; m < MB; ++m) acc[m][r] = simd::fma(part[m][r], sc, acc[m][r]);
+        if constexpr (F::kZeros) {
+          const V z = simd::set1(f.zero(n0 + r, s));
+          for (int m = 0; m < MB; ++m) acc[m][r] = simd::fma(z, simd::load(x[m] + F::kXFloats * s + 32), acc[m][r]);
+        }
+      }
+    } else {
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = part[m][r];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) y[m][n0 + r] = O(f.finish(n0 + r, simd::reduce_add(acc[m][r])));
+}
+
+// R rows starting at n0 for all M rows of x, up to min(4, kMaxMB) at a time.
+template <class F, int R, class O>
+void rows(const F& f, int64_t n0, int64_t chunks, int64_t last_bytes, const float* const* x, O* const* y, int64_t M) {
+  constexpr int mb = std::min(4, kMaxMB<F, R>);
+  for (int64_t m0 = 0; m0 < M;) {
+    const int64_t left = std::min<int64_t>(mb, M - m0);
+    if (mb >= 4 && left >= 4) {
+      tile<F, (mb >= 4 ? 4 : 1), R, O>(f, n0, chunks, last_bytes, x + m0, y + m0);
+      m0 += 4;
+    } else if (mb >= 3 && left == 3) {
+      tile<F, (mb >= 3 ? 3 : 1), R, O>(f, n0, chunks, last_bytes, x + m0, y + m0);
+      m0 += 3;
+    } else if (mb >= 2 && left >= 2) {
+      tile<F, (mb >= 2 ? 2 : 1), R, O>(f, n0, chunks, last_bytes, x + m0, y + m0);
+      m0 += 2;
+    } else {
+      tile<F, 1, R, O>(f, n0, chunks, last_bytes, x + m0, y + m0);
+      m0 += 1;
+    }
+  }
+}
+
+// The rows of x that go through one weight matrix (one expert), and where their outputs (of type O) go.
+template <class O>
+struct Group {
+  int64_t expert;
+  std::vector<const float*> x;
+  std::vector<O*> y;
+};
+
+// Groups the (token, slot) pairs by expert, in order of first use, so that each routed expert is read once; without
+// experts, one group of all rows. x rows are x_stride floats apart, outputs N apart. Returns false on a bad id.
+template <class O>
+bool plan(const float* x, int64_t x_stride, int64_t rows, O* y, int64_t N, const int64_t* ids, int64_t Kt, int64_t E,
+          std::vector<Group<O>>& groups) {
+  if (!ids) {
+    groups.push_back({0, {}, {}});
+    for (int64_t m = 0; m < rows; ++m) {
+      groups[0].x.push_back(x + m * x_stride);
+      groups[0].y.push_back(y + m * N);
+    }
+    return true;
+  }
+  for (int64_t i = 0; i < rows * Kt; ++i) {
+    const int64_t e = ids[i];
+    if (e < 0 || e >= E) return false;
+    auto g = std::find_if(groups.begin(), groups.end(), [e](const Group<O>& gr) { return gr.expert == e; });
+    if (g == groups.end()) {
+      groups.push_back({e, {}, {}});
+      g = groups.end() - 1;
+    }
+    g->x.push_back(x + (i / Kt) * x_stride);
+    g->y.push_back(y + i * N);
+  }
+  return true;
+}
+
+// Runs format f over every group for K columns: the parallel range is (group, block of R rows).
+template <class F, class O>
+void run(const F& f, const std::vector<Group<O>>& groups, int64_t N, int64_t K) {
+  constexpr int R = kRows;
+  const int64_t chunks = (K + F::kCols - 1) / F::kCols;
+  const int64_t last_bytes = (K - (chunks - 1) * F::kCols) * F::kBytes / F::kCols;
+  const int64_t blocks = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (f.row_bytes * R));  // >= 64 KiB of weights a thread
+  simd::parallel_for(0, int64_t(groups.size()) * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Group<O>& g = groups[i / blocks];
+      const F fe = f.expert(g.expert, N);
+      const int64_t n0 = (i % blocks) * R, M = int64_t(g.x.size());
+      if (n0 + R <= N) {
+        rows<F, R, O>(fe, n0, chunks, last_bytes, g.x.data(), g.y.data(), M);
+      } else {
+        for (int64_t n = n0; n < N; ++n) rows<F, 1, O>(fe, n, chunks, last_bytes, g.x.data(), g.y.data(), M);
+      }
+    }
+  });
+}
+
+// ---- x as the formats read it -----------------------------------------------------------------------------------
+// Plain: x rows (M, K) -> (M, chunks * cols) fp32, zero past K.
+template <class T>
+void pad_rows(const T* x, int64_t M, int64_t K, int64_t cols, float* out) {
+  const int64_t Kp = (K + cols - 1) / cols * cols;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) out[m * Kp + k] = float(x[m * K + k]);
+    std::fill(out + m * Kp + K, out + (m + 1) * Kp, 0.0f);
+  }
+}
+
+// int4: x rows (M, K), K a multiple of 32 -> per 32-column chunk the order the codes unpack in (Int4::weights),
+// then, with zeros, the chunk's sum in lane 0 of one more vector: (M, K / 32 * x_floats).
+template <class T>
+void permute_int4(const T* x, int64_t M, int64_t K, bool sums, float* out) {
+  const int64_t x_floats = 32 + (sums ? W : 0), chunks = K / 32;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T* src = x + m * K + 32 * c;
+      float* dst = out + (m * chunks + c) * x_floats;
+      float total = 0.0f;
+      for (int v = 0; v < 32 / W; ++v)
+        for (int i = 0; i < W; ++i) {
+          const int byte = (v % (16 / W)) * W + i, column = 2 * byte + (v >= 16 / W);  // see Int4::weights
+          dst[v * W + i] = float(src[column]);
+          total += float(src[column]);
+        }
+      if (sums) {
+        std::fill(dst + 32, dst + x_floats, 0.0f);
+        dst[32] = total;
+      }
+    }
+}
+
+#ifndef MIXTRAL_NO_ATEN
+// ---- ops -----------------------------------------------------------------------------------------------------
+// Each takes x (..., K) and weights (N, ...), returning (..., N); or x (T, K), weights (E, N, ...) and experts
+// (T, Kt), returning (T, Kt, N). The result has x's dtype.
+
+void check(const at::Tensor& x, const at::Tensor& w, int64_t K, const std::optional<at::Tensor>& experts) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && (!experts || x.dim() == 2), "x must be (", experts ? "T" : "...",
+              ", K) with K = ", K);
+  TORCH_CHECK(w.dim() == (experts ? 3 : 2) && w.is_contiguous(), "weights must be contiguous (", experts ? "E, " : "",
+              "N, K)");
+  if (experts)
+    TORCH_CHECK(experts->dim() == 2 && experts->size(0) == x.size(0) && experts->scalar_type() == at::kLong &&
+                    experts->is_contiguous(),
+                "experts must be contiguous int64 (T, Kt)");
+}
+
+// x rows as the format lays them out: (M, floats per row) fp32, by layout(x data, M, K, out) in x's dtype.
+template <class Layout>
+at::Tensor lay_out(const at::Tensor& x, int64_t floats_per_row, const Layout& layout) {
+  const at::Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
+  at::Tensor xf = at::empty({rows.size(0), floats_per_row}, x.options().dtype(at::kFloat));
+  if (rows.scalar_type() == at::kBFloat16)
+    layout(static_cast<const simd::BFloat16*>(rows.data_ptr()), rows.size(0), rows.size(1), xf.data_ptr<float>());
+  else
+    layout(rows.data_ptr<float>(), rows.size(0), rows.size(1), xf.data_ptr<float>());
+  return xf;
+}
+
+template <class F>
+at::Tensor apply(const F& f, const at::Tensor& x, const at::Tensor& xf, int64_t N,
+                 const std::optional<at::Tensor>& experts, int64_t E) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  if (experts) shape = {x.size(0), experts->size(1), N};
+  const int64_t K = x.size(-1), Kt = experts ? experts->size(1) : 1;
+  const int64_t* ids = experts ? experts->data_ptr<int64_t>() : nullptr;
+  auto go = [&](auto* y, at::Tensor out) {
+    using O = std::remove_pointer_t<decltype(y)>;
+    std::vector<Group<O>> groups;
+    TORCH_CHECK(plan<O>(xf.data_ptr<float>(), xf.size(1), xf.size(0), y, N, ids, Kt, E, groups),
+                "expert index out of range [0, ", E, ")");
+    run(f, groups, N, K);
+    return out;
+  };
+  at::Tensor out = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kBFloat16) return go(static_cast<simd::BFloat16*>(out.data_ptr()), out);
+  return go(out.data_ptr<float>(), out);
+}
+
+template <class F>
+at::Tensor apply_plain(const F& f, const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& experts,
+                       int64_t E) {
+  const int64_t K = x.size(-1), padded = (K + F::kCols - 1) / F::kCols * F::kCols;
+  const at::Tensor xf = lay_out(x, padded, [&](auto* src, int64_t M, int64_t K_, float* out) {
+    pad_rows(src, M, K_, F::kCols, out);
+  });
+  return apply(f, x, xf, N, experts, E);
+}
+
+Format rows_of(const at::Tensor& w, int64_t row_bytes) {
+  return {static_cast<const uint8_t*>(w.data_ptr()), row_bytes};
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& experts, bool) {
+  const int64_t K = w.size(-1), N = w.size(-2), E = experts ? w.size(0) : 1;
+  check(x, w, K, experts);
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "x and w must have the same dtype");
+  if (w.scalar_type() == at::kFloat) return apply_plain(Fp32{rows_of(w, 4 * K)}, x, N, experts, E);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "w must be float32 or bfloat16");
+  return apply_plain(Bf16{rows_of(w, 2 * K)}, x, N, experts, E);
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& experts) {
+  const int64_t K = q.size(-1), N = q.size(-2), E = experts ? q.size(0) : 1;
+  check(x, q, K, experts);
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.is_contiguous() &&
+                  (scale.scalar_type() == at::kFloat && scale.numel() == E * N ||
+                   scale.scalar_type() == at::kHalf && scale.numel() % (E * N) == 0 && scale.numel() > 0),
+              "int8 weights need int8 qweight and a contiguous scale: float32 (", experts ? "E, " : "",
+              "N) per row, or float16 (", experts ? "E, " : "", "N, G) per group");
+  if (scale.scalar_type() == at::kHalf) {
+    const int64_t G = scale.numel() / (E * N);
+    TORCH_CHECK(K % G == 0 && (K / G) % 32 == 0, "int8 groups must be a multiple of 32 columns that divides K");
+    const Int8Groups f{rows_of(q, K), static_cast<const uint16_t*>(scale.data_ptr()), G, K / G / 32};
+    return apply_plain(f, x, N, experts, E);
+  }
+  return apply_plain(Int8{rows_of(q, K), scale.data_ptr<float>()}, x, N, experts, E);
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& experts) {
+  const int64_t K = packed.size(-1) * 2, N = packed.size(-2), E = experts ? packed.size(0) : 1;
+  check(x, packed, K, experts);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
+              "group_size must be a multiple of 32 that divides K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
+                  zeros.scalar_type() == at::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.numel() == E * N * G && (zeros.numel() == E * N * G || zeros.numel() == 0),
+              "int4 weights need uint8 packed and contiguous float16 scales and zeros (", experts ? "E, " : "",
+              "N, K / group_size); zeros empty for symmetric int4");
+  const auto* scales16 = static_cast<const uint16_t*>(scales.data_ptr());
+  const bool symmetric = zeros.numel() == 0;
+  const Int4 f{rows_of(packed, K / 2), scales16, symmetric ? nullptr : static_cast<const uint16_t*>(zeros.data_ptr()),
+               G, group_size / 32, symmetric ? 8 : 0};
+  const int64_t x_floats = K / 32 * (symmetric ? Int4Symmetric::kXFloats : Int4Zeros::kXFloats);
+  const at::Tensor xf = lay_out(x, x_floats, [&](auto* src, int64_t M, int64_t K_, float* out) {
+    permute_int4(src, M, K_, !symmetric, out);
+  });
+  if (symmetric) return apply(Int4Symmetric{f}, x, xf, N, experts, E);
+  return apply(Int4Zeros{f}, x, xf, N, experts, E);
+}
+
+// The sum of an fp32 tensor, streamed as the weights are: the benchmark's measure of the memory's read bandwidth.
+double stream_sum(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() % 64 == 0,
+              "stream_sum takes a contiguous float32 tensor of 64k elements");
+  const float* p = t.data_ptr<float>();
+  std::vector<double> partial(simd::num_threads(), 0.0);
+  simd::parallel_for(0, t.numel() / 64, 1 << 12, [&](int64_t begin, int64_t end) {
+    V acc[4] = {simd::zero(), simd::zero(), simd::zero(), simd::zero()};
+    for (int64_t i = begin; i < end; ++i) {
+      simd::prefetch(p + 64 * i + 2048);
+      for (int j = 0; j < 64 / W; ++j) acc[j % 4] = simd::add(acc[j % 4], simd::load(p + 64 * i + W * j));
+    }
+    partial[simd::thread_num()] +=
+        simd::reduce_add(simd::add(simd::add(acc[0], acc[1]), simd::add(acc[2], acc[3])));
+  });
+  double sum = 0;
+  for (double s : partial) sum += s;
+  return sum;
+}
+
+bool has_bf16_dot() { return false; }
+#endif
+
+}  // namespace mixtral_matvec
+
+#ifndef MIXTRAL_NO_ATEN
+TORCH_LIBRARY(mixtral_kernels, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? experts, bool dot) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? experts) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor");
+  m.def("has_bf16_dot() -> bool", &mixtral_matvec::has_bf16_dot);
+  m.def("stream_sum(Tensor t) -> float", &mixtral_matvec::stream_sum);
+}
+
+TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) {
+  m.impl("linear", &mixtral_matvec::linear);
+  m.impl("linear_int8", &mixtral_matvec::linear_int8);
+  m.impl("linear_int4", &mixtral_matvec::linear_int4);
+}
+#endif
