@@ -157,6 +157,17 @@ def _folder_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
+def _kernel_level() -> str:
+    """The CPU kernels' instruction-set level in use (built on first use), and the levels this CPU runs."""
+    from .kernels import cpu
+
+    levels = cpu.supported_levels()
+    level = cpu.isa()
+    if level is None:
+        return "off (MIXTRAL_KERNELS=0): torch ops" if os.environ.get("MIXTRAL_KERNELS") == "0" else "none: torch ops"
+    return f"{level} (this CPU runs {', '.join(levels)}; MIXTRAL_ISA picks a lower one)"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import MixtralConfig
 
@@ -185,7 +196,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "head_dim": hd, "experts": c.num_local_experts, "experts_per_token": c.num_experts_per_tok,
         "vocab_size": c.vocab_size, "context": c.max_position_embeddings, "sliding_window": c.sliding_window,
         "rope_theta": c.rope_theta, "dtype": c.dtype, "parameters_total": total, "parameters_active": active,
-        "size_on_disk_bytes": _folder_size(args.path),
+        "size_on_disk_bytes": _folder_size(args.path), "cpu_kernels": _kernel_level(),
     }
     if args.max_memory is not None:
         info["plan"] = _memory_plan(config, args, gguf_scheme)

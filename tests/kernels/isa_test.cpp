@@ -134,16 +134,17 @@ static void matvec_tests() {
                 const float sc = simd::half_to_float(s16[r * G + k / gs]);
                 wq[r * K + k] = symmetric ? (code - 8) * sc : code * sc + simd::half_to_float(z16[r * G + k / gs]);
               }
-            const Int4 f{{packed.data(), K / 2}, s16.data(), symmetric ? nullptr : z16.data(), G, gs / 32, symmetric ? 8 : 0};
-            const int64_t x_floats = K / 32 * (symmetric ? Int4Symmetric::kXFloats : Int4Zeros::kXFloats);
-            std::vector<float> x4(M * x_floats);
-            permute_int4(x.data(), M, K, !symmetric, x4.data());
+            const Format rows{packed.data(), K / 2};
+            std::vector<float> x4(M * K / 32 * Int4::kXFloats);
+            permute_int4(x.data(), M, K, symmetric, x4.data());
             std::snprintf(what, sizeof what, "int4%s g%ld M=%ld N=%ld K=%ld%s", symmetric ? " sym" : "", long(gs), long(M),
                           long(N), long(K), routed ? " experts" : "");
             if (symmetric)
-              check_matvec(what, Int4Symmetric{f}, wq, e, N, K, M, x4, x_floats, x, routed);
+              check_matvec(what, Int4Symmetric{{rows, s16.data(), nullptr, G, gs / 32}}, wq, e, N, K, M, x4,
+                           K / 32 * Int4::kXFloats, x, routed);
             else
-              check_matvec(what, Int4Zeros{f}, wq, e, N, K, M, x4, x_floats, x, routed);
+              check_matvec(what, Int4Zeros{{rows, s16.data(), z16.data(), G, gs / 32}}, wq, e, N, K, M, x4,
+                           K / 32 * Int4::kXFloats, x, routed);
           }
         }
       }

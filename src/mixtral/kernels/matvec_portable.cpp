@@ -48,32 +48,36 @@ inline V int8s(const uint8_t* p) {
 #endif
 }
 
-// W 4-bit codes as fp32 minus `bias`: the low nibbles of the W bytes at p (shift 0) or the high ones (shift 4).
-inline V nibbles(const uint8_t* p, int shift, int bias) {
+// The 2W 4-bit codes of the W bytes at p as fp32: the low nibbles (even columns) to lo, the high ones to hi. One
+// widening of the bytes serves both: a byte's high nibble is the byte shifted right by 4.
+inline void nibbles(const uint8_t* p, V& lo, V& hi) {
 #if defined(MIXTRAL_AVX2)
   const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-  const __m256i q = _mm256_and_si256(_mm256_srli_epi32(bytes, shift), _mm256_set1_epi32(15));
-  return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(bias)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
 #elif defined(MIXTRAL_NEON)
   uint32_t word;
   std::memcpy(&word, p, 4);
   const uint32x4_t bytes = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(word)))));
-  const int32x4_t q = vreinterpretq_s32_u32(vandq_u32(vshlq_u32(bytes, vdupq_n_s32(-shift)), vdupq_n_u32(15)));
-  return vcvtq_f32_s32(vsubq_s32(q, vdupq_n_s32(bias)));
+  lo = vcvtq_f32_u32(vandq_u32(bytes, vdupq_n_u32(15)));
+  hi = vcvtq_f32_u32(vshrq_n_u32(bytes, 4));
 #else
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  const __m512i q = _mm512_and_si512(_mm512_srli_epi32(bytes, shift), _mm512_set1_epi32(15));
-  return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(bias)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
 #endif
 }
 
 // ---- weight formats ------------------------------------------------------------------------------------------
 // kCols columns in kBytes bytes a chunk, kVecs vectors of x (kXFloats floats: the chunk's x as the format lays it
-// out) a chunk. weights(chunk, v) is vector v of the chunk's weights (codes, for the grouped formats, whose chunk
-// sums are then scaled: kScaled, scale(n, s); kZeros adds zero(n, s) times the chunk's x sum, which x's layout holds
-// in the lane 0 of a vector after the chunk's values). finish(n, acc) ends a row's dot product.
+// out) a chunk, decoded kStep vectors at a time: decode(chunk, i, w) writes vectors i kStep .. i kStep + kStep - 1
+// of the chunk's weights (codes, for the grouped formats, whose chunk sums are then scaled: kScaled, scale(n, s)).
+// Grouped formats' x layouts end each chunk with one more vector whose lane 0 starts the chunk's sum (kSumInX: -8
+// sum(x) for symmetric int4) or, kZeros, is multiplied by zero(n, s) (asymmetric int4: sum(x)). finish(n, acc)
+// ends a row's dot product.
 struct Format {
-  static constexpr bool kScaled = false, kZeros = false;
+  static constexpr bool kScaled = false, kSumInX = false, kZeros = false;
+  static constexpr int kStep = 1;
   const uint8_t* base;
   int64_t row_bytes;
   const uint8_t* row(int64_t n) const { return base + n * row_bytes; }
@@ -85,14 +89,16 @@ struct Format {
 struct Fp32 : Format {
   static constexpr int kVecs = 2, kCols = 2 * W, kBytes = 4 * kCols, kXFloats = kCols;
   Fp32 expert(int64_t e, int64_t N) const { return {{base + e * N * row_bytes, row_bytes}}; }
-  static V weights(const uint8_t* c, int v) { return simd::load(reinterpret_cast<const float*>(c) + v * W); }
+  static void decode(const uint8_t* c, int i, V* w) { w[0] = simd::load(reinterpret_cast<const float*>(c) + i * W); }
 };
 
 // A bf16 is the top half of an fp32: widened, times fp32 x.
 struct Bf16 : Format {
   static constexpr int kVecs = 2, kCols = 2 * W, kBytes = 2 * kCols, kXFloats = kCols;
   Bf16 expert(int64_t e, int64_t N) const { return {{base + e * N * row_bytes, row_bytes}}; }
-  static V weights(const uint8_t* c, int v) { return simd::load(reinterpret_cast<const simd::BFloat16*>(c) + v * W); }
+  static void decode(const uint8_t* c, int i, V* w) {
+    w[0] = simd::load(reinterpret_cast<const simd::BFloat16*>(c) + i * W);
+  }
 };
 
 // int8 codes times one fp32 scale per row, applied to the finished dot product.
@@ -100,7 +106,7 @@ struct Int8 : Format {
   static constexpr int kVecs = 4, kCols = 4 * W, kBytes = kCols, kXFloats = kCols;
   const float* scales;
   Int8 expert(int64_t e, int64_t N) const { return {{base + e * N * row_bytes, row_bytes}, scales + e * N}; }
-  static V weights(const uint8_t* c, int v) { return int8s(c + v * W); }
+  static void decode(const uint8_t* c, int i, V* w) { w[0] = int8s(c + i * W); }
   float finish(int64_t n, float acc) const { return acc * scales[n]; }
 };
 
@@ -113,40 +119,35 @@ struct Int8Groups : Format {
   Int8Groups expert(int64_t e, int64_t N) const {
     return {{base + e * N * row_bytes, row_bytes}, scales + e * N * G, G, chunks_per_group};
   }
-  static V weights(const uint8_t* c, int v) { return int8s(c + v * W); }
+  static void decode(const uint8_t* c, int i, V* w) { w[0] = int8s(c + i * W); }
   float scale(int64_t n, int64_t s) const { return simd::half_to_float(scales[n * G + s / chunks_per_group]); }
 };
 
 // int4 codes, two a byte (column 2i in the low nibble of byte i), in groups of a multiple of 32 columns, an fp16
-// scale (and zero, asymmetric) each: w = q scale + zero, or (q - 8) scale when symmetric (llama.cpp's Q4_0). A
-// 32-column chunk is 16 bytes: vector v < 16 / W takes the low nibbles of bytes v W .. v W + W - 1 (even columns),
-// the others the high nibbles (odd columns); x is laid out to match (permute_int4).
+// scale (and zero, asymmetric) each: w = q scale + zero, or (q - 8) scale when symmetric (llama.cpp's Q4_0), whose
+// -8 sum(x) x's layout holds. A 32-column chunk is 16 bytes: step i decodes bytes i W .. i W + W - 1 into vector 2i
+// (their low nibbles: even columns) and 2i + 1 (high: odd columns); x is laid out to match (permute_int4).
 struct Int4 : Format {
   static constexpr bool kScaled = true;
-  static constexpr int kVecs = 32 / W, kCols = 32, kBytes = 16;
+  static constexpr int kVecs = 32 / W, kCols = 32, kBytes = 16, kXFloats = 32 + W, kStep = 2;
   const uint16_t* scales;  // fp16 (N, G)
   const uint16_t* zeros;   // fp16 (N, G); null: symmetric
   int64_t G, chunks_per_group;
-  int bias;  // 8 when symmetric, else 0
-  Int4 expert(int64_t e, int64_t N) const {
-    return {{base + e * N * row_bytes, row_bytes}, scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G,
-            chunks_per_group, bias};
-  }
-  V weights(const uint8_t* c, int v) const {
-    constexpr int half = 16 / W;
-    return v < half ? nibbles(c + v * W, 0, bias) : nibbles(c + (v - half) * W, 4, bias);
-  }
+  static void decode(const uint8_t* c, int i, V* w) { nibbles(c + i * W, w[0], w[1]); }
   float scale(int64_t n, int64_t s) const { return simd::half_to_float(scales[n * G + s / chunks_per_group]); }
   float zero(int64_t n, int64_t s) const { return simd::half_to_float(zeros[n * G + s / chunks_per_group]); }
 };
-struct Int4Zeros : Int4 {  // asymmetric: x's layout also holds each chunk's sum
+struct Int4Zeros : Int4 {
   static constexpr bool kZeros = true;
-  static constexpr int kXFloats = 32 + W;
-  Int4Zeros expert(int64_t e, int64_t N) const { return {Int4::expert(e, N)}; }
+  Int4Zeros expert(int64_t e, int64_t N) const {
+    return {{{base + e * N * row_bytes, row_bytes}, scales + e * N * G, zeros + e * N * G, G, chunks_per_group}};
+  }
 };
 struct Int4Symmetric : Int4 {
-  static constexpr int kXFloats = 32;
-  Int4Symmetric expert(int64_t e, int64_t N) const { return {Int4::expert(e, N)}; }
+  static constexpr bool kSumInX = true;
+  Int4Symmetric expert(int64_t e, int64_t N) const {
+    return {{{base + e * N * row_bytes, row_bytes}, scales + e * N * G, nullptr, G, chunks_per_group}};
+  }
 };
 
 // Rows of x per tile: the accumulators (twice as many for a grouped format's chunk sums) in half the registers.
@@ -181,13 +182,17 @@ inline void tile(const F& f, int64_t n0, int64_t chunks, int64_t last_bytes, con
     }
     V part[MB][R];  // the chunk's products (grouped formats), or the accumulators themselves
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) part[m][r] = F::kScaled ? simd::zero() : acc[m][r];
-    _Pragma("GCC unroll 8") for (int v = 0; v < F::kVecs; ++v) {
-      V xv[MB];
-      for (int m = 0; m < MB; ++m) xv[m] = simd::load(x[m] + F::kXFloats * s + W * v);
+      for (int r = 0; r < R; ++r)
+        part[m][r] = !F::kScaled ? acc[m][r] : F::kSumInX ? simd::load(x[m] + F::kXFloats * s + 32) : simd::zero();
+    _Pragma("GCC unroll 8") for (int i = 0; i < F::kVecs / F::kStep; ++i) {
+      V xv[MB][F::kStep];
+      for (int m = 0; m < MB; ++m)
+        for (int j = 0; j < F::kStep; ++j) xv[m][j] = simd::load(x[m] + F::kXFloats * s + W * (F::kStep * i + j));
       for (int r = 0; r < R; ++r) {
-        const V wv = f.weights(w[r], v);
-        for (int m = 0; m < MB; ++m) part[m][r] = simd::fma(wv, xv[m], part[m][r]);
+        V wv[F::kStep];
+        F::decode(w[r], i, wv);
+        for (int j = 0; j < F::kStep; ++j)
+          for (int m = 0; m < MB; ++m) part[m][r] = simd::fma(wv[j], xv[m][j], part[m][r]);
       }
     }
     if constexpr (F::kScaled) {
@@ -298,26 +303,24 @@ void pad_rows(const T* x, int64_t M, int64_t K, int64_t cols, float* out) {
   }
 }
 
-// int4: x rows (M, K), K a multiple of 32 -> per 32-column chunk the order the codes unpack in (Int4::weights),
-// then, with zeros, the chunk's sum in lane 0 of one more vector: (M, K / 32 * x_floats).
+// int4: x rows (M, K), K a multiple of 32 -> per 32-column chunk the order the codes decode in (Int4::decode), then
+// a vector with the chunk's sum in lane 0, times -8 when symmetric: (M, K / 32 * Int4::kXFloats).
 template <class T>
-void permute_int4(const T* x, int64_t M, int64_t K, bool sums, float* out) {
-  const int64_t x_floats = 32 + (sums ? W : 0), chunks = K / 32;
+void permute_int4(const T* x, int64_t M, int64_t K, bool symmetric, float* out) {
+  const int64_t chunks = K / 32;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < chunks; ++c) {
       const T* src = x + m * K + 32 * c;
-      float* dst = out + (m * chunks + c) * x_floats;
+      float* dst = out + (m * chunks + c) * Int4::kXFloats;
       float total = 0.0f;
       for (int v = 0; v < 32 / W; ++v)
         for (int i = 0; i < W; ++i) {
-          const int byte = (v % (16 / W)) * W + i, column = 2 * byte + (v >= 16 / W);  // see Int4::weights
+          const int column = 2 * ((v / 2) * W + i) + v % 2;  // vector v = 2 step + (high nibbles)
           dst[v * W + i] = float(src[column]);
           total += float(src[column]);
         }
-      if (sums) {
-        std::fill(dst + 32, dst + x_floats, 0.0f);
-        dst[32] = total;
-      }
+      std::fill(dst + 32, dst + Int4::kXFloats, 0.0f);
+      dst[32] = symmetric ? -8.0f * total : total;
     }
 }
 
@@ -425,14 +428,13 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
               "N, K / group_size); zeros empty for symmetric int4");
   const auto* scales16 = static_cast<const uint16_t*>(scales.data_ptr());
   const bool symmetric = zeros.numel() == 0;
-  const Int4 f{rows_of(packed, K / 2), scales16, symmetric ? nullptr : static_cast<const uint16_t*>(zeros.data_ptr()),
-               G, group_size / 32, symmetric ? 8 : 0};
-  const int64_t x_floats = K / 32 * (symmetric ? Int4Symmetric::kXFloats : Int4Zeros::kXFloats);
-  const at::Tensor xf = lay_out(x, x_floats, [&](auto* src, int64_t M, int64_t K_, float* out) {
-    permute_int4(src, M, K_, !symmetric, out);
+  const Format rows = rows_of(packed, K / 2);
+  const at::Tensor xf = lay_out(x, K / 32 * Int4::kXFloats, [&](auto* src, int64_t M, int64_t K_, float* out) {
+    permute_int4(src, M, K_, symmetric, out);
   });
-  if (symmetric) return apply(Int4Symmetric{f}, x, xf, N, experts, E);
-  return apply(Int4Zeros{f}, x, xf, N, experts, E);
+  if (symmetric) return apply(Int4Symmetric{{rows, scales16, nullptr, G, group_size / 32}}, x, xf, N, experts, E);
+  return apply(Int4Zeros{{rows, scales16, static_cast<const uint16_t*>(zeros.data_ptr()), G, group_size / 32}}, x, xf,
+               N, experts, E);
 }
 
 // The sum of an fp32 tensor, streamed as the weights are: the benchmark's measure of the memory's read bandwidth.
