@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--quick] [--engines ours tf llama.cpp] [--dtypes fp32 bf16 int8 int4] [--no-compile]
                                [--repeats N] [--model-dir DIR] [--quant-base bf16|fp32] [--device cpu|cuda]
+    python benchmarks/bench.py --isa avx2|avx512|avx512_bf16 [--dtypes ...] [--repeats N]   (benchmarks/isa.py)
 
 Where torch sees a GPU the same command runs there (--device cuda is then the default): ours and Transformers, bf16,
 memory as GPU memory allocated, bandwidth from a device copy; writes bench-cuda.json and its plot.
@@ -489,10 +490,20 @@ def main() -> None:
                         help="dtype ours reads the weights in before quantizing them (default bf16)")
     parser.add_argument("--model-dir", default=C.DEFAULT_MODEL_DIR, help="bench checkpoint cache (built if absent)")
     parser.add_argument("--out", help="JSON path (default benchmarks/out/bench.json, bench-quick.json)")
+    parser.add_argument("--isa", help="run benchmarks/isa.py at this instruction-set level instead: ours (MIXTRAL_ISA) "
+                        "against llama.cpp built for the same level (avx2, avx512, avx512_bf16)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker_main(json.loads(args.worker))))
+        return
+    if args.isa:
+        import isa
+
+        isa.main(["--levels", args.isa, *(["--dtypes", *args.dtypes] if args.dtypes else []),
+                  *(["--rounds", str(args.repeats)] if args.repeats else []), *(["--no-compile"] if args.no_compile
+                                                                                else []),
+                  *(["--out", args.out] if args.out else [])])
         return
 
     start = time.perf_counter()

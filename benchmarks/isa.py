@@ -2,7 +2,7 @@
 level, on the same GGUF files, and prefill against Transformers.
 
     python benchmarks/isa.py [--levels avx2 avx512_bf16] [--dtypes fp32 bf16 int8 int4] [--rounds 3] [--tokens 48]
-                             [--no-compile]
+                             [--no-compile] [--int8-activations]
     python benchmarks/bench.py --isa LEVEL ...    (the same, for one level)
 
 The files: the bench checkpoint (benchmarks/out/bench-model) written by our GGUF writer as F32, BF16, Q8_0 and Q4_0
@@ -15,6 +15,8 @@ tokens after a 16-token prompt (eager, and compile=True), decode tok/s = TOKENS 
 prefill: a 512-token prompt, 1 new token, the fastest of 3. Transformers: the same prefill on the safetensors
 checkpoint (fp32, bf16; its oneDNN/MKL kernels pick their own ISA at run time). Each round runs every engine once per
 level and dtype, back to back; the figure to read is the median of the per-round ratios. 2 threads everywhere.
+--int8-activations adds ours with MIXTRAL_INT8_ACTIVATIONS=1 for int8/int4 (x rounded to int8 per block of 32, as
+llama.cpp does), and its logits over 64 decode steps against the float path's.
 Writes benchmarks/out/isa.json; prints the CPU model and flags.
 """
 
@@ -72,10 +74,11 @@ def llama_bench(level: str, dtype: str, tokens: int) -> dict[str, Any]:
 
 
 # ---- workers (fresh processes) -----------------------------------------------------------------------------
-def ours_worker(level: str, dtype: str, tokens: int, compile: bool) -> dict[str, Any]:
+def ours_worker(level: str, dtype: str, tokens: int, compile: bool, int8_activations: bool) -> dict[str, Any]:
     import torch
 
     import mixtral
+    from mixtral import kernels
     from mixtral.kernels import cpu
 
     torch.set_num_threads(C.THREADS)
@@ -96,6 +99,22 @@ def ours_worker(level: str, dtype: str, tokens: int, compile: bool) -> dict[str,
     long_prompt = torch.arange(100, 100 + PREFILL)[None]
     gen(1, False, long_prompt)
     result["prefill"] = PREFILL / min(gen(1, False, long_prompt) for _ in range(3))
+    if int8_activations:  # the opt-in path against the float one, a token at a time over a 64-token text (eager)
+        ids = torch.randint(100, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
+        logits = {}
+        for on in (True, False):
+            kernels.INT8_ACTIVATIONS = on
+            with torch.inference_mode():
+                cache = None
+                steps = []
+                for t in range(ids.shape[1]):  # decode steps: the int8 kernels' shapes (few rows)
+                    out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                    cache = out.past_key_values
+                    steps.append(out.logits[0, -1].float())
+                logits[on] = torch.stack(steps)
+        diff = (logits[True] - logits[False]).abs().max().item()
+        result["int8_act_logit_diff_rel"] = diff / logits[False].abs().max().item()
+        result["int8_act_top1_agree"] = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
     return result
 
 
@@ -130,7 +149,8 @@ def cpu_description() -> dict[str, str]:
     return {"model": info.get("model name", "?"), "simd_flags": " ".join(simd)}
 
 
-def run(levels: list[str], dtypes: list[str], rounds: int, tokens: int, compile: bool) -> dict[str, Any]:
+def run(levels: list[str], dtypes: list[str], rounds: int, tokens: int, compile: bool,
+        int8_activations: bool) -> dict[str, Any]:
     ensure_ggufs(dtypes)
     runs: dict[str, list[dict[str, Any]]] = {}
     for r in range(rounds):
@@ -140,13 +160,15 @@ def run(levels: list[str], dtypes: list[str], rounds: int, tokens: int, compile:
                 runs.setdefault(f"tf/{dtype}", []).append(C.run_worker(SCRIPT, {"role": "tf", "dtype": dtype}))
             for level in levels:
                 print(f"round {r + 1}: {level} {dtype}: ours, llama.cpp ...", flush=True)
-                runs.setdefault(f"ours/{level}/{dtype}", []).append(C.run_worker(
-                    SCRIPT, {"role": "ours", "level": level, "dtype": dtype, "tokens": tokens, "compile": compile}))
+                for variant in ("", "+q8") if int8_activations and dtype in ("int8", "int4") else ("",):
+                    runs.setdefault(f"ours/{level}/{dtype}{variant}", []).append(C.run_worker(
+                        SCRIPT, {"role": "ours", "level": level, "dtype": dtype, "tokens": tokens, "compile": compile,
+                                 "int8_activations": bool(variant)}))
                 runs.setdefault(f"llama/{level}/{dtype}", []).append(llama_bench(level, dtype, tokens))
     rows = []
     for level in levels:
-        for dtype in dtypes:
-            ours, llama = runs[f"ours/{level}/{dtype}"], runs[f"llama/{level}/{dtype}"]
+        for dtype, variant in [(d, v) for d in dtypes for v in ("", "+q8") if f"ours/{level}/{d}{v}" in runs]:
+            ours, llama = runs[f"ours/{level}/{dtype}{variant}"], runs[f"llama/{level}/{dtype}"]
             tf = runs.get(f"tf/{dtype}", [{}] * rounds)
             errors = [x["error"] for x in ours + llama if "error" in x]
 
@@ -159,14 +181,17 @@ def run(levels: list[str], dtypes: list[str], rounds: int, tokens: int, compile:
                 return statistics.median(values) if values else None
 
             rows.append({
-                "level": level, "dtype": dtype, "isa_used": next((x["isa"] for x in ours if "isa" in x), None),
+                "level": level, "dtype": dtype + (" int8 x" if variant else ""),
+                "isa_used": next((x["isa"] for x in ours if "isa" in x), None),
                 "ours_decode": med(ours, "decode"), "ours_decode_compiled": med(ours, "decode_compiled"),
                 "llama_decode": med(llama, "decode"),
                 "decode_x_llama": ratio(ours, "decode", llama, "decode"),
                 "decode_compiled_x_llama": ratio(ours, "decode_compiled", llama, "decode"),
                 "ours_prefill": med(ours, "prefill"), "llama_prefill": med(llama, "prefill"),
                 "tf_prefill": med(tf, "prefill"), "prefill_x_tf": ratio(ours, "prefill", tf, "prefill"),
-                "prefill_x_llama": ratio(ours, "prefill", llama, "prefill"), "errors": errors})
+                "prefill_x_llama": ratio(ours, "prefill", llama, "prefill"), "errors": errors,
+                "int8_act_logit_diff_rel": med(ours, "int8_act_logit_diff_rel"),
+                "int8_act_top1_agree": med(ours, "int8_act_top1_agree")})
     return {"rows": rows, "runs": runs}
 
 
@@ -187,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also int8/int4 with MIXTRAL_INT8_ACTIVATIONS=1, and its logits against the float path's")
     ap.add_argument("--out", default=os.path.join(C.OUT_DIR, "isa.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -194,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = json.loads(a.worker)
         if spec["role"] == "ours":
             os.environ["MIXTRAL_ISA"] = spec["level"]
-            out = ours_worker(spec["level"], spec["dtype"], spec["tokens"], spec["compile"])
+            os.environ["MIXTRAL_INT8_ACTIVATIONS"] = "1" if spec["int8_activations"] else "0"
+            out = ours_worker(spec["level"], spec["dtype"], spec["tokens"], spec["compile"], spec["int8_activations"])
         else:
             out = tf_worker(spec["dtype"])
         print(json.dumps(out))
@@ -211,8 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {machine['model']}; {machine['simd_flags']}", flush=True)
     bandwidth = C.measure_bandwidth()
     started = time.perf_counter()
-    result = run(levels, a.dtypes, a.rounds, a.tokens, not a.no_compile)
+    result = run(levels, a.dtypes, a.rounds, a.tokens, not a.no_compile, a.int8_activations)
     text = table(result["rows"])
+    accuracy = [r for r in result["rows"] if r["int8_act_logit_diff_rel"] is not None]
+    if accuracy:
+        text += "\n\nint8 activations against the float path (64 decode steps): " + "; ".join(
+            f"{r['level']} {r['dtype']}: max logit diff {r['int8_act_logit_diff_rel']:.2%} of max |logit|, "
+            f"top-1 agrees {r['int8_act_top1_agree']:.0%}" for r in accuracy)
     print(f"\nread bandwidth {bandwidth.get('bandwidth_GBps', float('nan')):.1f} GB/s; "
           f"{(time.perf_counter() - started) / 60:.1f} min\n" + text)
     C.write_json(a.out, {"cpu": machine, "bandwidth": bandwidth, "levels": levels, "dtypes": a.dtypes,

@@ -103,14 +103,14 @@ ISA_TEST = Path(__file__).with_name("kernels") / "isa_test.cpp"
 
 @pytest.mark.parametrize("level", list(cpu.LEVELS))
 def test_kernel_cores_without_torch(level, tmp_path):
-    """tests/kernels/isa_test.cpp: the matvec, attention and elementwise cores, built without torch at one level, against
-    scalar references. NEON is cross-compiled (g++-aarch64-linux-gnu) and run under qemu-user (Debian's packages,
-    which .ci/run installs); the x86 levels run natively where the CPU has them."""
+    """tests/kernels/isa_test.cpp: the matvec, attention and elementwise cores, built without torch at one level,
+    against scalar references. NEON is cross-compiled (g++-aarch64-linux-gnu) and run under qemu-user (Debian's
+    packages, which .ci/run installs); the x86 levels run natively where the CPU has them."""
     flags = list(cpu.LEVELS[level].cflags)
     if level == "neon":
         compiler, runner = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
         if not (compiler and runner):
-            pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user)")
+            pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: g++-aarch64-linux-gnu qemu-user)")
         flags.append("-static")
         run = [runner, str(tmp_path / "isa_test")]
     else:
@@ -281,6 +281,43 @@ def test_expert_linear_int4(dtype, t, k, group_size, symmetric):
     y = kernels.expert_linear_int4(x, packed, scales, zeros, experts)
     ref = torch.einsum("tk,tjnk->tjn", x.float(), kernels.dequantize_int4(packed, scales, zeros)[experts])
     assert_matches(y, ref)
+
+
+# ---- opt-in int8 activations (llama.cpp's Q8_0 x with Q4_0 / Q8_0 weights) --------------------------------------
+def quantize_x_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) rounded as the int8-activation kernels round it: per block of 32, scale max|x| / 127, codes
+    round(x * 127 / max|x|); returned dequantized (fp32)."""
+    x_GS = x.float().unflatten(-1, (-1, 32))
+    amax = x_GS.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # not 127 / amax: that is 127 * (1 / amax)
+    return ((x_GS * inv).round() * (amax / 127)).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("t", [1, 3, 64])
+def test_int8_activations(dtype, bits, t, monkeypatch):
+    """MIXTRAL_INT8_ACTIVATIONS: the Q4_0 / Q8_0 kernels with x rounded to int8 per block equal the float product of
+    that rounded x with the dequantized weights; and they differ from the float path by no more than x's rounding."""
+    if not kernels.has_int8_dot():
+        pytest.skip("needs the compiled kernels on x86")
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+    w, x, experts = randn(8, 37, 320, seed=1), randn(t, 320, dtype=dtype, seed=2), routing(t)
+    if bits == 4:
+        parts = kernels.quantize_int4(w, 32, symmetric=True)
+        dense, call = kernels.dequantize_int4(*parts), lambda x_, w_: kernels.linear_int4(x_, *w_)
+        routed = kernels.expert_linear_int4(x, *parts, experts)
+    else:
+        parts = kernels.quantize_int8(w, 32)
+        dense, call = kernels.dequantize_int8(*parts), lambda x_, w_: kernels.linear_int8(x_, *w_)
+        routed = kernels.expert_linear_int8(x, *parts, experts)
+    y = call(x, [p[2] for p in parts])
+    x_rounded = quantize_x_blocks(x)
+    assert_matches(y, F.linear(x_rounded, dense[2]))
+    assert_matches(routed, torch.einsum("tk,tjnk->tjn", x_rounded, dense[experts]))
+    # against x unrounded: each block's error is at most half a step, max|x_block| / 254, times sum |w|
+    bound = (x.float().unflatten(-1, (-1, 32)).abs().amax(-1) / 254) @ dense[2].abs().unflatten(-1, (-1, 32)).sum(-1).T
+    assert_matches(y, F.linear(x.float(), dense[2]), extra=bound * 1.001)
 
 
 # ---- fallbacks -----------------------------------------------------------------------------------------------

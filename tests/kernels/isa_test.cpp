@@ -53,8 +53,9 @@ static void check_matvec(const char* what, const F& f, const std::vector<float>&
                          const std::vector<int64_t>* ids) {
   const int64_t Kt = ids ? int64_t(ids->size()) / M : 1;
   std::vector<float> y(M * Kt * N);
-  std::vector<mixtral_matvec::Group<float>> groups;
-  mixtral_matvec::plan<float>(xf.data(), x_floats, M, y.data(), N, ids ? ids->data() : nullptr, Kt, E, groups);
+  std::vector<mixtral_plan::Group<float>> groups;
+  mixtral_plan::plan<float>(reinterpret_cast<const uint8_t*>(xf.data()), 4 * x_floats, M, y.data(), N,
+                            ids ? ids->data() : nullptr, Kt, E, groups);
   mixtral_matvec::run(f, groups, N, K);
   std::vector<double> ref(M * Kt * N);
   for (int64_t m = 0; m < M; ++m)

@@ -21,10 +21,16 @@ Quantized layouts (weight-only; x stays fp32 or bf16):
   Symmetric int4 (llama.cpp's Q4_0) has no zeros (an empty (..., N, 0) tensor): w = (q - 8) * scales, 4.5 bits
   a weight in groups of 32.
   The kernels take group sizes of 32, 64 and multiples of 128; others run the torch fallback.
+
+Opt-in int8 activations (MIXTRAL_INT8_ACTIVATIONS=1, x86): symmetric int4 and int8 in groups of 32 (llama.cpp's
+Q4_0 and Q8_0) multiply x rounded to int8 per block of 32 columns (an fp32 scale each, as llama.cpp's Q8_0
+activations) by integer dot products (matvec_q8.cpp): about half the work of the float kernels, which matters where
+they are compute-bound (AVX2), at the cost of x's rounding (up to 1/254 of each block's largest value).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -32,12 +38,13 @@ import torch.nn.functional as F
 
 from . import cpu
 
+INT8_ACTIVATIONS = os.environ.get("MIXTRAL_INT8_ACTIVATIONS") == "1"  # see the module doc
 MAX_ROWS = 64  # rows of x up to which the kernels beat F.linear here (benchmarks/matvec.py); above, oneDNN's GEMMs
 FLOATS = (torch.float32, torch.bfloat16)
 
-__all__ = ["available", "has_bf16_dot", "linear", "expert_linear", "quantize_int8", "dequantize_int8", "linear_int8",
-           "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4", "attention",
-           "expert_mlp"]
+__all__ = ["available", "has_bf16_dot", "has_int8_dot", "linear", "expert_linear", "quantize_int8", "dequantize_int8",
+           "linear_int8", "expert_linear_int8", "quantize_int4", "dequantize_int4", "linear_int4", "expert_linear_int4",
+           "attention", "expert_mlp"]
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes the answer in rather than tracing the build
@@ -50,6 +57,18 @@ def available() -> bool:
 def has_bf16_dot() -> bool:
     """Whether the kernels run bf16 products with VDPBF16PS here (AVX512_BF16): the bf16-only kernels need it."""
     return available() and torch.ops.mixtral_kernels.has_bf16_dot()
+
+
+@torch.compiler.assume_constant_result
+def has_int8_dot() -> bool:
+    """Whether the opt-in int8-activation kernels (linear_q8) run here: x86 with the compiled kernels."""
+    return available() and torch.ops.mixtral_kernels.has_int8_dot()
+
+
+def _int8_activations(scales: torch.Tensor, k: int, zeros: torch.Tensor | None = None) -> bool:
+    """MIXTRAL_INT8_ACTIVATIONS is on and the weights are a llama.cpp block format: groups of 32 (int4: symmetric)."""
+    return (INT8_ACTIVATIONS and scales.dtype == torch.float16 and scales.shape[-1] * 32 == k
+            and (zeros is None or zeros.shape[-1] == 0) and has_int8_dot())
 
 
 def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
@@ -170,6 +189,8 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     ops = _kernels(x, qweight, scale)
     if ops is None or qweight.dim() != 2 or not _int8_kernel_takes(qweight, scale):
         return _float_linear(x, dequantize_int8(qweight, scale))
+    if _int8_activations(scale, qweight.shape[-1]):
+        return ops.linear_q8(x, qweight, scale, 8, None)
     return ops.linear_int8(x, qweight, scale, None)
 
 
@@ -180,6 +201,8 @@ def expert_linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     if ops is None or experts.dtype != torch.long or not _int8_kernel_takes(qweight, scale):
         return _per_expert(x, experts, *qweight.shape[:2],
                            lambda x_MK, e: _float_linear(x_MK, dequantize_int8(qweight[e], scale[e])))
+    if _int8_activations(scale, qweight.shape[-1]):
+        return ops.linear_q8(x, qweight, scale, 8, experts)
     return ops.linear_int8(x, qweight, scale, experts)
 
 
@@ -237,6 +260,8 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     group_size = _int4_group_size(packed, scales)
     if ops is None or group_size is None or packed.dim() != 2:
         return _float_linear(x, dequantize_int4(packed, scales, zeros))
+    if _int8_activations(scales, 2 * packed.shape[-1], zeros):
+        return ops.linear_q8(x, packed, scales, 4, None)
     return ops.linear_int4(x, packed, scales, zeros, group_size, None)
 
 
@@ -248,6 +273,8 @@ def expert_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     if ops is None or group_size is None or experts.dtype != torch.long:
         return _per_expert(x, experts, *packed.shape[:2],
                            lambda x_MK, e: _float_linear(x_MK, dequantize_int4(packed[e], scales[e], zeros[e])))
+    if _int8_activations(scales, 2 * packed.shape[-1], zeros):
+        return ops.linear_q8(x, packed, scales, 4, experts)
     return ops.linear_int4(x, packed, scales, zeros, group_size, experts)
 
 

@@ -3,7 +3,8 @@ version; picks the level at run time.
 
 Levels (lowest first on each architecture): avx2 (AVX2 + FMA + F16C), avx512 (AVX-512 F/BW/VL/DQ), avx512_bf16
 (+ AVX512_BF16: VDPBF16PS), and neon (aarch64). One library per level: the AVX-512 levels build matvec.cpp, the
-others matvec_portable.cpp; attention.cpp, prefill_attention.cpp and experts.cpp build at every level (vec.h). The
+others matvec_portable.cpp; attention.cpp, prefill_attention.cpp, experts.cpp and matvec_q8.cpp (the opt-in int8
+activations, x86 only) build at every level (vec.h). The
 best level the CPU has is used; MIXTRAL_ISA=avx2|avx512|avx512_bf16|neon forces a lower one (tests, benchmarks). A
 level whose build fails falls back to the next lower one, and only where none builds to torch's ops.
 
@@ -32,7 +33,7 @@ import torch
 from ..paths import cache_root
 
 _HERE = Path(__file__).parent
-_COMMON = ("attention.cpp", "prefill_attention.cpp", "experts.cpp", "vec.h")  # built at every level
+_COMMON = ("attention.cpp", "prefill_attention.cpp", "experts.cpp", "matvec_q8.cpp", "vec.h", "plan.h")  # every level
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,8 @@ def _register_fakes() -> None:
                                 lambda x, q, scale, experts: out(x, q.shape[-2], experts))
     torch.library.register_fake("mixtral_kernels::linear_int4",
                                 lambda x, packed, scales, zeros, group_size, experts: out(x, packed.shape[-2], experts))
+    torch.library.register_fake("mixtral_kernels::linear_q8",
+                                lambda x, q, scales, bits, experts: out(x, q.shape[-2], experts))
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                causal: bool) -> torch.Tensor:

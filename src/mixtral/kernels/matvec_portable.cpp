@@ -9,6 +9,7 @@
 // computes R output rows for up to MB rows of x, streaming its R rows once. Grouped formats (int8 in groups, int4)
 // sum a chunk's products first and multiply by the chunk's scale once (the group size is a multiple of 32 columns,
 // so a 32-column chunk lies in one group): one FMA a chunk instead of one multiply a vector.
+#include "plan.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -71,9 +72,10 @@ inline void nibbles(const uint8_t* p, V& lo, V& hi) {
 // ---- weight formats ------------------------------------------------------------------------------------------
 // kCols columns in kBytes bytes a chunk, kVecs vectors of x (kXFloats floats: the chunk's x as the format lays it
 // out) a chunk, decoded kStep vectors at a time: decode(chunk, i, w) writes vectors i kStep .. i kStep + kStep - 1
-// of the chunk's weights (codes, for the grouped formats, whose chunk sums are then scaled: kScaled, scale(n, s)).
+// of the chunk's weights (codes, for the grouped formats, whose chunk sums are then scaled: kScaled, by the group's
+// fp16 scale; the tile converts a tile's scales (and zeros) to fp32 first, 8 a vector).
 // Grouped formats' x layouts end each chunk with one more vector whose lane 0 starts the chunk's sum (kSumInX: -8
-// sum(x) for symmetric int4) or, kZeros, is multiplied by zero(n, s) (asymmetric int4: sum(x)). finish(n, acc)
+// sum(x) for symmetric int4) or, kZeros, is multiplied by the group's zero (asymmetric int4: sum(x)). finish(n, acc)
 // ends a row's dot product.
 struct Format {
   static constexpr bool kScaled = false, kSumInX = false, kZeros = false;
@@ -81,8 +83,11 @@ struct Format {
   const uint8_t* base;
   int64_t row_bytes;
   const uint8_t* row(int64_t n) const { return base + n * row_bytes; }
-  float scale(int64_t, int64_t) const { return 1.0f; }
-  float zero(int64_t, int64_t) const { return 0.0f; }
+  // Grouped formats: the fp16 scales (and zeros) of row n, G of them, chunk s in group s / chunks_per_group.
+  const uint16_t* scale_row(int64_t) const { return nullptr; }
+  const uint16_t* zero_row(int64_t) const { return nullptr; }
+  int64_t groups() const { return 0; }
+  int64_t group_of(int64_t) const { return 0; }
   float finish(int64_t, float acc) const { return acc; }
 };
 
@@ -120,7 +125,9 @@ struct Int8Groups : Format {
     return {{base + e * N * row_bytes, row_bytes}, scales + e * N * G, G, chunks_per_group};
   }
   static void decode(const uint8_t* c, int i, V* w) { w[0] = int8s(c + i * W); }
-  float scale(int64_t n, int64_t s) const { return simd::half_to_float(scales[n * G + s / chunks_per_group]); }
+  const uint16_t* scale_row(int64_t n) const { return scales + n * G; }
+  int64_t groups() const { return G; }
+  int64_t group_of(int64_t s) const { return s / chunks_per_group; }
 };
 
 // int4 codes, two a byte (column 2i in the low nibble of byte i), in groups of a multiple of 32 columns, an fp16
@@ -134,8 +141,10 @@ struct Int4 : Format {
   const uint16_t* zeros;   // fp16 (N, G); null: symmetric
   int64_t G, chunks_per_group;
   static void decode(const uint8_t* c, int i, V* w) { nibbles(c + i * W, w[0], w[1]); }
-  float scale(int64_t n, int64_t s) const { return simd::half_to_float(scales[n * G + s / chunks_per_group]); }
-  float zero(int64_t n, int64_t s) const { return simd::half_to_float(zeros[n * G + s / chunks_per_group]); }
+  const uint16_t* scale_row(int64_t n) const { return scales + n * G; }
+  const uint16_t* zero_row(int64_t n) const { return zeros + n * G; }
+  int64_t groups() const { return G; }
+  int64_t group_of(int64_t s) const { return s / chunks_per_group; }
 };
 struct Int4Zeros : Int4 {
   static constexpr bool kZeros = true;
@@ -159,6 +168,15 @@ constexpr int kMaxMB = std::max(1, kRegisters / 2 / (R * (F::kScaled ? 2 : 1)));
 // possibly partial (`last_bytes` of it), copied zero-padded.
 template <class F, int MB, int R, class O>
 inline void tile(const F& f, int64_t n0, int64_t chunks, int64_t last_bytes, const float* const* x, O* const* y) {
+  thread_local std::vector<float> table;  // grouped formats: the tile's scales, then zeros, fp32 (R, G) each
+  const int64_t G = f.groups();
+  if constexpr (F::kScaled) {
+    table.resize(2 * R * G);
+    for (int r = 0; r < R; ++r) {
+      simd::halves_to_floats(f.scale_row(n0 + r), G, table.data() + r * G);
+      if constexpr (F::kZeros) simd::halves_to_floats(f.zero_row(n0 + r), G, table.data() + (R + r) * G);
+    }
+  }
   V acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = simd::zero();
@@ -196,11 +214,12 @@ inline void tile(const F& f, int64_t n0, int64_t chunks, int64_t last_bytes, con
       }
     }
     if constexpr (F::kScaled) {
+      const int64_t g = f.group_of(s);
       for (int r = 0; r < R; ++r) {
-        const V sc = simd::set1(f.scale(n0 + r, s));
+        const V sc = simd::set1(table[r * G + g]);
         for (int m = 0; m < MB; ++m) acc[m][r] = simd::fma(part[m][r], sc, acc[m][r]);
         if constexpr (F::kZeros) {
-          const V z = simd::set1(f.zero(n0 + r, s));
+          const V z = simd::set1(table[(R + r) * G + g]);
           for (int m = 0; m < MB; ++m) acc[m][r] = simd::fma(z, simd::load(x[m] + F::kXFloats * s + 32), acc[m][r]);
         }
       }
@@ -235,44 +254,9 @@ void rows(const F& f, int64_t n0, int64_t chunks, int64_t last_bytes, const floa
   }
 }
 
-// The rows of x that go through one weight matrix (one expert), and where their outputs (of type O) go.
-template <class O>
-struct Group {
-  int64_t expert;
-  std::vector<const float*> x;
-  std::vector<O*> y;
-};
-
-// Groups the (token, slot) pairs by expert, in order of first use, so that each routed expert is read once; without
-// experts, one group of all rows. x rows are x_stride floats apart, outputs N apart. Returns false on a bad id.
-template <class O>
-bool plan(const float* x, int64_t x_stride, int64_t rows, O* y, int64_t N, const int64_t* ids, int64_t Kt, int64_t E,
-          std::vector<Group<O>>& groups) {
-  if (!ids) {
-    groups.push_back({0, {}, {}});
-    for (int64_t m = 0; m < rows; ++m) {
-      groups[0].x.push_back(x + m * x_stride);
-      groups[0].y.push_back(y + m * N);
-    }
-    return true;
-  }
-  for (int64_t i = 0; i < rows * Kt; ++i) {
-    const int64_t e = ids[i];
-    if (e < 0 || e >= E) return false;
-    auto g = std::find_if(groups.begin(), groups.end(), [e](const Group<O>& gr) { return gr.expert == e; });
-    if (g == groups.end()) {
-      groups.push_back({e, {}, {}});
-      g = groups.end() - 1;
-    }
-    g->x.push_back(x + (i / Kt) * x_stride);
-    g->y.push_back(y + i * N);
-  }
-  return true;
-}
-
 // Runs format f over every group for K columns: the parallel range is (group, block of R rows).
 template <class F, class O>
-void run(const F& f, const std::vector<Group<O>>& groups, int64_t N, int64_t K) {
+void run(const F& f, const std::vector<mixtral_plan::Group<O>>& groups, int64_t N, int64_t K) {
   constexpr int R = kRows;
   const int64_t chunks = (K + F::kCols - 1) / F::kCols;
   const int64_t last_bytes = (K - (chunks - 1) * F::kCols) * F::kBytes / F::kCols;
@@ -280,13 +264,13 @@ void run(const F& f, const std::vector<Group<O>>& groups, int64_t N, int64_t K) 
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (f.row_bytes * R));  // >= 64 KiB of weights a thread
   simd::parallel_for(0, int64_t(groups.size()) * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Group<O>& g = groups[i / blocks];
+      const mixtral_plan::Group<O>& g = groups[i / blocks];
       const F fe = f.expert(g.expert, N);
       const int64_t n0 = (i % blocks) * R, M = int64_t(g.x.size());
       if (n0 + R <= N) {
-        rows<F, R, O>(fe, n0, chunks, last_bytes, g.x.data(), g.y.data(), M);
+        rows<F, R, O>(fe, n0, chunks, last_bytes, g.floats(), g.y.data(), M);
       } else {
-        for (int64_t n = n0; n < N; ++n) rows<F, 1, O>(fe, n, chunks, last_bytes, g.x.data(), g.y.data(), M);
+        for (int64_t n = n0; n < N; ++n) rows<F, 1, O>(fe, n, chunks, last_bytes, g.floats(), g.y.data(), M);
       }
     }
   });
@@ -362,8 +346,9 @@ at::Tensor apply(const F& f, const at::Tensor& x, const at::Tensor& xf, int64_t 
   const int64_t* ids = experts ? experts->data_ptr<int64_t>() : nullptr;
   auto go = [&](auto* y, at::Tensor out) {
     using O = std::remove_pointer_t<decltype(y)>;
-    std::vector<Group<O>> groups;
-    TORCH_CHECK(plan<O>(xf.data_ptr<float>(), xf.size(1), xf.size(0), y, N, ids, Kt, E, groups),
+    std::vector<mixtral_plan::Group<O>> groups;
+    TORCH_CHECK(mixtral_plan::plan<O>(static_cast<const uint8_t*>(xf.data_ptr()), 4 * xf.size(1), xf.size(0), y, N, ids, Kt, E,
+                        groups),
                 "expert index out of range [0, ", E, ")");
     run(f, groups, N, K);
     return out;
