@@ -62,12 +62,6 @@ void quantize_x(const T* x, int64_t M, int64_t K, bool int4, uint8_t* out) {
 constexpr bool kAvailable = true;
 constexpr int kRows = 4, kMaxMB = 2;  // output rows per tile; rows of x per tile (4 x 2 accumulators)
 
-inline float sum8(__m256 x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // 32 codes of a Q4_0 block's 16 bytes as unsigned bytes: low nibbles (even columns) then high ones (odd).
 inline __m256i int4_codes(const uint8_t* p) {
   const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
@@ -109,7 +103,7 @@ void tile(const uint8_t* rows0, int64_t row_bytes, const uint16_t* scales, int64
         _mm256_storeu_ps(dr + b, prod);
         if (Int4) b8 = _mm256_fmadd_ps(prod, _mm256_loadu_ps(xs + G + b), b8);
       }
-      bias[m][r] = sum8(b8);
+      bias[m][r] = simd::reduce_add8(b8);
       for (; b < G; ++b) {
         dr[b] = simd::half_to_float(ws[b]) * xs[b];
         if (Int4) bias[m][r] += dr[b] * xs[G + b];
@@ -133,7 +127,7 @@ void tile(const uint8_t* rows0, int64_t row_bytes, const uint16_t* scales, int64
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) y[m][n0 + r] = O(sum8(acc[m][r]) + (Int4 ? bias[m][r] : 0.0f));
+    for (int r = 0; r < R; ++r) y[m][n0 + r] = O(simd::reduce_add8(acc[m][r]) + (Int4 ? bias[m][r] : 0.0f));
 }
 
 template <bool Int4, int R, class O>

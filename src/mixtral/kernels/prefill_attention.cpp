@@ -1,9 +1,10 @@
 // Attention over many queries at once (prefill): softmax(q k^T * scale) v in fp32 (FMA) or bf16 (VDPBF16PS).
 //
 // sdpa's CPU flash kernel reaches ~55 GFLOP/s here at a 512-token prompt (10% of a bf16 prefill, 5% of an fp32
-// one). This one packs each key/value head once into layouts where one 64-byte load holds 16 keys' (or 16 dims')
-// operands, and runs 4 query rows x 64 keys (q k^T) and 4 query rows x 64 head dims (p v) per register tile, as a
-// GEMM micro-kernel does: 1.3-2.1x sdpa in fp32, 2.2-4.0x in bf16, from 65 to 4096 tokens (head sizes 64 and 128,
+// one). This one packs each key/value head once into layouts where one vector load holds W keys' (or W dims')
+// operands (W = 16 with AVX-512, 8 with AVX2, 4 with NEON: vec.h), and runs 4 query rows x 4 W keys (q k^T) and
+// 4 query rows x 4 W head dims (p v) per register tile (2 W with AVX2's 16 registers), as a GEMM micro-kernel
+// does: with AVX-512, 1.3-2.1x sdpa in fp32, 2.2-4.0x in bf16, from 65 to 4096 tokens (head sizes 64 and 128,
 // 2 threads: benchmarks/attention_micro.py). The arithmetic is sdpa's: scores accumulated and softmaxed in fp32,
 // probabilities rounded to the dtype for the product with v (bf16: rounded; fp32: kept), accumulated in fp32, one
 // rounding at the end. Softmax runs over a query's whole row of scores (two passes, not online). Built with the

@@ -89,6 +89,14 @@ inline void halves_to_floats(const uint16_t* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = half_to_float(src[i]);
 }
 
+#if defined(__AVX2__)
+inline float reduce_add8(__m256 x) {  // the sum of 8 fp32 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }  // into L2 (T1), as the AVX-512 kernels do
 
 #if defined(MIXTRAL_AVX512)
@@ -187,11 +195,7 @@ inline V scale2(V p, V n) {  // p * 2^n for integral n in [-150, 150]: two expon
   const auto pow2 = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
   return mul(mul(p, pow2(half)), pow2(_mm256_sub_epi32(k, half)));
 }
-inline float reduce_add(V x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+inline float reduce_add(V x) { return reduce_add8(x); }
 inline float reduce_max(V x) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
