@@ -59,7 +59,8 @@ def random_int8(n: int, k: int) -> Weights:
 
 def random_int4(n: int, k: int, group_size: int) -> Weights:
     g = k // group_size
-    return torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.rand(n, g) / 15, -torch.rand(n, g)
+    return (torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), (torch.rand(n, g) / 15).half(),
+            (-torch.rand(n, g)).half())  # scales and zeros fp16, as the kernels store them
 
 
 def int4_for_torch(w: Weights, dtype: torch.dtype = torch.float32) -> Weights:
@@ -70,6 +71,7 @@ def int4_for_torch(w: Weights, dtype: torch.dtype = torch.float32) -> Weights:
     """
     packed, scales, zeros = w
     q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2).int()  # (N, K)
+    scales, zeros = scales.float(), zeros.float()
     scales_and_zeros = torch.stack((scales, zeros + 8 * scales), dim=-1).transpose(0, 1).contiguous()
     return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros.to(dtype)
 
