@@ -16,6 +16,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "plan.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -25,6 +27,11 @@
 #include <vector>
 
 namespace {
+
+using mixtral_plan::check;
+using mixtral_plan::Group;
+using mixtral_plan::out_shape;
+using mixtral_plan::plan;
 
 constexpr int kMaxMB = 4;             // rows of x per tile: MB * R accumulators stay within the 32 zmm registers
 constexpr int kRows = 4;              // output rows per tile (R)
@@ -346,46 +353,6 @@ void rows(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* const* 
   }
 }
 
-// The rows of x that go through one weight matrix (one expert), and where their outputs (of type O) go.
-template <class O>
-struct Group {
-  int64_t expert;
-  std::vector<const uint8_t*> x;
-  std::vector<O*> y;
-};
-
-// Groups the (token, slot) pairs by expert, in order of first use, so that each routed expert is read once.
-template <class O>
-std::vector<Group<O>> plan(const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& experts,
-                           int64_t E) {
-  const auto* base = static_cast<const uint8_t*>(x.data_ptr());
-  const int64_t x_stride = x.stride(0) * x.element_size(), N = out.size(-1), rows = x.size(0);
-  O* y = out.data_ptr<O>();
-  std::vector<Group<O>> groups;
-  if (!experts) {
-    groups.push_back({0, {}, {}});
-    for (int64_t m = 0; m < rows; ++m) {
-      groups[0].x.push_back(base + m * x_stride);
-      groups[0].y.push_back(y + m * N);
-    }
-    return groups;
-  }
-  const int64_t Kt = experts->size(1);
-  const int64_t* ids = experts->data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows * Kt; ++i) {
-    const int64_t e = ids[i];
-    TORCH_CHECK(0 <= e && e < E, "expert index ", e, " out of range [0, ", E, ")");
-    auto g = std::find_if(groups.begin(), groups.end(), [e](const Group<O>& gr) { return gr.expert == e; });
-    if (g == groups.end()) {
-      groups.push_back({e, {}, {}});
-      g = groups.end() - 1;
-    }
-    g->x.push_back(base + (i / Kt) * x_stride);
-    g->y.push_back(y + i * N);
-  }
-  return groups;
-}
-
 // Runs format f over every group: the parallel range is (group, block of R rows), contiguous per thread.
 template <class F, class O, int R>
 void run_tiles(const F& f, const std::vector<Group<O>>& groups, int64_t N, int64_t K) {
@@ -419,32 +386,19 @@ void run(const F& f, const std::vector<Group<O>>& groups, int64_t N, int64_t K) 
 // Each takes x (..., K) and weights (N, ...), returning (..., N); or x (T, K), weights (E, N, ...) and experts
 // (T, Kt), returning (T, Kt, N). The result has x's dtype, written by the kernels for fp32 and bf16.
 
-void check(const at::Tensor& x, const at::Tensor& w, int64_t K, const std::optional<at::Tensor>& experts) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && (!experts || x.dim() == 2), "x must be (", experts ? "T" : "...",
-              ", K) with K = ", K);
-  TORCH_CHECK(w.dim() == (experts ? 3 : 2) && w.is_contiguous(), "weights must be contiguous (", experts ? "E, " : "",
-              "N, K)");
-  if (experts)
-    TORCH_CHECK(experts->dim() == 2 && experts->size(0) == x.size(0) && experts->scalar_type() == at::kLong &&
-                    experts->is_contiguous(),
-                "experts must be contiguous int64 (T, Kt)");
-}
-
 // x as the format reads it: `xk` (M, K) in the format's x dtype, contiguous (int4: K padded to whole chunks).
 template <class F>
 at::Tensor apply(const F& f, const at::Tensor& x, const at::Tensor& xk, int64_t N,
                  const std::optional<at::Tensor>& experts, int64_t E) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  if (experts) shape = {x.size(0), experts->size(1), N};
+  const std::vector<int64_t> shape = out_shape(x, N, experts);
   const int64_t K = x.size(-1);  // xk may be padded (int4)
   if (x.scalar_type() == at::kBFloat16) {
     at::Tensor out = at::empty(shape, x.options());
-    run(f, plan<at::BFloat16>(xk, out, experts, E), N, K);
+    run(f, plan(xk, out.data_ptr<at::BFloat16>(), N, experts, E), N, K);
     return out;
   }
   at::Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
-  run(f, plan<float>(xk, out, experts, E), N, K);
+  run(f, plan(xk, out.data_ptr<float>(), N, experts, E), N, K);
   return out.to(x.scalar_type());  // a no-op for fp32
 }
 

@@ -313,16 +313,7 @@ void permute_int4(const T* x, int64_t M, int64_t K, bool symmetric, float* out) 
 // Each takes x (..., K) and weights (N, ...), returning (..., N); or x (T, K), weights (E, N, ...) and experts
 // (T, Kt), returning (T, Kt, N). The result has x's dtype.
 
-void check(const at::Tensor& x, const at::Tensor& w, int64_t K, const std::optional<at::Tensor>& experts) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && (!experts || x.dim() == 2), "x must be (", experts ? "T" : "...",
-              ", K) with K = ", K);
-  TORCH_CHECK(w.dim() == (experts ? 3 : 2) && w.is_contiguous(), "weights must be contiguous (", experts ? "E, " : "",
-              "N, K)");
-  if (experts)
-    TORCH_CHECK(experts->dim() == 2 && experts->size(0) == x.size(0) && experts->scalar_type() == at::kLong &&
-                    experts->is_contiguous(),
-                "experts must be contiguous int64 (T, Kt)");
-}
+using mixtral_plan::check;
 
 // x rows as the format lays them out: (M, floats per row) fp32, by layout(x data, M, K, out) in x's dtype.
 template <class Layout>
@@ -339,23 +330,12 @@ at::Tensor lay_out(const at::Tensor& x, int64_t floats_per_row, const Layout& la
 template <class F>
 at::Tensor apply(const F& f, const at::Tensor& x, const at::Tensor& xf, int64_t N,
                  const std::optional<at::Tensor>& experts, int64_t E) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  if (experts) shape = {x.size(0), experts->size(1), N};
-  const int64_t K = x.size(-1), Kt = experts ? experts->size(1) : 1;
-  const int64_t* ids = experts ? experts->data_ptr<int64_t>() : nullptr;
-  auto go = [&](auto* y, at::Tensor out) {
-    using O = std::remove_pointer_t<decltype(y)>;
-    std::vector<mixtral_plan::Group<O>> groups;
-    TORCH_CHECK(mixtral_plan::plan<O>(static_cast<const uint8_t*>(xf.data_ptr()), 4 * xf.size(1), xf.size(0), y, N, ids, Kt, E,
-                        groups),
-                "expert index out of range [0, ", E, ")");
-    run(f, groups, N, K);
-    return out;
-  };
-  at::Tensor out = at::empty(shape, x.options());
-  if (x.scalar_type() == at::kBFloat16) return go(static_cast<simd::BFloat16*>(out.data_ptr()), out);
-  return go(out.data_ptr<float>(), out);
+  at::Tensor out = at::empty(mixtral_plan::out_shape(x, N, experts), x.options());
+  if (x.scalar_type() == at::kBFloat16)
+    run(f, mixtral_plan::plan(xf, static_cast<simd::BFloat16*>(out.data_ptr()), N, experts, E), N, x.size(-1));
+  else
+    run(f, mixtral_plan::plan(xf, out.data_ptr<float>(), N, experts, E), N, x.size(-1));
+  return out;
 }
 
 template <class F>

@@ -175,34 +175,23 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(bits == 4 || bits == 8, "linear_q8 takes bits 4 (Q4_0) or 8 (Q8_0)");
   const bool int4 = bits == 4;
   const int64_t K = q.size(-1) * (int4 ? 2 : 1), N = q.size(-2), E = experts ? q.size(0) : 1;
-  TORCH_CHECK(K % 32 == 0 && x.size(-1) == K && (!experts || x.dim() == 2), "x must be (..., K), K a multiple of 32");
-  TORCH_CHECK(q.dim() == (experts ? 3 : 2) && q.is_contiguous() &&
-                  q.scalar_type() == (int4 ? at::kByte : at::kChar) && scales.scalar_type() == at::kHalf &&
+  mixtral_plan::check(x, q, K, experts);
+  TORCH_CHECK(K % 32 == 0 && q.scalar_type() == (int4 ? at::kByte : at::kChar) && scales.scalar_type() == at::kHalf &&
                   scales.is_contiguous() && scales.numel() == E * N * (K / 32),
-              "linear_q8 needs contiguous codes and float16 scales, one per 32 columns");
-  TORCH_CHECK(!experts || (experts->dim() == 2 && experts->size(0) == x.size(0) &&
-                           experts->scalar_type() == at::kLong && experts->is_contiguous()),
-              "experts must be contiguous int64 (T, Kt)");
+              "linear_q8 needs K a multiple of 32, ", int4 ? "uint8" : "int8", " codes and float16 scales, one per 32 "
+              "columns");
   const at::Tensor rows = x.reshape({-1, K}).contiguous();
-  const int64_t M = rows.size(0), Kt = experts ? experts->size(1) : 1;
+  const int64_t M = rows.size(0);
   at::Tensor xq = at::empty({M, x_row_bytes(K)}, x.options().dtype(at::kByte));
   if (rows.scalar_type() == at::kBFloat16)
     quantize_x(static_cast<const simd::BFloat16*>(rows.data_ptr()), M, K, int4, xq.data_ptr<uint8_t>());
   else
     quantize_x(rows.data_ptr<float>(), M, K, int4, xq.data_ptr<uint8_t>());
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  if (experts) shape = {x.size(0), Kt, N};
-  at::Tensor out = at::empty(shape, x.options());
-  const int64_t* ids = experts ? experts->data_ptr<int64_t>() : nullptr;
+  at::Tensor out = at::empty(mixtral_plan::out_shape(x, N, experts), x.options());
   const auto* codes = static_cast<const uint8_t*>(q.data_ptr());
   const auto* scales16 = static_cast<const uint16_t*>(scales.data_ptr());
   auto go = [&](auto* y) {
-    using O = std::remove_pointer_t<decltype(y)>;
-    std::vector<mixtral_plan::Group<O>> groups;
-    TORCH_CHECK(mixtral_plan::plan<O>(static_cast<const uint8_t*>(xq.data_ptr()), xq.size(1), M, y, N, ids, Kt, E,
-                                      groups),
-                "expert index out of range [0, ", E, ")");
+    const auto groups = mixtral_plan::plan(xq, y, N, experts, E);
     if (int4)
       run<true>(codes, scales16, N, K, groups);
     else

@@ -4,7 +4,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
+
+#ifndef MIXTRAL_NO_ATEN
+#include <ATen/core/Tensor.h>
+#endif
 
 namespace mixtral_plan {
 
@@ -44,5 +49,38 @@ bool plan(const uint8_t* x, int64_t x_stride, int64_t rows, O* y, int64_t N, con
   }
   return true;
 }
+
+#ifndef MIXTRAL_NO_ATEN
+// plan() for x rows laid out as the format reads them (`xk`: row m at xk's row m) and outputs y (rows of N).
+template <class O>
+std::vector<Group<O>> plan(const at::Tensor& xk, O* y, int64_t N, const std::optional<at::Tensor>& experts,
+                           int64_t E) {
+  std::vector<Group<O>> groups;
+  TORCH_CHECK(plan<O>(static_cast<const uint8_t*>(xk.data_ptr()), xk.stride(0) * xk.element_size(), xk.size(0), y, N,
+                      experts ? experts->data_ptr<int64_t>() : nullptr, experts ? experts->size(1) : 1, E, groups),
+              "expert index out of range [0, ", E, ")");
+  return groups;
+}
+
+// The matvec ops' common arguments: x (..., K), or (T, K) with experts (T, Kt); weights (N, K...) or (E, N, K...).
+inline void check(const at::Tensor& x, const at::Tensor& w, int64_t K, const std::optional<at::Tensor>& experts) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && (!experts || x.dim() == 2), "x must be (", experts ? "T" : "...",
+              ", K) with K = ", K);
+  TORCH_CHECK(w.dim() == (experts ? 3 : 2) && w.is_contiguous(), "weights must be contiguous (", experts ? "E, " : "",
+              "N, K)");
+  if (experts)
+    TORCH_CHECK(experts->dim() == 2 && experts->size(0) == x.size(0) && experts->scalar_type() == at::kLong &&
+                    experts->is_contiguous(),
+                "experts must be contiguous int64 (T, Kt)");
+}
+
+// (..., N) for x (..., K), or (T, Kt, N) with experts.
+inline std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& experts) {
+  if (experts) return {x.size(0), experts->size(1), N};
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  return shape;
+}
+#endif
 
 }  // namespace mixtral_plan
