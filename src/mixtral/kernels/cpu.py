@@ -1,12 +1,12 @@
 """Builds and loads the C++ kernels for the running CPU's instruction-set level, once per machine, source and torch
 version; picks the level at run time.
 
-Levels (lowest first on each architecture): avx2 (AVX2 + FMA + F16C), avx512 (AVX-512 F/BW/VL/DQ), avx512_bf16
-(+ AVX512_BF16: VDPBF16PS), and neon (aarch64). One library per level: the AVX-512 levels build matvec.cpp, the
-others matvec_portable.cpp; attention.cpp, prefill_attention.cpp, experts.cpp and matvec_q8.cpp (the opt-in int8
-activations, x86 only) build at every level (vec.h). The
-best level the CPU has is used; MIXTRAL_ISA=avx2|avx512|avx512_bf16|neon forces a lower one (tests, benchmarks). A
-level whose build fails falls back to the next lower one, and only where none builds to torch's ops.
+Levels (lowest first on each architecture): avx2 (AVX2 + FMA + F16C), avx512 (AVX-512 F/BW/VL/DQ), avx512_vnni
+(+ VNNI: VPDPBUSD for the opt-in int8 activations), avx512_bf16 (+ AVX512_BF16: VDPBF16PS), and neon (aarch64).
+One library per level: the AVX-512 levels build matvec.cpp, the others matvec_portable.cpp; attention.cpp,
+prefill_attention.cpp, experts.cpp and matvec_q8.cpp (the opt-in int8 activations, x86 only) build at every level
+(vec.h). The best level the CPU has is used; MIXTRAL_ISA=LEVEL forces a lower one (tests, benchmarks). A level
+whose build fails falls back to the next lower one, and only where none builds to torch's ops.
 
 The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the level and a hash
 of the source, flags and torch version: a cache shared between machines or environments never loads a library built
@@ -52,14 +52,15 @@ class Level:
 
 _X86 = ("avx2", "fma", "f16c")
 _AVX512 = (*_X86, "avx512f", "avx512bw", "avx512vl", "avx512dq")
-# Lowest first per architecture. Builds enable exactly these instruction sets, never -march=native.
+_AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+# Lowest first per architecture. Builds enable exactly these instruction sets, never -march=native. VNNI (VPDPBUSD)
+# serves the opt-in int8 activations only (matvec_q8.cpp); every CPU with AVX512_BF16 has it.
 LEVELS = {level.name: level for level in (
     Level("avx2", frozenset(_X86), ("-mavx2", "-mfma", "-mf16c"), "matvec_portable.cpp"),
-    Level("avx512", frozenset(_AVX512),
-          ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), "matvec.cpp"),
-    Level("avx512_bf16", frozenset((*_AVX512, "avx512_bf16")),
-          ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"),
-          "matvec.cpp"),
+    Level("avx512", frozenset(_AVX512), _AVX512_FLAGS, "matvec.cpp"),
+    Level("avx512_vnni", frozenset((*_AVX512, "avx512_vnni")), (*_AVX512_FLAGS, "-mavx512vnni"), "matvec.cpp"),
+    Level("avx512_bf16", frozenset((*_AVX512, "avx512_vnni", "avx512_bf16")),
+          (*_AVX512_FLAGS, "-mavx512vnni", "-mavx512bf16"), "matvec.cpp"),
     Level("neon", frozenset(("asimd",)), (), "matvec_portable.cpp"),
 )}
 
@@ -118,8 +119,8 @@ _IN_USE: list[str] = []  # the level loaded, once one is
 
 
 def isa() -> str | None:
-    """The instruction-set level of the kernels in use ("avx2", "avx512", "avx512_bf16", "neon"), building them if
-    needed; None where every op runs torch's."""
+    """The instruction-set level of the kernels in use (a LEVELS name), building them if needed; None where every op
+    runs torch's."""
     return _IN_USE[0] if extension() is not None else None
 
 

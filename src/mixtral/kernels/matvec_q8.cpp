@@ -5,7 +5,7 @@
 // value). kernels/__init__.py uses it only where MIXTRAL_INT8_ACTIVATIONS=1.
 //
 // x86 (AVX2 integer ops, at every x86 level): VPMADDUBSW multiplies unsigned codes by signed x in pairs, VPMADDWD
-// sums pairs into 8 int32 lanes. Q4_0: codes 0..15 as they are, their -8 taken out afterwards as -8 sum(xq) per block;
+// sums pairs into 8 int32 lanes (with VNNI, one VPDPBUSD does both). Q4_0: codes 0..15 as they are, their -8 taken out afterwards as -8 sum(xq) per block;
 // Q8_0: |w| times x with w's sign. Other architectures: has_int8_dot() is false (the float kernels run).
 // Shapes: M rows of x, K inputs (a multiple of 32), N outputs, E experts, T tokens, Kt experts per token.
 #include "plan.h"
@@ -72,14 +72,18 @@ inline __m256i int4_codes(const uint8_t* p) {
 template <bool Int4>
 inline __m256i block_dot(const uint8_t* w, const int8_t* xq) {
   const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
-  __m256i pairs;
+  __m256i u, s;  // unsigned times signed bytes
   if constexpr (Int4) {
-    pairs = _mm256_maddubs_epi16(int4_codes(w), x);
+    u = int4_codes(w), s = x;
   } else {
     const __m256i wq = _mm256_loadu_si256((const __m256i*)w);
-    pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));  // |w| times x with w's sign
+    u = _mm256_sign_epi8(wq, wq), s = _mm256_sign_epi8(x, wq);  // |w| times x with w's sign
   }
-  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);  // 4 products into each int32 lane in one instruction
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 // R output rows from n0 for MB rows of x. The blocks' combined scales (weight scale x x scale) are computed first,
