@@ -8,9 +8,10 @@ level, on the same GGUF files, and prefill against Transformers.
 The files: the bench checkpoint (benchmarks/out/bench-model) written by our GGUF writer as F32, BF16, Q8_0 and Q4_0
 (benchmarks/out/isa/; Q4_0 keeps the output layer in Q8_0, as our writer does). Both engines read the same file: ours
 keeps Q8_0 / Q4_0 as stored (int8 / symmetric int4 in groups of 32), with bf16 activations (fp32 for F32).
-llama.cpp: `llama-bench -t 2 -p 512 -n TOKENS -r 2` (decode tg and prefill pp), the binary of the level: avx2 from
-LLAMA_BIN/avx2 (GGML_NATIVE=OFF, AVX2+FMA+F16C, no AVX-512), the host's AVX-512 level from LLAMA_BIN (GGML_NATIVE=ON),
-both built by ../shared/tools/build-llama.sh; LLAMA_BIN defaults to /tmp/llama-bin. Ours: greedy generate() of TOKENS
+llama.cpp: `llama-bench -t 2 -p 512 -n TOKENS -r 2` (decode tg and prefill pp), the binary of the level: the host's best
+level from LLAMA_BIN (GGML_NATIVE=ON), any other from LLAMA_BIN/LEVEL (avx2/: GGML_NATIVE=OFF, AVX2+FMA+F16C, no
+AVX-512; both built by ../shared/tools/build-llama.sh; a level without one is refused); LLAMA_BIN defaults to
+/tmp/llama-bin. Ours: greedy generate() of TOKENS
 tokens after a 16-token prompt (eager, and compile=True), decode tok/s = TOKENS / (time for 1 + TOKENS - time for 1);
 prefill: a 512-token prompt, 1 new token, the fastest of 3. Transformers: the same prefill on the safetensors
 checkpoint (fp32, bf16; its oneDNN/MKL kernels pick their own ISA at run time). Each round runs every engine once per
@@ -59,7 +60,12 @@ def ensure_ggufs(dtypes: list[str]) -> None:
 
 
 def llama_binary(level: str) -> str:
-    return os.path.join(LLAMA_BIN, "avx2" if level == "avx2" else "", "llama-bench")
+    """llama-bench built for `level`: the native build (GGML_NATIVE=ON) is the host's best level; others live in
+    LLAMA_BIN/LEVEL (build-llama.sh makes avx2/)."""
+    from mixtral.kernels import cpu
+
+    native = level == cpu.supported_levels()[-1]
+    return os.path.join(LLAMA_BIN, "" if native else level, "llama-bench")
 
 
 def llama_bench(level: str, dtype: str, tokens: int) -> dict[str, Any]:
