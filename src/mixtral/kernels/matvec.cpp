@@ -52,7 +52,6 @@ inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull
 // int4 scales and zeros are fp16 (as llama.cpp's block scales): 16 fp32 copies of one.
 inline __m512 broadcast_half(uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16(short(h))); }
 // Symmetric int4 (zeros null: llama.cpp's Q4_0) has w = (q - 8) scale: the zero is -8 scale (exact in fp32).
-inline __m512 symmetric_zero(__m512 scale) { return _mm512_mul_ps(_mm512_set1_ps(-8.0f), scale); }
 
 // ---- weight formats ------------------------------------------------------------------------------------------
 // kCols columns per 64-byte chunk of a row; V vectors of x (64 V bytes) per chunk. `chunk` makes what `weights`
@@ -136,36 +135,6 @@ struct Int8Groups : Fp32 {
   }
 };
 
-// int4 codes, two a byte (column 2i in the low nibble of byte i): dword j of a chunk holds columns 8j..8j+7, column
-// 8j+v in bits 4v..4v+3. VPERMPS looks the code up in a 16-entry table per row and group, q * scale + zero, using
-// only the low 4 bits of each dword, so vector v is a shift and a lookup; x is permuted to match (permute_for_int4). The
-// group size is a multiple of 128 columns, so a chunk never straddles two groups and rows have no partial chunk.
-struct Int4 : Rows {
-  static constexpr int kCols = 128, V = 8;
-  struct Chunk {
-    const uint8_t* codes;
-    __m512 table;
-  };
-  const uint16_t* scales;  // fp16
-  const uint16_t* zeros;  // null: symmetric (see symmetric_zero)
-  int64_t G;
-  uint32_t chunks_per_group;
-  Int4 expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, chunks_per_group};
-  }
-  int64_t group(int64_t s) const { return uint32_t(s) / chunks_per_group; }
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t g) const {
-    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 scale = broadcast_half(scales[n * G + g]);
-    return {p, _mm512_fmadd_ps(codes, scale, zeros ? broadcast_half(zeros[n * G + g]) : symmetric_zero(scale))};
-  }
-  static __m512 weights(const Chunk& w, int v) {
-    const __m512i codes = _mm512_loadu_si512(w.codes);
-    return _mm512_permutexvar_ps(v == 0 ? codes : _mm512_srli_epi32(codes, 4 * v), w.table);
-  }
-  static constexpr bool kPaddedX = true;
-};
-
 // Lane j (columns 8j..8j+7 of a 128-column chunk) gets value j >> lane_shift of the chunk's groups, which start at p
 // with `left` of them left in the row (none read past it): per-lane scales or zeros for groups of 32 (shift 2), 64
 // (3), or 128 and more (4: one value in every lane).
@@ -176,35 +145,113 @@ inline __m512 spread_groups(const uint16_t* p, int64_t left, int lane_shift) {
   return _mm512_permutexvar_ps(lane_group, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p)));
 }
 
-// int4 in groups of 32 or 64 columns (llama.cpp's blocks are 32): a 128-column chunk spans 4 or 2 groups, and lane
-// j (columns 8j..8j+7) belongs to group j >> lane_shift of the chunk. Each lane takes its own group's scale and
-// zero: the code becomes a float by a lookup in a table of 0..15 (VPERMPS again), then code * scale + zero by FMA.
-// K need not be a multiple of 128: the last chunk's missing codes are zero, times x padded with zeros.
-struct Int4Lanes : Rows {
+// int4 codes, two a byte (column 2i in the low nibble of byte i), in 128-column chunks of 64 bytes: dword j holds
+// columns 8j..8j+7, column 8j+v in bits 4v..4v+3. Any group size the kernels take (32, 64, 128k): lane j (columns
+// 8j..8j+7) lies in one group, j >> lane_shift of the chunk, so each lane takes its own group's scale and zero
+// (spread_groups) and a chunk's products are summed per lane before the scale is applied, once a chunk. The codes
+// become numbers by bit operations only, as a constant plus the code (c + q, below); with w = q * scale + zero,
+// w.x = scale * sum((c + q) x) + (zero - c scale) * sum(x), and symmetric int4 (zero = -8 scale) folds the second
+// term into the first: scale * (sum((c + q) x) - (c + 8) sum(x)), the -(c + 8) sum(x) laid out with x. x is permuted
+// to match (permute_for_int4*), then each chunk's 16 lane sums of x. K need not be a multiple of 128: the last
+// chunk's missing codes are zero, times x padded with zeros.
+struct Int4Groups : Rows {
+  static constexpr int kCols = 128;
+  static constexpr bool kPaddedX = true, kWholeChunk = true;
+  struct Chunk {
+    __m512i codes;
+    __m512 scale, zero;  // per lane: the group's scale, and zero - c scale (unused when symmetric)
+  };
+  const uint16_t* scales;  // fp16
+  const uint16_t* zeros;  // null: symmetric
+  int64_t G;
+  int lane_shift;            // lane j's group in the chunk is j >> lane_shift: 2 for groups of 32, 3 for 64, 4 (one)
+  int64_t chunks_per_group;  // groups of 128k columns: k, else 1
+  float c;                   // the constant the codes come with
+  Int4Groups at_expert(int64_t e, int64_t N) const {
+    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift,
+            chunks_per_group, c};
+  }
+  int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
+    __m512 scale, zero;
+    if (lane_shift == 4) {  // one group for the whole chunk: one value broadcast
+      const int64_t g = n * G + uint32_t(s) / uint32_t(chunks_per_group);
+      scale = broadcast_half(scales[g]);
+      zero = zeros ? broadcast_half(zeros[g]) : scale;
+    } else {  // groups of 32 or 64 (chunks_per_group is 1)
+      const int64_t g0 = s * (16 >> lane_shift);
+      scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
+      zero = zeros ? spread_groups(zeros + n * G + g0, G - g0, lane_shift) : scale;
+    }
+    return {_mm512_loadu_si512(p), scale, zeros ? _mm512_fnmadd_ps(_mm512_set1_ps(c), scale, zero) : scale};
+  }
+  // Per-lane sums in `part` (started at x's lane sums when symmetric) -> acc + scale * part (+ zero term).
+  __m512 finish_chunk(__m512 acc, const Chunk& ch, __m512 part, __m512 sums) const {
+    acc = _mm512_fmadd_ps(part, ch.scale, acc);
+    return zeros ? _mm512_fmadd_ps(ch.zero, sums, acc) : acc;
+  }
+};
+
+// int4 times fp32 x (AVX-512 without BF16, or fp32 x): vector v holds code v of every dword moved to the top 4
+// mantissa bits of an fp32 16.0 (a shift and one VPTERNLOG), the value 16 + q: c = 16, 16 products an FMA. x's layout
+// (permute_for_int4): 8 fp32 vectors, vector v lane j column 8j + v, then the 16 lane sums.
+struct Int4Fp32 : Int4Groups {
+  static constexpr int V = 9;
+  Int4Fp32 expert(int64_t e, int64_t N) const { return {at_expert(e, N)}; }
+  struct Unpacked {
+    __m512 w[8];
+  };
+  static Unpacked unpack(const Chunk& ch) {
+    const __m512i mask = _mm512_set1_epi32(0x00780000), sixteen = _mm512_set1_epi32(0x41800000);  // bits 19-22; 16.0
+    Unpacked u;
+    UNROLL
+    for (int v = 0; v < 8; ++v) {  // code v (bits 4v..4v+3) to bits 19..22: (A & B) | C is VPTERNLOG's 0xEA
+      const __m512i at = v <= 4 ? _mm512_slli_epi32(ch.codes, 19 - 4 * v) : _mm512_srli_epi32(ch.codes, 4 * v - 19);
+      u.w[v] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(at, mask, sixteen, 0xEA));
+    }
+    return u;
+  }
+  __m512 dot(__m512 acc, const Chunk& ch, const Unpacked& u, const uint8_t* x) const {
+    const __m512 sums = _mm512_loadu_ps(x + 512);
+    __m512 a = _mm512_fmadd_ps(u.w[0], _mm512_loadu_ps(x), zeros ? _mm512_setzero_ps() : sums);
+    __m512 b = _mm512_mul_ps(u.w[1], _mm512_loadu_ps(x + 64));
+    UNROLL
+    for (int v = 2; v < 8; v += 2) {
+      a = _mm512_fmadd_ps(u.w[v], _mm512_loadu_ps(x + 64 * v), a);
+      b = _mm512_fmadd_ps(u.w[v + 1], _mm512_loadu_ps(x + 64 * v + 64), b);
+    }
+    return finish_chunk(acc, ch, _mm512_add_ps(a, b), sums);
+  }
+};
+
+// int4 in groups of 128k columns times fp32 x, by table: a chunk lies in one group, so VPERMPS looks each code up
+// in a 16-entry table of q * scale + zero for the row and group, a shift and a lookup a vector (faster here than
+// Int4Fp32's per-lane sums where one value serves the chunk: 20-24 vs 17-20 GB/s). x: permute_for_int4 without
+// the lane sums.
+struct Int4Table : Rows {
   static constexpr int kCols = 128, V = 8;
   static constexpr bool kPaddedX = true;
   struct Chunk {
     const uint8_t* codes;
-    __m512 scale, zero;
+    __m512 table;
   };
   const uint16_t* scales;  // fp16
-  const uint16_t* zeros;  // null: symmetric (see symmetric_zero)
+  const uint16_t* zeros;  // null: symmetric, w = (q - 8) scale
   int64_t G;
-  int lane_shift;  // 2 for groups of 32, 3 for 64
-  Int4Lanes expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift};
+  uint32_t chunks_per_group;
+  Int4Table expert(int64_t e, int64_t N) const {
+    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, chunks_per_group};
   }
-  int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
-    const int64_t g0 = s * (16 >> lane_shift);
-    const __m512 scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
-    return {p, scale, zeros ? spread_groups(zeros + n * G + g0, G - g0, lane_shift) : symmetric_zero(scale)};
+  int64_t group(int64_t s) const { return uint32_t(s) / chunks_per_group; }
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t g) const {
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 scale = broadcast_half(scales[n * G + g]);
+    const __m512 zero = zeros ? broadcast_half(zeros[n * G + g]) : _mm512_mul_ps(_mm512_set1_ps(-8.0f), scale);
+    return {p, _mm512_fmadd_ps(codes, scale, zero)};
   }
   static __m512 weights(const Chunk& w, int v) {
-    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i packed = _mm512_loadu_si512(w.codes);
-    const __m512 q = _mm512_permutexvar_ps(v == 0 ? packed : _mm512_srli_epi32(packed, 4 * v), codes);
-    return _mm512_fmadd_ps(q, w.scale, w.zero);
+    const __m512i codes = _mm512_loadu_si512(w.codes);
+    return _mm512_permutexvar_ps(v == 0 ? codes : _mm512_srli_epi32(codes, 4 * v), w.table);
   }
 };
 
@@ -216,32 +263,11 @@ struct Int4Lanes : Rows {
 // * scale + zero, w.x = scale * that + (zero - 128 scale) * sum(x); symmetric int4 (zero = -8 scale) folds the second
 // term into the first: scale * (that - 136 sum(x)), the -136 sum(x) laid out with x. Dword lane j of a chunk sums
 // columns 8j..8j+7 (words 2j, 2j + 1: one 32-column block, j / 4), so per-lane scales and zeros come as in
-// Int4Lanes; x is laid out to match (permute_for_int4_bf16): 4 bf16 vectors, vector v word i column 4i + v, then the
+// Int4Groups (c = 128); x is laid out to match (permute_for_int4_bf16): 4 bf16 vectors, vector v word i column 4i + v, then the
 // 16 lane sums of x (times -136 when symmetric).
-struct Int4Bf16 : Rows {
-  static constexpr int kCols = 128, V = 5;
-  static constexpr bool kPaddedX = true, kWholeChunk = true;
-  struct Chunk {
-    __m512i codes;
-    __m512 scale, zero;  // per lane: the group's scale, and zero - 128 scale (unused when symmetric)
-  };
-  const uint16_t* scales;  // fp16
-  const uint16_t* zeros;  // null: symmetric (see symmetric_zero)
-  int64_t G;
-  int lane_shift;            // lane j's group in the chunk is j >> lane_shift: 2 for groups of 32, 3 for 64, 4 (one)
-  int64_t chunks_per_group;  // groups of 128k columns: k, else 1
-  Int4Bf16 expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift,
-            chunks_per_group};
-  }
-  int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
-    const int64_t g0 = s * (16 >> lane_shift) / chunks_per_group;
-    const __m512 scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
-    if (!zeros) return {_mm512_loadu_si512(p), scale, scale};
-    const __m512 zero = spread_groups(zeros + n * G + g0, G - g0, lane_shift);
-    return {_mm512_loadu_si512(p), scale, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), scale, zero)};
-  }
+struct Int4Bf16 : Int4Groups {
+  static constexpr int V = 5;
+  Int4Bf16 expert(int64_t e, int64_t N) const { return {at_expert(e, N)}; }
   struct Unpacked {
     __m512i w[4];  // 128 bf16 weights (128 + code), in the order permute_for_int4_bf16 gives x
   };
@@ -260,8 +286,7 @@ struct Int4Bf16 : Rows {
     __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u.w[1], (__m512bh)_mm512_loadu_ps(x + 64));
     a = _mm512_dpbf16_ps(a, (__m512bh)u.w[2], (__m512bh)_mm512_loadu_ps(x + 128));
     b = _mm512_dpbf16_ps(b, (__m512bh)u.w[3], (__m512bh)_mm512_loadu_ps(x + 192));
-    acc = _mm512_fmadd_ps(_mm512_add_ps(a, b), c.scale, acc);
-    return zeros ? _mm512_fmadd_ps(c.zero, sums, acc) : acc;
+    return finish_chunk(acc, c, _mm512_add_ps(a, b), sums);
   }
 };
 #endif
@@ -439,24 +464,29 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return apply(f, x, rows_as(x, at::kFloat), N, experts, E);
 }
 
-// x as (M, Kp) fp32, Kp = K rounded up to 128, each 128 columns reordered as the int4 kernels read them:
-// xp[128c + 16v + j] = x[128c + 8j + v], zero past K.
-at::Tensor permute_for_int4(const at::Tensor& x) {
+// x as (M, L * chunks) fp32 for Int4Fp32 (L = 144) and Int4Table (L = 128, no sums). Per chunk of 128 columns: its
+// values reordered as the codes unpack, xp[L c + 16v + j] = x[128c + 8j + v], then (L = 144) the 16 lane sums over v,
+// times sum_scale. Zero past K.
+at::Tensor permute_for_int4(const at::Tensor& x, bool sums, float sum_scale) {
   const at::Tensor x32 = rows_as(x, at::kFloat);
-  const int64_t M = x32.size(0), K = x32.size(1), chunks = (K + 127) / 128;
-  at::Tensor xp = at::empty({M, 128 * chunks}, x32.options());
+  const int64_t M = x32.size(0), K = x32.size(1), chunks = (K + 127) / 128, L = sums ? 144 : 128;
+  at::Tensor xp = at::empty({M, L * chunks}, x32.options());
   const __m512i stride8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
   for (int64_t m = 0; m < M; ++m) {
     const float* src = x32.data_ptr<float>() + m * K;
-    float* dst = xp.data_ptr<float>() + m * 128 * chunks;
-    for (int64_t c = 0; c < chunks; ++c)
+    float* dst = xp.data_ptr<float>() + m * L * chunks;
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512 sum = _mm512_setzero_ps();
       for (int v = 0; v < 8; ++v) {
         // lane j reads column 128c + 8j + v: the lanes below K - 128c - v, all of them in a whole chunk
         const int64_t left = K - 128 * c - v, lanes = left <= 0 ? 0 : std::min<int64_t>(16, (left + 7) / 8);
         const __mmask16 in = (__mmask16)((1u << lanes) - 1);
-        _mm512_storeu_ps(dst + 128 * c + 16 * v,
-                         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, stride8, src + 128 * c + v, 4));
+        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, stride8, src + 128 * c + v, 4);
+        _mm512_storeu_ps(dst + L * c + 16 * v, xv);
+        sum = _mm512_add_ps(sum, xv);
       }
+      if (sums) _mm512_storeu_ps(dst + L * c + 128, _mm512_mul_ps(sum, _mm512_set1_ps(sum_scale)));
+    }
   }
   return xp;
 }
@@ -506,7 +536,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& experts) {
   const int64_t K = packed.size(-1) * 2, N = packed.size(-2), E = experts ? packed.size(0) : 1;
   check(x, packed, K, experts);
-  TORCH_CHECK(group_size > 0 && (group_size == 32 || group_size == 64 || group_size % Int4::kCols == 0) &&
+  TORCH_CHECK(group_size > 0 && (group_size == 32 || group_size == 64 || group_size % Int4Groups::kCols == 0) &&
                   K % group_size == 0,
               "group_size must be 32, 64 or a multiple of 128, and divide K");
   const int64_t G = K / group_size;
@@ -518,20 +548,19 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   const auto* scales16 = static_cast<const uint16_t*>(scales.data_ptr());
   const auto* zeros16 = zeros.numel() ? static_cast<const uint16_t*>(zeros.data_ptr()) : nullptr;
   const int lane_shift = group_size == 32 ? 2 : group_size == 64 ? 3 : 4;  // see spread_groups
+  const Int4Groups groups{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift,
+                          std::max<int64_t>(1, group_size / Int4Groups::kCols), 16.0f};
 #ifdef __AVX512BF16__
   if (x.scalar_type() == at::kBFloat16) {
-    const Int4Bf16 f{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift,
-                     std::max<int64_t>(1, group_size / Int4::kCols)};
+    Int4Bf16 f{groups};
+    f.c = 128.0f;
     return apply(f, x, permute_for_int4_bf16(x, zeros16 ? 1.0f : -136.0f), N, experts, E);
   }
 #endif
-  if (group_size < Int4::kCols) {
-    const Int4Lanes f{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift};
-    return apply(f, x, permute_for_int4(x), N, experts, E);
-  }
-  const Int4 f{rows_of(packed, K / 2), scales16, zeros16, G,
-               uint32_t(group_size / Int4::kCols)};
-  return apply(f, x, permute_for_int4(x), N, experts, E);
+  if (lane_shift == 4)
+    return apply(Int4Table{rows_of(packed, K / 2), scales16, zeros16, G, uint32_t(group_size / Int4Groups::kCols)}, x,
+                 permute_for_int4(x, false, 0.0f), N, experts, E);
+  return apply(Int4Fp32{groups}, x, permute_for_int4(x, true, zeros16 ? 1.0f : -24.0f), N, experts, E);
 }
 
 // The sum of an fp32 tensor, streamed as the weights are (prefetched into L2 8 KiB ahead): the benchmark's measure
