@@ -365,14 +365,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
                        const std::optional<at::Tensor>& experts) {
   const int64_t K = q.size(-1), N = q.size(-2), E = experts ? q.size(0) : 1;
   check(x, q, K, experts);
-  TORCH_CHECK(q.scalar_type() == at::kChar && scale.is_contiguous() &&
-                  (scale.scalar_type() == at::kFloat && scale.numel() == E * N ||
-                   scale.scalar_type() == at::kHalf && scale.numel() % (E * N) == 0 && scale.numel() > 0),
-              "int8 weights need int8 qweight and a contiguous scale: float32 (", experts ? "E, " : "",
-              "N) per row, or float16 (", experts ? "E, " : "", "N, G) per group");
-  if (scale.scalar_type() == at::kHalf) {
-    const int64_t G = scale.numel() / (E * N);
-    TORCH_CHECK(K % G == 0 && (K / G) % 32 == 0, "int8 groups must be a multiple of 32 columns that divides K");
+  if (const int64_t G = mixtral_plan::int8_groups(q, scale, bool(experts))) {
     const Int8Groups f{rows_of(q, K), static_cast<const uint16_t*>(scale.data_ptr()), G, K / G / 32};
     return apply_plain(f, x, N, experts, E);
   }
@@ -383,14 +376,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& experts) {
   const int64_t K = packed.size(-1) * 2, N = packed.size(-2), E = experts ? packed.size(0) : 1;
   check(x, packed, K, experts);
-  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
-              "group_size must be a multiple of 32 that divides K");
-  const int64_t G = K / group_size;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
-                  zeros.scalar_type() == at::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
-                  scales.numel() == E * N * G && (zeros.numel() == E * N * G || zeros.numel() == 0),
-              "int4 weights need uint8 packed and contiguous float16 scales and zeros (", experts ? "E, " : "",
-              "N, K / group_size); zeros empty for symmetric int4");
+  const int64_t G = mixtral_plan::int4_groups(packed, scales, zeros, group_size, group_size % 32 == 0,
+                                              "a multiple of 32", bool(experts));
   const auto* scales16 = static_cast<const uint16_t*>(scales.data_ptr());
   const bool symmetric = zeros.numel() == 0;
   const Format rows = rows_of(packed, K / 2);

@@ -74,6 +74,36 @@ inline void check(const at::Tensor& x, const at::Tensor& w, int64_t K, const std
                 "experts must be contiguous int64 (T, Kt)");
 }
 
+// linear_int8's weights checked (after check()): q int8 (E?, N, K), scale float32 (E?, N) per row or float16
+// (E?, N, G) per group of a multiple of 32 columns. Returns G, 0 for per-row scales.
+inline int64_t int8_groups(const at::Tensor& q, const at::Tensor& scale, bool routed) {
+  const int64_t K = q.size(-1), EN = q.numel() / std::max<int64_t>(1, K);
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.is_contiguous() &&
+                  (scale.scalar_type() == at::kFloat && scale.numel() == EN ||
+                   scale.scalar_type() == at::kHalf && scale.numel() % EN == 0 && scale.numel() > 0),
+              "int8 weights need int8 qweight and a contiguous scale: float32 (", routed ? "E, " : "",
+              "N) per row, or float16 (", routed ? "E, " : "", "N, G) per group");
+  if (scale.scalar_type() == at::kFloat) return 0;
+  const int64_t G = scale.numel() / EN;
+  TORCH_CHECK(K % G == 0 && (K / G) % 32 == 0, "int8 groups must be a multiple of 32 columns that divides K");
+  return G;
+}
+
+// linear_int4's weights checked (after check()): packed uint8 (E?, N, K/2), scales and zeros float16 (E?, N, G),
+// zeros empty for symmetric int4; group_size one the caller's kernels take. Returns G.
+inline int64_t int4_groups(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                           int64_t group_size, bool taken, const char* sizes, bool routed) {
+  const int64_t K = packed.size(-1) * 2, EN = packed.numel() / std::max<int64_t>(1, packed.size(-1));
+  TORCH_CHECK(taken && group_size > 0 && K % group_size == 0, "group_size must be ", sizes, ", and divide K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
+                  zeros.scalar_type() == at::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.numel() == EN * G && (zeros.numel() == EN * G || zeros.numel() == 0),
+              "int4 weights need uint8 packed and contiguous float16 scales and zeros (", routed ? "E, " : "",
+              "N, K / group_size); zeros empty for symmetric int4");
+  return G;
+}
+
 // (..., N) for x (..., K), or (T, Kt, N) with experts.
 inline std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& experts) {
   if (experts) return {x.size(0), experts->size(1), N};
