@@ -1,7 +1,8 @@
 // Matrix-vector kernels for CPU decoding: y[m] = W x[m] for a few rows x[m], each weight read once from memory.
 //
-// Built at first use by mixtral/kernels/cpu.py with the AVX512 flags of the running CPU (AVX512F/BW/VL/DQ, plus
-// AVX512_BF16 where present); the Python API, its fallbacks and the weight layouts are in kernels/__init__.py.
+// Built at first use by mixtral/kernels/cpu.py for the AVX-512 levels (AVX512F/BW/VL/DQ, plus VNNI and AVX512_BF16
+// by level; the levels below build matvec_portable.cpp instead); the Python API, its fallbacks and the weight
+// layouts are in kernels/__init__.py.
 // Shapes: M rows of x, K inputs, N outputs, E experts, T tokens, Kt experts per token, G = K / group_size.
 //
 // Every format reads a weight row as 64-byte chunks (16 fp32, 32 bf16, 64 int8 or 128 int4 columns) and widens
