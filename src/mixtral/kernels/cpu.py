@@ -4,9 +4,10 @@ version; picks the level at run time.
 Levels (lowest first on each architecture): avx2 (AVX2 + FMA + F16C), avx512 (AVX-512 F/BW/VL/DQ), avx512_vnni
 (+ VNNI: VPDPBUSD for the opt-in int8 activations), avx512_bf16 (+ AVX512_BF16: VDPBF16PS), and neon (aarch64).
 One library per level: the AVX-512 levels build matvec.cpp, the others matvec_portable.cpp; attention.cpp,
-prefill_attention.cpp, experts.cpp and matvec_q8.cpp (the opt-in int8 activations, x86 only) build at every level
-(vec.h). The best level the CPU has is used; MIXTRAL_ISA=LEVEL forces a lower one (tests, benchmarks). A level
-whose build fails falls back to the next lower one, and only where none builds to torch's ops.
+prefill_attention.cpp, experts.cpp, matvec_q8.cpp (the opt-in int8 activations, x86 only) and common.cpp
+(stream_sum, has_bf16_dot) build at every level (vec.h). The best level the CPU has is used; MIXTRAL_ISA=LEVEL
+forces a lower one (tests, benchmarks). A level whose build fails falls back to the next lower one, and only where
+none builds to torch's ops.
 
 The library goes to $MIXTRAL_CACHE/kernels (else ~/.cache/mixtral/kernels), in a folder named by the level and a hash
 of the source, flags and torch version: a cache shared between machines or environments never loads a library built
@@ -33,7 +34,8 @@ import torch
 from ..paths import cache_root
 
 _HERE = Path(__file__).parent
-_COMMON = ("attention.cpp", "prefill_attention.cpp", "experts.cpp", "matvec_q8.cpp", "vec.h", "plan.h")  # every level
+_COMMON = ("attention.cpp", "prefill_attention.cpp", "experts.cpp", "matvec_q8.cpp", "common.cpp", "vec.h",
+           "plan.h")  # built at every level
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,11 @@ def isa() -> str | None:
 def _extension() -> Any | None:
     if os.environ.get("MIXTRAL_KERNELS") == "0":
         return None
-    level = requested_level()
+    flags = cpu_flags()
+    level = requested_level(flags)
     if level is None:
         return None  # no level this CPU can run: the torch fallbacks are what it runs, nothing to warn about
-    levels = supported_levels()
+    levels = supported_levels(flags)
     for name in reversed(levels[:levels.index(level) + 1]):  # the requested level, then the lower ones
         try:
             ops = _build(name)

@@ -167,13 +167,13 @@ struct Int4Groups : Rows {
   int64_t G;
   int lane_shift;            // lane j's group in the chunk is j >> lane_shift: 2 for groups of 32, 3 for 64, 4 (one)
   int64_t chunks_per_group;  // groups of 128k columns: k, else 1
-  float c;                   // the constant the codes come with
   Int4Groups at_expert(int64_t e, int64_t N) const {
     return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift,
-            chunks_per_group, c};
+            chunks_per_group};
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
+  // The chunk's codes, and its lanes' scales and zero terms for codes that come with the constant c.
+  Chunk chunk_for(const uint8_t* p, int64_t n, int64_t s, float c) const {
     __m512 scale, zero;
     if (lane_shift == 4) {  // one group for the whole chunk: one value broadcast
       const int64_t g = n * G + uint32_t(s) / uint32_t(chunks_per_group);
@@ -198,7 +198,9 @@ struct Int4Groups : Rows {
 // (permute_for_int4): 8 fp32 vectors, vector v lane j column 8j + v, then the 16 lane sums.
 struct Int4Fp32 : Int4Groups {
   static constexpr int V = 9;
+  static constexpr float kOffset = 16.0f;  // c
   Int4Fp32 expert(int64_t e, int64_t N) const { return {at_expert(e, N)}; }
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return chunk_for(p, n, s, kOffset); }
   struct Unpacked {
     __m512 w[8];
   };
@@ -264,11 +266,13 @@ struct Int4Table : Rows {
 // * scale + zero, w.x = scale * that + (zero - 128 scale) * sum(x); symmetric int4 (zero = -8 scale) folds the second
 // term into the first: scale * (that - 136 sum(x)), the -136 sum(x) laid out with x. Dword lane j of a chunk sums
 // columns 8j..8j+7 (words 2j, 2j + 1: one 32-column block, j / 4), so per-lane scales and zeros come as in
-// Int4Groups (c = 128); x is laid out to match (permute_for_int4_bf16): 4 bf16 vectors, vector v word i column 4i + v, then the
-// 16 lane sums of x (times -136 when symmetric).
+// Int4Groups (c = 128); x is laid out to match (permute_for_int4_bf16): 4 bf16 vectors, vector v word i column
+// 4i + v, then the 16 lane sums of x (times -136 when symmetric).
 struct Int4Bf16 : Int4Groups {
   static constexpr int V = 5;
+  static constexpr float kOffset = 128.0f;  // c
   Int4Bf16 expert(int64_t e, int64_t N) const { return {at_expert(e, N)}; }
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return chunk_for(p, n, s, kOffset); }
   struct Unpacked {
     __m512i w[4];  // 128 bf16 weights (128 + code), in the order permute_for_int4_bf16 gives x
   };
@@ -537,47 +541,18 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   const auto* zeros16 = zeros.numel() ? static_cast<const uint16_t*>(zeros.data_ptr()) : nullptr;
   const int lane_shift = group_size == 32 ? 2 : group_size == 64 ? 3 : 4;  // see spread_groups
   const Int4Groups groups{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift,
-                          std::max<int64_t>(1, group_size / Int4Groups::kCols), 16.0f};
+                          std::max<int64_t>(1, group_size / Int4Groups::kCols)};
+  // symmetric: x's lane sums times -(c + 8), the codes' constant and Q4_0's zero point
 #ifdef __AVX512BF16__
-  if (x.scalar_type() == at::kBFloat16) {
-    Int4Bf16 f{groups};
-    f.c = 128.0f;
-    return apply(f, x, permute_for_int4_bf16(x, zeros16 ? 1.0f : -136.0f), N, experts, E);
-  }
+  if (x.scalar_type() == at::kBFloat16)
+    return apply(Int4Bf16{groups}, x, permute_for_int4_bf16(x, zeros16 ? 1.0f : -(Int4Bf16::kOffset + 8)), N, experts,
+                 E);
 #endif
   if (lane_shift == 4)
     return apply(Int4Table{rows_of(packed, K / 2), scales16, zeros16, G, uint32_t(group_size / Int4Groups::kCols)}, x,
                  permute_for_int4(x, false, 0.0f), N, experts, E);
-  return apply(Int4Fp32{groups}, x, permute_for_int4(x, true, zeros16 ? 1.0f : -24.0f), N, experts, E);
-}
-
-// The sum of an fp32 tensor, streamed as the weights are (prefetched into L2 8 KiB ahead): the benchmark's measure
-// of the memory's read bandwidth.
-double stream_sum(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() % 64 == 0,
-              "stream_sum takes a contiguous float32 tensor of 64k elements");
-  const float* p = t.data_ptr<float>();
-  std::vector<double> partial(at::get_num_threads(), 0.0);
-  at::parallel_for(0, t.numel() / 64, 1 << 12, [&](int64_t begin, int64_t end) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = begin; i < end; ++i) {
-      _mm_prefetch((const char*)(p + 64 * i) + 8192, _MM_HINT_T1);
-      for (int a = 0; a < 4; ++a) acc[a] = _mm512_add_ps(acc[a], _mm512_loadu_ps(p + 64 * i + 16 * a));
-    }
-    partial[at::get_thread_num()] += _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-  });
-  double sum = 0;
-  for (double s : partial) sum += s;
-  return sum;
-}
-
-bool has_bf16_dot() {
-#ifdef __AVX512BF16__
-  return true;
-#else
-  return false;
-#endif
+  return apply(Int4Fp32{groups}, x, permute_for_int4(x, true, zeros16 ? 1.0f : -(Int4Fp32::kOffset + 8)), N,
+               experts, E);
 }
 
 }  // namespace
@@ -586,8 +561,6 @@ TORCH_LIBRARY(mixtral_kernels, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? experts, bool dot) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? experts) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor");
-  m.def("has_bf16_dot() -> bool", &has_bf16_dot);
-  m.def("stream_sum(Tensor t) -> float", &stream_sum);
 }
 
 TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) {

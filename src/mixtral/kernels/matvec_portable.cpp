@@ -388,28 +388,6 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   return apply(Int4Zeros{{rows, scales16, static_cast<const uint16_t*>(zeros.data_ptr()), G, group_size / 32}}, x, xf,
                N, experts, E);
 }
-
-// The sum of an fp32 tensor, streamed as the weights are: the benchmark's measure of the memory's read bandwidth.
-double stream_sum(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() % 64 == 0,
-              "stream_sum takes a contiguous float32 tensor of 64k elements");
-  const float* p = t.data_ptr<float>();
-  std::vector<double> partial(simd::num_threads(), 0.0);
-  simd::parallel_for(0, t.numel() / 64, 1 << 12, [&](int64_t begin, int64_t end) {
-    V acc[4] = {simd::zero(), simd::zero(), simd::zero(), simd::zero()};
-    for (int64_t i = begin; i < end; ++i) {
-      simd::prefetch(p + 64 * i + 2048);
-      for (int j = 0; j < 64 / W; ++j) acc[j % 4] = simd::add(acc[j % 4], simd::load(p + 64 * i + W * j));
-    }
-    partial[simd::thread_num()] +=
-        simd::reduce_add(simd::add(simd::add(acc[0], acc[1]), simd::add(acc[2], acc[3])));
-  });
-  double sum = 0;
-  for (double s : partial) sum += s;
-  return sum;
-}
-
-bool has_bf16_dot() { return false; }
 #endif
 
 }  // namespace mixtral_matvec
@@ -419,8 +397,6 @@ TORCH_LIBRARY(mixtral_kernels, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? experts, bool dot) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? experts) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor");
-  m.def("has_bf16_dot() -> bool", &mixtral_matvec::has_bf16_dot);
-  m.def("stream_sum(Tensor t) -> float", &mixtral_matvec::stream_sum);
 }
 
 TORCH_LIBRARY_IMPL(mixtral_kernels, CPU, m) {

@@ -92,7 +92,7 @@ template <bool Int4, int MB, int R, class O>
 void tile(const uint8_t* rows0, int64_t row_bytes, const uint16_t* scales, int64_t G, int64_t n0,
           const uint8_t* const* x, O* const* y, std::vector<float>& d) {
   constexpr int64_t block_bytes = Int4 ? 16 : 32;
-  d.resize(MB * R * (G + 8));
+  d.resize(MB * R * G);
   float bias[MB][R];  // Q4_0's sum over blocks of d * -8 sum(xq)
   for (int m = 0; m < MB; ++m) {
     const auto* xs = reinterpret_cast<const float*>(x[m] + 32 * G);
