@@ -263,7 +263,8 @@ def test_quantize_int4_rejects_bad_shapes():
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 65])
 @pytest.mark.parametrize("k, group_size, symmetric", [(512, 128, False), (512, 256, False), (192, 64, False),
                                                       (576, 32, False), (160, 32, False), (96, 48, False),
-                                                      (576, 32, True), (160, 32, True), (512, 128, True)])
+                                                      (576, 32, True), (160, 32, True), (512, 128, True),
+                                                      (192, 64, True), (512, 256, True)])
 def test_linear_int4(dtype, m, k, group_size, symmetric):
     x = randn(m, k, dtype=dtype)
     packed, scales, zeros = kernels.quantize_int4(randn(37, k, seed=1), group_size, symmetric)

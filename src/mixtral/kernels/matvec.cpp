@@ -114,7 +114,9 @@ struct Int8 : Fp32 {
 
 // int8 codes in groups of a multiple of 32 columns (llama.cpp's Q8_0: blocks of 32), an fp16 scale each. A chunk's
 // halves (columns 64s..64s+31, 64s+32..64s+63) each lie in one group: vectors 0-1 take the first's scale, 2-3 the
-// second's, multiplied into the widened codes.
+// second's, multiplied into the widened codes. kBlocks32: groups of 32 (Q8_0), the halves' groups 2s and 2s + 1
+// without a division (two run-time divisions a chunk and row cost 15% from L3, measured).
+template <bool kBlocks32>
 struct Int8Groups : Fp32 {
   static constexpr int kCols = 64, V = 4;
   struct Chunk {
@@ -127,8 +129,9 @@ struct Int8Groups : Fp32 {
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
   Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const {
     const uint16_t* row = scales + n * G;  // a last half chunk (K = 32 mod 64) has no second group: its x is zero
-    const int64_t second = std::min(G - 1, (64 * s + 32) / group_size);
-    return {p, {broadcast_half(row[64 * s / group_size]), broadcast_half(row[second])}};
+    const int64_t first = kBlocks32 ? 2 * s : 64 * s / group_size;
+    const int64_t second = std::min(G - 1, kBlocks32 ? 2 * s + 1 : (64 * s + 32) / group_size);
+    return {p, {broadcast_half(row[first]), broadcast_half(row[second])}};
   }
   static __m512 weights(const Chunk& w, int v) {
     const __m128i codes = _mm_loadu_si128((const __m128i*)(w.codes + 16 * v));
@@ -136,26 +139,34 @@ struct Int8Groups : Fp32 {
   }
 };
 
-// Lane j (columns 8j..8j+7 of a 128-column chunk) gets value j >> lane_shift of the chunk's groups, which start at p
-// with `left` of them left in the row (none read past it): per-lane scales or zeros for groups of 32 (shift 2), 64
-// (3), or 128 and more (4: one value in every lane).
-inline __m512 spread_groups(const uint16_t* p, int64_t left, int lane_shift) {
-  const __mmask16 valid = (__mmask16)((1u << std::min<int64_t>(16 >> lane_shift, left)) - 1);
+// Lane j (columns 8j..8j+7 of a 128-column chunk) gets value j >> kShift of the chunk's groups, which start at p
+// with `left` of them left in the row (none read past it): per-lane scales or zeros for groups of 32 (kShift 2) or
+// 64 (3).
+template <int kShift>
+inline __m512 spread_groups(const uint16_t* p, int64_t left) {
+  constexpr int64_t kGroups = 16 >> kShift;  // groups a chunk
+  const __mmask16 valid = left >= kGroups ? __mmask16((1u << kGroups) - 1) : __mmask16((1u << left) - 1);
   const __m512i lane_group =
-      _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), lane_shift);
+      _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), kShift);
   return _mm512_permutexvar_ps(lane_group, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p)));
 }
 
 // int4 codes, two a byte (column 2i in the low nibble of byte i), in 128-column chunks of 64 bytes: dword j holds
 // columns 8j..8j+7, column 8j+v in bits 4v..4v+3. Any group size the kernels take (32, 64, 128k): lane j (columns
-// 8j..8j+7) lies in one group, j >> lane_shift of the chunk, so each lane takes its own group's scale and zero
+// 8j..8j+7) lies in one group, j >> kShift of the chunk, so each lane takes its own group's scale and zero
 // (spread_groups) and a chunk's products are summed per lane before the scale is applied, once a chunk. The codes
 // become numbers by bit operations only, as a constant plus the code (c + q, below); with w = q * scale + zero,
 // w.x = scale * sum((c + q) x) + (zero - c scale) * sum(x), and symmetric int4 (zero = -8 scale) folds the second
 // term into the first: scale * (sum((c + q) x) - (c + 8) sum(x)), the -(c + 8) sum(x) laid out with x. x is permuted
 // to match (permute_for_int4*), then each chunk's 16 lane sums of x. K need not be a multiple of 128: the last
 // chunk's missing codes are zero, times x padded with zeros.
+// kShift (2: groups of 32, 3: 64, 4: 128k, one group a chunk) and kSym (no zeros) are template arguments, so that
+// a chunk's scales take a few vector instructions and no branches: as run-time values they doubled the
+// instructions a chunk and halved the kernel's speed from L3 (measured, session 28).
+template <int kShift, bool kSym>
 struct Int4Groups : Rows {
+  static constexpr int kShiftArg = kShift;
+  static constexpr bool kSymArg = kSym;
   static constexpr int kCols = 128;
   static constexpr bool kPaddedX = true, kWholeChunk = true;
   struct Chunk {
@@ -163,44 +174,47 @@ struct Int4Groups : Rows {
     __m512 scale, zero;  // per lane: the group's scale, and zero - c scale (unused when symmetric)
   };
   const uint16_t* scales;  // fp16
-  const uint16_t* zeros;  // null: symmetric
+  const uint16_t* zeros;   // null when kSym
   int64_t G;
-  int lane_shift;            // lane j's group in the chunk is j >> lane_shift: 2 for groups of 32, 3 for 64, 4 (one)
   int64_t chunks_per_group;  // groups of 128k columns: k, else 1
   Int4Groups at_expert(int64_t e, int64_t N) const {
-    return {Rows::expert(e, N), scales + e * N * G, zeros ? zeros + e * N * G : nullptr, G, lane_shift,
-            chunks_per_group};
+    return {Rows::expert(e, N), scales + e * N * G, kSym ? nullptr : zeros + e * N * G, G, chunks_per_group};
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
   // The chunk's codes, and its lanes' scales and zero terms for codes that come with the constant c.
   Chunk chunk_for(const uint8_t* p, int64_t n, int64_t s, float c) const {
     __m512 scale, zero;
-    if (lane_shift == 4) {  // one group for the whole chunk: one value broadcast
+    if constexpr (kShift == 4) {  // one group for the whole chunk: one value broadcast
       const int64_t g = n * G + uint32_t(s) / uint32_t(chunks_per_group);
       scale = broadcast_half(scales[g]);
-      zero = zeros ? broadcast_half(zeros[g]) : scale;
+      if constexpr (!kSym) zero = broadcast_half(zeros[g]);
     } else {  // groups of 32 or 64 (chunks_per_group is 1)
-      const int64_t g0 = s * (16 >> lane_shift);
-      scale = spread_groups(scales + n * G + g0, G - g0, lane_shift);
-      zero = zeros ? spread_groups(zeros + n * G + g0, G - g0, lane_shift) : scale;
+      const int64_t g0 = s * (16 >> kShift);
+      scale = spread_groups<kShift>(scales + n * G + g0, G - g0);
+      if constexpr (!kSym) zero = spread_groups<kShift>(zeros + n * G + g0, G - g0);
     }
-    return {_mm512_loadu_si512(p), scale, zeros ? _mm512_fnmadd_ps(_mm512_set1_ps(c), scale, zero) : scale};
+    if constexpr (kSym) return {_mm512_loadu_si512(p), scale, scale};
+    else return {_mm512_loadu_si512(p), scale, _mm512_fnmadd_ps(_mm512_set1_ps(c), scale, zero)};
   }
   // Per-lane sums in `part` (started at x's lane sums when symmetric) -> acc + scale * part (+ zero term).
-  __m512 finish_chunk(__m512 acc, const Chunk& ch, __m512 part, __m512 sums) const {
+  static __m512 finish_chunk(__m512 acc, const Chunk& ch, __m512 part, __m512 sums) {
     acc = _mm512_fmadd_ps(part, ch.scale, acc);
-    return zeros ? _mm512_fmadd_ps(ch.zero, sums, acc) : acc;
+    if constexpr (kSym) return acc;
+    else return _mm512_fmadd_ps(ch.zero, sums, acc);
   }
 };
 
 // int4 times fp32 x (AVX-512 without BF16, or fp32 x): vector v holds code v of every dword moved to the top 4
 // mantissa bits of an fp32 16.0 (a shift and one VPTERNLOG), the value 16 + q: c = 16, 16 products an FMA. x's layout
 // (permute_for_int4): 8 fp32 vectors, vector v lane j column 8j + v, then the 16 lane sums.
-struct Int4Fp32 : Int4Groups {
+template <int kShift, bool kSym>
+struct Int4Fp32 : Int4Groups<kShift, kSym> {
+  using Base = Int4Groups<kShift, kSym>;
+  using Chunk = typename Base::Chunk;
   static constexpr int V = 9;
   static constexpr float kOffset = 16.0f;  // c
-  Int4Fp32 expert(int64_t e, int64_t N) const { return {at_expert(e, N)}; }
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return chunk_for(p, n, s, kOffset); }
+  Int4Fp32 expert(int64_t e, int64_t N) const { return {this->at_expert(e, N)}; }
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return this->chunk_for(p, n, s, kOffset); }
   struct Unpacked {
     __m512 w[8];
   };
@@ -216,14 +230,14 @@ struct Int4Fp32 : Int4Groups {
   }
   __m512 dot(__m512 acc, const Chunk& ch, const Unpacked& u, const uint8_t* x) const {
     const __m512 sums = _mm512_loadu_ps(x + 512);
-    __m512 a = _mm512_fmadd_ps(u.w[0], _mm512_loadu_ps(x), zeros ? _mm512_setzero_ps() : sums);
+    __m512 a = _mm512_fmadd_ps(u.w[0], _mm512_loadu_ps(x), kSym ? sums : _mm512_setzero_ps());
     __m512 b = _mm512_mul_ps(u.w[1], _mm512_loadu_ps(x + 64));
     UNROLL
     for (int v = 2; v < 8; v += 2) {
       a = _mm512_fmadd_ps(u.w[v], _mm512_loadu_ps(x + 64 * v), a);
       b = _mm512_fmadd_ps(u.w[v + 1], _mm512_loadu_ps(x + 64 * v + 64), b);
     }
-    return finish_chunk(acc, ch, _mm512_add_ps(a, b), sums);
+    return Base::finish_chunk(acc, ch, _mm512_add_ps(a, b), sums);
   }
 };
 
@@ -268,11 +282,14 @@ struct Int4Table : Rows {
 // columns 8j..8j+7 (words 2j, 2j + 1: one 32-column block, j / 4), so per-lane scales and zeros come as in
 // Int4Groups (c = 128); x is laid out to match (permute_for_int4_bf16): 4 bf16 vectors, vector v word i column
 // 4i + v, then the 16 lane sums of x (times -136 when symmetric).
-struct Int4Bf16 : Int4Groups {
+template <int kShift, bool kSym>
+struct Int4Bf16 : Int4Groups<kShift, kSym> {
+  using Base = Int4Groups<kShift, kSym>;
+  using Chunk = typename Base::Chunk;
   static constexpr int V = 5;
   static constexpr float kOffset = 128.0f;  // c
-  Int4Bf16 expert(int64_t e, int64_t N) const { return {at_expert(e, N)}; }
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return chunk_for(p, n, s, kOffset); }
+  Int4Bf16 expert(int64_t e, int64_t N) const { return {this->at_expert(e, N)}; }
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return this->chunk_for(p, n, s, kOffset); }
   struct Unpacked {
     __m512i w[4];  // 128 bf16 weights (128 + code), in the order permute_for_int4_bf16 gives x
   };
@@ -287,11 +304,11 @@ struct Int4Bf16 : Int4Groups {
   // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x), in two chains.
   __m512 dot(__m512 acc, const Chunk& c, const Unpacked& u, const uint8_t* x) const {
     const __m512 sums = _mm512_loadu_ps(x + 256);
-    __m512 a = _mm512_dpbf16_ps(zeros ? _mm512_setzero_ps() : sums, (__m512bh)u.w[0], (__m512bh)_mm512_loadu_ps(x));
+    __m512 a = _mm512_dpbf16_ps(kSym ? sums : _mm512_setzero_ps(), (__m512bh)u.w[0], (__m512bh)_mm512_loadu_ps(x));
     __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u.w[1], (__m512bh)_mm512_loadu_ps(x + 64));
     a = _mm512_dpbf16_ps(a, (__m512bh)u.w[2], (__m512bh)_mm512_loadu_ps(x + 128));
     b = _mm512_dpbf16_ps(b, (__m512bh)u.w[3], (__m512bh)_mm512_loadu_ps(x + 192));
-    return finish_chunk(acc, c, _mm512_add_ps(a, b), sums);
+    return Base::finish_chunk(acc, c, _mm512_add_ps(a, b), sums);
   }
 };
 #endif
@@ -308,17 +325,18 @@ inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* 
   // One chunk: weights w[r] (64 bytes of row r) times x chunks xs[m] (64 V bytes of x row m).
   auto step = [&](int64_t s, const uint8_t* const* w, const uint8_t* const* xs) __attribute__((always_inline)) {
     const int64_t g = f.group(s);
-    typename F::Chunk chunks[R];
-    UNROLL
-    for (int r = 0; r < R; ++r) chunks[r] = f.chunk(w[r], n0 + r, g);
     if constexpr (F::kWholeChunk) {  // a row's chunk unpacked once for all rows of x, which dot() reads from L1
       UNROLL
-      for (int r = 0; r < R; ++r) {
-        const typename F::Unpacked wr = F::unpack(chunks[r]);
+      for (int r = 0; r < R; ++r) {  // one row's chunk at a time: R chunks at once would not fit the registers
+        const typename F::Chunk chunk = f.chunk(w[r], n0 + r, g);
+        const typename F::Unpacked wr = F::unpack(chunk);
         UNROLL
-        for (int m = 0; m < MB; ++m) acc[m][r] = f.dot(acc[m][r], chunks[r], wr, xs[m]);
+        for (int m = 0; m < MB; ++m) acc[m][r] = f.dot(acc[m][r], chunk, wr, xs[m]);
       }
     } else {
+      typename F::Chunk chunks[R];
+      UNROLL
+      for (int r = 0; r < R; ++r) chunks[r] = f.chunk(w[r], n0 + r, g);
       UNROLL
       for (int v = 0; v < F::V; ++v) {
         __m512 xv[MB];
@@ -455,8 +473,10 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const int64_t K = q.size(-1), N = q.size(-2), E = experts ? q.size(0) : 1;
   check(x, q, K, experts);
   if (const int64_t G = mixtral_plan::int8_groups(q, scale, bool(experts))) {
-    const Int8Groups f{{rows_of(q, K)}, static_cast<const uint16_t*>(scale.data_ptr()), G, K / G};
-    return apply(f, x, rows_as(x, at::kFloat), N, experts, E);
+    const auto* scales16 = static_cast<const uint16_t*>(scale.data_ptr());
+    if (K / G == 32)
+      return apply(Int8Groups<true>{{rows_of(q, K)}, scales16, G, 32}, x, rows_as(x, at::kFloat), N, experts, E);
+    return apply(Int8Groups<false>{{rows_of(q, K)}, scales16, G, K / G}, x, rows_as(x, at::kFloat), N, experts, E);
   }
   const Int8 f{{rows_of(q, K)}, scale.data_ptr<float>()};
   return apply(f, x, rows_as(x, at::kFloat), N, experts, E);
@@ -530,29 +550,52 @@ at::Tensor permute_for_int4_bf16(const at::Tensor& x, float sum_scale) {
 }
 #endif
 
+// Calls fn with Int4Groups<kShift, kSym> for the group size and zeros, as f(groups).
+template <class Fn>
+at::Tensor with_int4_groups(int64_t group_size, bool sym, const Rows& rows, const uint16_t* scales,
+                            const uint16_t* zeros, int64_t G, const Fn& fn) {
+  const int64_t per_group = std::max<int64_t>(1, group_size / 128);
+  auto pick = [&](auto shift) {
+    if (sym) return fn(Int4Groups<decltype(shift)::value, true>{rows, scales, nullptr, G, per_group});
+    return fn(Int4Groups<decltype(shift)::value, false>{rows, scales, zeros, G, per_group});
+  };
+  if (group_size == 32) return pick(std::integral_constant<int, 2>{});
+  if (group_size == 64) return pick(std::integral_constant<int, 3>{});
+  return pick(std::integral_constant<int, 4>{});
+}
+
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& experts) {
   const int64_t K = packed.size(-1) * 2, N = packed.size(-2), E = experts ? packed.size(0) : 1;
   check(x, packed, K, experts);
-  const int64_t G = mixtral_plan::int4_groups(
-      packed, scales, zeros, group_size, group_size == 32 || group_size == 64 || group_size % Int4Groups::kCols == 0,
-      "32, 64 or a multiple of 128", bool(experts));
+  const int64_t G = mixtral_plan::int4_groups(packed, scales, zeros, group_size,
+                                              group_size == 32 || group_size == 64 || group_size % 128 == 0,
+                                              "32, 64 or a multiple of 128", bool(experts));
   const auto* scales16 = static_cast<const uint16_t*>(scales.data_ptr());
   const auto* zeros16 = zeros.numel() ? static_cast<const uint16_t*>(zeros.data_ptr()) : nullptr;
-  const int lane_shift = group_size == 32 ? 2 : group_size == 64 ? 3 : 4;  // see spread_groups
-  const Int4Groups groups{rows_of(packed, K / 2), scales16, zeros16, G, lane_shift,
-                          std::max<int64_t>(1, group_size / Int4Groups::kCols)};
+  const Rows rows = rows_of(packed, K / 2);
   // symmetric: x's lane sums times -(c + 8), the codes' constant and Q4_0's zero point
 #ifdef __AVX512BF16__
-  if (x.scalar_type() == at::kBFloat16)
-    return apply(Int4Bf16{groups}, x, permute_for_int4_bf16(x, zeros16 ? 1.0f : -(Int4Bf16::kOffset + 8)), N, experts,
-                 E);
+  if (x.scalar_type() == at::kBFloat16) {
+    const at::Tensor xk = permute_for_int4_bf16(x, zeros16 ? 1.0f : -(Int4Bf16<2, true>::kOffset + 8));
+    return with_int4_groups(group_size, !zeros16, rows, scales16, zeros16, G, [&](const auto& groups) {
+      using G_ = std::decay_t<decltype(groups)>;
+      return apply(Int4Bf16<G_::kShiftArg, G_::kSymArg>{groups}, x, xk, N, experts, E);
+    });
+  }
 #endif
-  if (lane_shift == 4)
-    return apply(Int4Table{rows_of(packed, K / 2), scales16, zeros16, G, uint32_t(group_size / Int4Groups::kCols)}, x,
+  if (group_size % 128 == 0)
+    return apply(Int4Table{rows, scales16, zeros16, G, uint32_t(group_size / 128)}, x,
                  permute_for_int4(x, false, 0.0f), N, experts, E);
-  return apply(Int4Fp32{groups}, x, permute_for_int4(x, true, zeros16 ? 1.0f : -(Int4Fp32::kOffset + 8)), N,
-               experts, E);
+  const at::Tensor xk = permute_for_int4(x, true, zeros16 ? 1.0f : -(Int4Fp32<2, true>::kOffset + 8));
+  return with_int4_groups(group_size, !zeros16, rows, scales16, zeros16, G, [&](const auto& groups) -> at::Tensor {
+    using G_ = std::decay_t<decltype(groups)>;
+    if constexpr (G_::kShiftArg == 4) {
+      TORCH_CHECK(false, "unreachable: groups of 128k take the table");
+    } else {
+      return apply(Int4Fp32<G_::kShiftArg, G_::kSymArg>{groups}, x, xk, N, experts, E);
+    }
+  });
 }
 
 }  // namespace
