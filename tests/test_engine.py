@@ -174,6 +174,26 @@ def test_compiled_step_equals_eager(windowed):
         assert s.output == _alone(model, p, n)
 
 
+def test_compiled_engine_mixes_prompts_into_steps(windowed, monkeypatch):
+    """--compile: a prompt that arrives while rows decode goes through the step's one eager forward with them (the
+    mixed step), the steps without prompts through the compiled step; every sequence still equals generate()."""
+    model = windowed
+    work = _prompts(4, seed=5)
+    engine = BatchEngine(model, max_batch=4, compile=True)
+    mixed = []
+    monkeypatch.setattr(engine, "_mixed", lambda pack, f=engine._mixed: mixed.append(len(pack.ids)) or f(pack))
+    seqs = [Sequence(p, SamplingParams(max_tokens=n + 3)) for p, n in work]
+    engine.add([seqs[0]])
+    engine.step()  # prefilled alone
+    for s in seqs[1:]:
+        engine.step()  # compiled decode, then (from the second) a step with the next prompt
+        engine.add([s])
+    _run(engine)
+    assert len(mixed) == 3
+    for s, (p, n) in zip(seqs, work):
+        assert s.output == _alone(model, p, n + 3)
+
+
 def test_batch_buckets():
     assert batch_buckets(1) == [1]
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]

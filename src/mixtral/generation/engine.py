@@ -13,9 +13,10 @@ one forward (decode.run_mixed): every linear layer and the experts run over all 
 read once, and only attention runs apart (each row over its own slots, the pack over the scratch row). So streams
 keep producing while long prompts come in, and a prompt costs the running rows no second pass over the weights. A
 prompt's first token comes from the step that finishes its prefill; it decodes from the next. With nothing running,
-the prefill runs alone (a prompt alone in one piece is the very computation generate() does), and with `compile` the
-decode step is the compiled one, after the prefill. The decode step alone is forward_last with per-row positions,
-generate()'s own step.
+the prefill runs alone (a prompt alone in one piece is the very computation generate() does). With `compile`, a step
+with no prompt tokens runs the compiled decode step; a step with both stays one eager forward (its token count
+changes from step to step, and one pass over the weights beats the compiled step plus a second pass). The decode
+step alone is forward_last with per-row positions, generate()'s own step.
 
 A failure ends only what it touches: one sequence's sampling that raises finishes that sequence with "error"; a
 step's combined forward that raises is run again as two (the prompts, then the rows); a forward that raises then
@@ -206,13 +207,13 @@ class BatchEngine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Drop aborted sequences; then one forward over the next token of every running row and up to
-        ~prefill_chunk prompt tokens together (compiled: the prefill, then the compiled decode step); returns what
-        each sequence got, in order. A forward that fails finishes its sequences with "error" and sets step_error
+        ~prefill_chunk prompt tokens together (eager, also when compiled); returns what each sequence got, in
+        order. A forward that fails finishes its sequences with "error" and sets step_error
         (None after a step whose forwards ran)."""
         self.step_error = None
         events = self._drop_aborted()
         pack = self._plan_prefill()
-        if self.running and pack is not None and not self.compiled:
+        if self.running and pack is not None:
             return events + self._mixed(pack)
         if pack is not None:
             events += self._prefill(pack)
