@@ -194,6 +194,24 @@ def test_compiled_engine_mixes_prompts_into_steps(windowed, monkeypatch):
         assert s.output == _alone(model, p, n + 3)
 
 
+def test_warm_up_compiles_every_bucket(windowed):
+    """--compile: warm_up() compiles the step of every batch bucket, so that serving compiles nothing later."""
+    from torch._dynamo.utils import counters
+
+    engine = BatchEngine(windowed, max_batch=3, compile=True)
+    said: list[str] = []
+    engine.warm_up(report=said.append)
+    assert len(said) == len(engine.buckets) == 3
+    graphs = counters["stats"]["unique_graphs"]
+    seqs = [Sequence(p, SamplingParams(max_tokens=n)) for p, n in _prompts(3, seed=7)]
+    for s in seqs:  # batches of 1, 2 and 3 rows, then fewer as they finish
+        engine.add([s])
+        engine.step()
+    _run(engine)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(s.output == _alone(windowed, s.prompt, s.params.max_tokens) for s in seqs)
+
+
 def test_batch_buckets():
     assert batch_buckets(1) == [1]
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]

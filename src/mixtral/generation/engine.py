@@ -196,6 +196,21 @@ class BatchEngine:
             s.finish_reason, s.error = "error", error
         return [TokenEvent(s, None, len(s.output), finish_reason="error") for s in seqs]
 
+    def warm_up(self, report: Any = None) -> None:
+        """compile=True on CPU: compile the decode step for every batch bucket now, rather than when a step first
+        has that many rows (inductor takes ~20-30 s a shape for the bench model, and every running request would
+        wait for it). Each bucket's step runs once over free rows, writing their slot 0, which a sequence that takes
+        a row later writes again first. report(msg): told before each bucket. A no-op otherwise, or with rows
+        running."""
+        if not self.compiled or self.graphs or self.running:
+            return
+        step = compiled_forward_last(self.model)
+        for b in self.buckets:
+            if report is not None:
+                report(f"compiling the decode step for {b} row{'s' if b > 1 else ''} (buckets {self.buckets})")
+            zeros = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            step(self.model, zeros, zeros, zeros, None, self.cache.rows(slice(0, b), self.max_len), False, self.max_len)
+
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.prefilling or self._aborted)
 

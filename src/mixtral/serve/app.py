@@ -115,6 +115,8 @@ class ServerState:
                 from ..parallel.mirror import Leader
 
                 engine = Leader(engine)
+            else:  # --compile: every batch bucket's step compiled before the first request (/health: loading)
+                engine.warm_up(report=lambda msg: log.info("%s", msg))
             cfg = getattr(model, "generation_config", None)
             eos = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else tok.eos_token_id
             self.eos = tuple([] if eos is None else [eos] if isinstance(eos, int) else eos)
