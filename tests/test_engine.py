@@ -194,10 +194,12 @@ def test_compiled_engine_mixes_prompts_into_steps(windowed, monkeypatch):
         assert s.output == _alone(model, p, n + 3)
 
 
-def test_warm_up_compiles_every_bucket(windowed):
-    """--compile: warm_up() compiles the step of every batch bucket, so that serving compiles nothing later."""
+def test_warm_up_compiles_every_bucket(tmp_path_factory):
+    """--compile: warm_up() (called with grad enabled, as the server's loading thread does) compiles the step of
+    every batch bucket, so that serving compiles nothing later."""
     from torch._dynamo.utils import counters
 
+    windowed = _build(tmp_path_factory, 6)  # its own model: no step compiled by another test
     engine = BatchEngine(windowed, max_batch=3, compile=True)
     said: list[str] = []
     engine.warm_up(report=said.append)

@@ -196,6 +196,7 @@ class BatchEngine:
             s.finish_reason, s.error = "error", error
         return [TokenEvent(s, None, len(s.output), finish_reason="error") for s in seqs]
 
+    @torch.no_grad()  # as step(): dynamo guards on the grad mode, so a step compiled with grad on is not reused
     def warm_up(self, report: Any = None) -> None:
         """compile=True on CPU: compile the decode step for every batch bucket now, rather than when a step first
         has that many rows (inductor takes ~20-30 s a shape for the bench model, and every running request would
@@ -208,8 +209,10 @@ class BatchEngine:
         for b in self.buckets:
             if report is not None:
                 report(f"compiling the decode step for {b} row{'s' if b > 1 else ''} (buckets {self.buckets})")
-            zeros = torch.zeros(b, 1, dtype=torch.long, device=self.device)
-            step(self.model, zeros, zeros, zeros, None, self.cache.rows(slice(0, b), self.max_len), False, self.max_len)
+            # as _decode calls it: ids apart, the positions twice (dynamo guards on which inputs alias)
+            ids, positions = (torch.zeros(b, 1, dtype=torch.long, device=self.device) for _ in range(2))
+            step(self.model, ids, positions, positions, None, self.cache.rows(slice(0, b), self.max_len), False,
+                 self.max_len)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.prefilling or self._aborted)
