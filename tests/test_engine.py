@@ -231,6 +231,12 @@ def test_rows_write_their_own_slots():
         for s in range(2):
             expected[b, :, pos[b, s]] = new[b, :, s]
     assert torch.equal(buf, expected)
+    rows = torch.zeros(5, 2, 10, 4)  # rows 2 and 3 of a larger buffer, addressed from row_start
+    write_slots(rows, new[:2], pos[:2], row_start=2)
+    assert torch.equal(rows[2:4], expected[:2]) and not rows[[0, 1, 4]].any()
+    flat = torch.zeros(4, 2, 10, 4)  # one set of slots for every row
+    write_slots(flat, new[:2], torch.tensor([3, 7]), row_start=1)
+    assert torch.equal(flat[1:3, :, [3, 7]], new[:2]) and flat.count_nonzero() == new[:2].count_nonzero()
     cache = StaticCache(1, 3, 10, 2, 4, torch.float32, "cpu")
     cache.keys[0].copy_(buf)
     cache.copy_row(cache, 2, 0, 10)

@@ -114,8 +114,8 @@ struct Int8 : Fp32 {
 
 // int8 codes in groups of a multiple of 32 columns (llama.cpp's Q8_0: blocks of 32), an fp16 scale each. A chunk's
 // halves (columns 64s..64s+31, 64s+32..64s+63) each lie in one group: vectors 0-1 take the first's scale, 2-3 the
-// second's, multiplied into the widened codes. kBlocks32: groups of 32 (Q8_0), the halves' groups 2s and 2s + 1
-// without a division (two run-time divisions a chunk and row cost 15% from L3, measured).
+// second's, multiplied into the widened codes. kBlocks32: groups of 32 (Q8_0), the halves' groups 2s and 2s + 1,
+// with no division a chunk and row (as Int4Groups: the loop's run-time arithmetic is what the kernels can spare).
 template <bool kBlocks32>
 struct Int8Groups : Fp32 {
   static constexpr int kCols = 64, V = 4;
@@ -161,8 +161,8 @@ inline __m512 spread_groups(const uint16_t* p, int64_t left) {
 // to match (permute_for_int4*), then each chunk's 16 lane sums of x. K need not be a multiple of 128: the last
 // chunk's missing codes are zero, times x padded with zeros.
 // kShift (2: groups of 32, 3: 64, 4: 128k, one group a chunk) and kSym (no zeros) are template arguments, so that
-// a chunk's scales take a few vector instructions and no branches: as run-time values they doubled the
-// instructions a chunk and halved the kernel's speed from L3 (measured, session 28).
+// a chunk's scales take a few vector instructions and no branches: as run-time values they made ~55 instructions
+// a row and chunk where ~20 do, and the kernel read 17-22 GB/s from L3 instead of 36 (2 threads, session 28).
 template <int kShift, bool kSym>
 struct Int4Groups : Rows {
   static constexpr int kShiftArg = kShift;
