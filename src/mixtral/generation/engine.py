@@ -33,7 +33,7 @@ import itertools
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -197,7 +197,7 @@ class BatchEngine:
         return [TokenEvent(s, None, len(s.output), finish_reason="error") for s in seqs]
 
     @torch.no_grad()  # as step(): dynamo guards on the grad mode, so a step compiled with grad on is not reused
-    def warm_up(self, report: Any = None) -> None:
+    def warm_up(self, report: Callable[[str], None] | None = None) -> None:
         """compile=True on CPU: compile the decode step for every batch bucket now, rather than when a step first
         has that many rows (inductor takes ~20-30 s a shape for the bench model, and every running request would
         wait for it). Each bucket's step runs once over free rows, writing their slot 0, which a sequence that takes
