@@ -230,6 +230,10 @@ def test_budgets_and_misuse_are_clear_errors(folder, tmp_path):
     with pytest.warns(UserWarning, match="decoding eagerly"):
         out = model.generate(IDS[:, :5], max_new_tokens=4, do_sample=False, compile=True)
     assert torch.equal(out, resident.generate(IDS[:, :5], max_new_tokens=4, do_sample=False))
+    said: list[str] = []  # serve --compile's warm-up: nothing to compile, so no step run (no expert read) for it
+    before = model.offload_stats()["bytes_read"]
+    BatchEngine(model, max_batch=2, compile=True).warm_up(report=said.append)
+    assert said == [] and model.offload_stats()["bytes_read"] == before
 
 
 # ---- memory, in a process of its own -----------------------------------------------------------------------

@@ -206,6 +206,8 @@ class BatchEngine:
         if not self.compiled or self.graphs or self.running:
             return
         step = compiled_forward_last(self.model)
+        if step is forward_last:  # nothing to compile (offloaded experts decode eagerly): no steps run for nothing
+            return
         for b in self.buckets:
             if report is not None:
                 report(f"compiling the decode step for {b} row{'s' if b > 1 else ''} (buckets {self.buckets})")
