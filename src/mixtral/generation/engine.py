@@ -211,10 +211,8 @@ class BatchEngine:
         for b in self.buckets:
             if report is not None:
                 report(f"compiling the decode step for {b} row{'s' if b > 1 else ''} (buckets {self.buckets})")
-            # as _decode calls it: ids apart, the positions twice (dynamo guards on which inputs alias)
             ids, positions = (torch.zeros(b, 1, dtype=torch.long, device=self.device) for _ in range(2))
-            step(self.model, ids, positions, positions, None, self.cache.rows(slice(0, b), self.max_len), False,
-                 self.max_len)
+            self._run_step(step, ids, positions, self.max_len)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.prefilling or self._aborted)
@@ -423,8 +421,7 @@ class BatchEngine:
         ids = torch.tensor(last, device=self.device)[:, None]  # (rows, 1)
         positions = torch.tensor(pos, device=self.device)[:, None]  # (rows, 1): slot = position
         try:
-            logits = step(self.model, ids, positions, positions, None, self.cache.rows(slice(0, rows), length),
-                          False, length)[:b]  # (B, V)
+            logits = self._run_step(step, ids, positions, length)[:b]  # (B, V)
             # one argmax for the rows that are plain greedy: a single read-back rather than one per row
             argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
         except Exception as e:  # noqa: BLE001 - every row of the step fails and is freed
@@ -433,6 +430,14 @@ class BatchEngine:
             self.running = []
             return events
         return self._decoded(logits, argmax, plain)
+
+    def _run_step(self, step: Callable[..., torch.Tensor], ids: torch.Tensor, positions: torch.Tensor,
+                  length: int) -> torch.Tensor:
+        """The decode step over the first len(ids) rows and `length` slots: ids and positions (rows, 1), a slot a
+        position. One call for _decode and warm_up: a compiled step's graph is reused only for inputs passed alike
+        (dynamo guards on which of them alias)."""
+        cache = self.cache.rows(slice(0, ids.shape[0]), length)
+        return step(self.model, ids, positions, positions, None, cache, False, length)
 
     def _decoded(self, logits: torch.Tensor, argmax: list[int], plain: list[bool]) -> list[TokenEvent]:
         """Each running row's token from its logits (B, V) (argmax: the plain greedy rows' choice, read back once);

@@ -52,7 +52,6 @@ inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull
 
 // int4 scales and zeros are fp16 (as llama.cpp's block scales): 16 fp32 copies of one.
 inline __m512 broadcast_half(uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16(short(h))); }
-// Symmetric int4 (zeros null: llama.cpp's Q4_0) has w = (q - 8) scale: the zero is -8 scale (exact in fp32).
 
 // ---- weight formats ------------------------------------------------------------------------------------------
 // kCols columns per 64-byte chunk of a row; V vectors of x (64 V bytes) per chunk. `chunk` makes what `weights`
@@ -550,7 +549,7 @@ at::Tensor permute_for_int4_bf16(const at::Tensor& x, float sum_scale) {
 }
 #endif
 
-// Calls fn with Int4Groups<kShift, kSym> for the group size and zeros, as f(groups).
+// fn(Int4Groups<kShift, kSym>{...}) for the group size and the zeros (none: symmetric), chosen once a call.
 template <class Fn>
 at::Tensor with_int4_groups(int64_t group_size, bool sym, const Rows& rows, const uint16_t* scales,
                             const uint16_t* zeros, int64_t G, const Fn& fn) {

@@ -5,8 +5,9 @@
 // value). kernels/__init__.py uses it only where MIXTRAL_INT8_ACTIVATIONS=1.
 //
 // x86 (AVX2 integer ops, at every x86 level): VPMADDUBSW multiplies unsigned codes by signed x in pairs, VPMADDWD
-// sums pairs into 8 int32 lanes (with VNNI, one VPDPBUSD does both). Q4_0: codes 0..15 as they are, their -8 taken out afterwards as -8 sum(xq) per block;
-// Q8_0: |w| times x with w's sign. Other architectures: has_int8_dot() is false (the float kernels run).
+// sums pairs into 8 int32 lanes (with VNNI, one VPDPBUSD does both). Q4_0: codes 0..15 as they are, their -8 taken
+// out afterwards as -8 sum(xq) per block; Q8_0: |w| times x with w's sign. Other architectures: has_int8_dot() is
+// false (the float kernels run).
 // Shapes: M rows of x, K inputs (a multiple of 32), N outputs, E experts, T tokens, Kt experts per token.
 #include "plan.h"
 #include "vec.h"
