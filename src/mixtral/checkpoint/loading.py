@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import hugepages
 from ..config import MixtralConfig, parse_dtype
 from .hub import hub_recipes, is_hub_folder, open_hub_folder
 from .mistral import is_mistral_folder, mistral_recipes, open_mistral_folder
@@ -75,7 +76,7 @@ def _assemble(recipe: Recipe, shape: torch.Size, source: Any, dtype: torch.dtype
             raise CheckpointError(f"shape mismatch for {part.key}{where}: checkpoint has {got}, model expects {want}")
     # Always a copy: a tensor read from a safetensors (or mmap'd .pth) file aliases the file's memory map, and one
     # such alias would keep the whole shard mapped, its page cache counted in RSS, for the model's lifetime.
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = hugepages.empty(shape, dtype, device)
     for part in recipe.parts:
         if sharding is None:
             t = source.load(part.key)

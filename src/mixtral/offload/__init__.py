@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import hugepages
 from ..checkpoint.placement import human_size, weight_bytes
 from ..checkpoint.source import CheckpointError
 from ..model.moe import Experts
@@ -70,11 +71,11 @@ def make_pool(experts: nn.Module, slots: int, dtype: torch.dtype, device: torch.
     tensor gets storage for `slots` experts (floats in `dtype`), unfilled."""
     for name, p in list(experts._parameters.items()):
         if p is not None:
-            experts._parameters[name] = nn.Parameter(torch.empty(slots, *p.shape[1:], dtype=dtype, device=device),
+            experts._parameters[name] = nn.Parameter(hugepages.empty((slots, *p.shape[1:]), dtype, device),
                                                      requires_grad=False)
     for name, b in list(experts._buffers.items()):
         if b is not None:
-            experts._buffers[name] = torch.empty(slots, *b.shape[1:], dtype=b.dtype, device=device)
+            experts._buffers[name] = hugepages.empty((slots, *b.shape[1:]), b.dtype, device)
     experts.num_experts = slots
     return experts
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from .. import hugepages, kernels
 from ..model.moe import Experts
 
 SCHEMES = ("int8", "int4")
@@ -20,11 +20,8 @@ PARTS = {"int8": ("qweight", "scale"), "int4": ("packed", "scales", "zeros")}  #
 
 def _quantize(w: torch.Tensor, scheme: str, group_size: int | None, symmetric: bool = False) -> dict[str, torch.Tensor]:
     """int8: per output row where group_size is None, else per group (fp16 scales); int4: per group."""
-    if scheme == "int8":
-        qweight, scale = kernels.quantize_int8(w, group_size)
-        return {"qweight": qweight, "scale": scale}
-    packed, scales, zeros = kernels.quantize_int4(w, group_size, symmetric)
-    return {"packed": packed, "scales": scales, "zeros": zeros}
+    parts = kernels.quantize_int8(w, group_size) if scheme == "int8" else kernels.quantize_int4(w, group_size, symmetric)
+    return {name: hugepages.moved(t) for name, t in zip(PARTS[scheme], parts)}  # per part: 2x its bytes for a moment
 
 
 def _empty(shape: tuple[int, ...], scheme: str, group_size: int | None, symmetric: bool = False,
@@ -32,13 +29,13 @@ def _empty(shape: tuple[int, ...], scheme: str, group_size: int | None, symmetri
     """Buffers of the right shapes, unfilled (for loading a quantized checkpoint); symmetric int4 has empty zeros."""
     *lead, n, k = shape
     if scheme == "int8":
-        scale = (torch.empty(*lead, n, device=device) if group_size is None
-                 else torch.empty(*lead, n, k // group_size, dtype=torch.float16, device=device))
-        return {"qweight": torch.empty(*lead, n, k, dtype=torch.int8, device=device), "scale": scale}
-    g = k // group_size
-    return {"packed": torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device),
-            "scales": torch.empty(*lead, n, g, dtype=torch.float16, device=device),
-            "zeros": torch.empty(*lead, n, 0 if symmetric else g, dtype=torch.float16, device=device)}
+        scale = ((*lead, n), torch.float32) if group_size is None else ((*lead, n, k // group_size), torch.float16)
+        parts = {"qweight": ((*lead, n, k), torch.int8), "scale": scale}
+    else:
+        g = k // group_size
+        parts = {"packed": ((*lead, n, k // 2), torch.uint8), "scales": ((*lead, n, g), torch.float16),
+                 "zeros": ((*lead, n, 0 if symmetric else g), torch.float16)}
+    return {name: hugepages.empty(s, dtype, device) for name, (s, dtype) in parts.items()}
 
 
 class _DequantizedLinear(torch.autograd.Function):
