@@ -8,7 +8,8 @@ loads it as it is stored (symmetric int4 and int8 in groups of 32, bf16 activati
 `tokens` tokens after a 16-token prompt (generate(), eager and with compile=True); llama.cpp runs `llama-bench -t 2
 -p 0 -n tokens -r 2` (its default build flags and its repacked Q4_0 layout: its strongest CPU form) from
 LLAMA_BIN (default /tmp/llama-bin, built by ../shared/tools/build-llama.sh). Each round runs every engine once,
-back to back; the figure to read is the median of the per-round ratios. Also printed: the kernels' share of a
+back to back; the figure to read is the median of the per-round ratios. --small-pages adds the same model loaded
+into 4 KiB pages (MIXTRAL_HUGEPAGES=0) as one more engine, for the huge pages' share. Also printed: the kernels' share of a
 step (torch.profiler over one eager generate) and the bytes a token reads, against the measured bandwidth.
 Writes benchmarks/out/int4_decode.json.
 """
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--small-pages", action="store_true",
+                    help="also a second copy of the model in 4 KiB pages (MIXTRAL_HUGEPAGES=0), compiled, each round")
     a = ap.parse_args()
     if not os.path.exists(GGUF_PATH):
         subprocess.run([sys.executable, os.path.join(C.HERE, "gguf_memory.py")], check=True)  # writes the file first
@@ -52,10 +55,17 @@ def main() -> None:
     import mixtral
 
     torch.set_num_threads(C.THREADS)
-    model = mixtral.MixtralForCausalLM.from_pretrained(GGUF_PATH, dtype=torch.bfloat16, progress=False).eval()
+    def load() -> torch.nn.Module:
+        return mixtral.MixtralForCausalLM.from_pretrained(GGUF_PATH, dtype=torch.bfloat16, progress=False).eval()
+
+    model = load()
+    if a.small_pages:
+        os.environ["MIXTRAL_HUGEPAGES"] = "0"
+        small_pages = load()
+        del os.environ["MIXTRAL_HUGEPAGES"]
     x = torch.arange(100, 100 + PROMPT)[None]
 
-    def ours(compile: bool) -> float:
+    def ours(compile: bool, model: torch.nn.Module = model) -> float:
         def gen(n: int) -> float:
             with torch.inference_mode():
                 return C.timed(lambda: model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None,
@@ -65,6 +75,8 @@ def main() -> None:
     engines = {"ours": lambda: ours(False), "llama.cpp": lambda: llama_bench(a.tokens)}
     if not a.no_compile:
         engines["ours compiled"] = lambda: ours(True)
+        if a.small_pages:
+            engines["ours compiled, 4 KiB pages"] = lambda: ours(True, small_pages)
     for run in engines.values():  # warm-up (kernels built, compiled step traced)
         run()
     rates: dict[str, list[float]] = {name: [] for name in engines}

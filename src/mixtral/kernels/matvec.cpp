@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -180,17 +181,19 @@ struct Int4Groups : Rows {
     return {Rows::expert(e, N), scales + e * N * G, kSym ? nullptr : zeros + e * N * G, G, chunks_per_group};
   }
   int64_t group(int64_t s) const { return s; }  // the chunk index: chunk() finds its groups
-  // The chunk's codes, and its lanes' scales and zero terms for codes that come with the constant c.
-  Chunk chunk_for(const uint8_t* p, int64_t n, int64_t s, float c) const {
+  // The chunk's codes, and its lanes' scales and zero terms for codes that come with the constant c. Whole: a chunk
+  // before the row's last partial one (std::true_type), whose groups all lie in the row: no mask to compute.
+  template <class Whole>
+  Chunk chunk_for(const uint8_t* p, int64_t n, int64_t s, float c, Whole) const {
     __m512 scale, zero;
     if constexpr (kShift == 4) {  // one group for the whole chunk: one value broadcast
       const int64_t g = n * G + uint32_t(s) / uint32_t(chunks_per_group);
       scale = broadcast_half(scales[g]);
       if constexpr (!kSym) zero = broadcast_half(zeros[g]);
     } else {  // groups of 32 or 64 (chunks_per_group is 1)
-      const int64_t g0 = s * (16 >> kShift);
-      scale = spread_groups<kShift>(scales + n * G + g0, G - g0);
-      if constexpr (!kSym) zero = spread_groups<kShift>(zeros + n * G + g0, G - g0);
+      const int64_t g0 = s * (16 >> kShift), left = Whole::value ? 16 >> kShift : G - g0;
+      scale = spread_groups<kShift>(scales + n * G + g0, left);
+      if constexpr (!kSym) zero = spread_groups<kShift>(zeros + n * G + g0, left);
     }
     if constexpr (kSym) return {_mm512_loadu_si512(p), scale, scale};
     else return {_mm512_loadu_si512(p), scale, _mm512_fnmadd_ps(_mm512_set1_ps(c), scale, zero)};
@@ -213,7 +216,10 @@ struct Int4Fp32 : Int4Groups<kShift, kSym> {
   static constexpr int V = 9;
   static constexpr float kOffset = 16.0f;  // c
   Int4Fp32 expert(int64_t e, int64_t N) const { return {this->at_expert(e, N)}; }
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return this->chunk_for(p, n, s, kOffset); }
+  template <class Whole>
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s, Whole whole) const {
+    return this->chunk_for(p, n, s, kOffset, whole);
+  }
   struct Unpacked {
     __m512 w[8];
   };
@@ -288,7 +294,10 @@ struct Int4Bf16 : Int4Groups<kShift, kSym> {
   static constexpr int V = 5;
   static constexpr float kOffset = 128.0f;  // c
   Int4Bf16 expert(int64_t e, int64_t N) const { return {this->at_expert(e, N)}; }
-  Chunk chunk(const uint8_t* p, int64_t n, int64_t s) const { return this->chunk_for(p, n, s, kOffset); }
+  template <class Whole>
+  Chunk chunk(const uint8_t* p, int64_t n, int64_t s, Whole whole) const {
+    return this->chunk_for(p, n, s, kOffset, whole);
+  }
   struct Unpacked {
     __m512i w[4];  // 128 bf16 weights (128 + code), in the order permute_for_int4_bf16 gives x
   };
@@ -300,14 +309,14 @@ struct Int4Bf16 : Int4Groups<kShift, kSym> {
              _mm512_ternarylogic_epi32(_mm512_srli_epi16(c.codes, 8), low4, bf16_128, 0xEA),
              _mm512_or_si512(_mm512_srli_epi16(c.codes, 12), bf16_128)}};
   }
-  // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x), in two chains.
+  // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x), in one chain: the tile's
+  // other rows and chunks overlap its latency, and two chains cost an add and a register copy a row and chunk.
   __m512 dot(__m512 acc, const Chunk& c, const Unpacked& u, const uint8_t* x) const {
     const __m512 sums = _mm512_loadu_ps(x + 256);
     __m512 a = _mm512_dpbf16_ps(kSym ? sums : _mm512_setzero_ps(), (__m512bh)u.w[0], (__m512bh)_mm512_loadu_ps(x));
-    __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u.w[1], (__m512bh)_mm512_loadu_ps(x + 64));
-    a = _mm512_dpbf16_ps(a, (__m512bh)u.w[2], (__m512bh)_mm512_loadu_ps(x + 128));
-    b = _mm512_dpbf16_ps(b, (__m512bh)u.w[3], (__m512bh)_mm512_loadu_ps(x + 192));
-    return Base::finish_chunk(acc, c, _mm512_add_ps(a, b), sums);
+    UNROLL
+    for (int v = 1; v < 4; ++v) a = _mm512_dpbf16_ps(a, (__m512bh)u.w[v], (__m512bh)_mm512_loadu_ps(x + 64 * v));
+    return Base::finish_chunk(acc, c, a, sums);
   }
 };
 #endif
@@ -322,12 +331,13 @@ inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* 
   for (int r = 0; r < R; ++r) rows[r] = f.row(n0 + r);
 
   // One chunk: weights w[r] (64 bytes of row r) times x chunks xs[m] (64 V bytes of x row m).
-  auto step = [&](int64_t s, const uint8_t* const* w, const uint8_t* const* xs) __attribute__((always_inline)) {
+  auto step = [&](int64_t s, const uint8_t* const* w, const uint8_t* const* xs, auto whole)
+                  __attribute__((always_inline)) {
     const int64_t g = f.group(s);
     if constexpr (F::kWholeChunk) {  // a row's chunk unpacked once for all rows of x, which dot() reads from L1
       UNROLL
       for (int r = 0; r < R; ++r) {  // one row's chunk at a time: R chunks at once would not fit the registers
-        const typename F::Chunk chunk = f.chunk(w[r], n0 + r, g);
+        const typename F::Chunk chunk = f.chunk(w[r], n0 + r, g, whole);
         const typename F::Unpacked wr = F::unpack(chunk);
         UNROLL
         for (int m = 0; m < MB; ++m) acc[m][r] = f.dot(acc[m][r], chunk, wr, xs[m]);
@@ -364,7 +374,7 @@ inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* 
     }
     for (pf_offset += 64; pf_offset >= row_bytes; pf_offset -= row_bytes) ++pf_block;
     for (int m = 0; m < MB; ++m) xs[m] = x[m] + 64 * F::V * s;
-    step(s, w, xs);
+    step(s, w, xs, std::true_type{});
   }
   if (rest) {  // the partial last chunk, copied zero-padded: zero weights times zero x
     alignas(64) uint8_t wbuf[R][64], xbuf[MB][64 * F::V];
@@ -381,7 +391,7 @@ inline void tile(const F& f, int64_t n0, int64_t K, const uint8_t* const* x, O* 
                            _mm512_maskz_loadu_epi8(first_bytes(x_bytes - 64 * v), x[m] + 64 * F::V * steps + 64 * v));
       xs[m] = xbuf[m];
     }
-    step(steps, w, xs);
+    step(steps, w, xs, std::false_type{});
   }
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) y[m][n0 + r] = O(f.finish(n0 + r, _mm512_reduce_add_ps(acc[m][r])));  // bf16: RNE
