@@ -106,3 +106,11 @@ def test_quantize_after_loading_moves_the_quantized_weights(folder):
     quantize(model, "int8", progress=False)
     qweight = dict(model.lm_head.named_buffers())["qweight"]
     assert qweight.dtype == torch.int8 and qweight.numel() == 2 << 20 and advised(qweight)
+
+
+def test_static_cache_in_huge_pages_and_zeroed():
+    from mixtral.cache import StaticCache
+
+    cache = StaticCache(2, batch_size=4, max_len=2048, num_kv_heads=2, head_dim=64, dtype=torch.float32, device="cpu")
+    for t in cache.keys + cache.values:  # 4 x 2 x 2048 x 64 fp32 = 4 MiB each
+        assert advised(t) and not t.any()

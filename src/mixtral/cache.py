@@ -7,6 +7,8 @@ from typing import Union
 
 import torch
 
+from . import hugepages
+
 
 class DynamicCache:
     """A cache that grows by concatenation: simple, exact, and what `forward(use_cache=True)` returns.
@@ -75,8 +77,9 @@ class StaticCache:
     def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # in huge pages where large (the engine's caches: hundreds of MB, read at every step)
+        self.keys = [hugepages.empty(shape, dtype, device).zero_() for _ in range(num_layers)]
+        self.values = [hugepages.empty(shape, dtype, device).zero_() for _ in range(num_layers)]
         self.max_len = max_len
 
     @classmethod
