@@ -309,14 +309,14 @@ struct Int4Bf16 : Int4Groups<kShift, kSym> {
              _mm512_ternarylogic_epi32(_mm512_srli_epi16(c.codes, 8), low4, bf16_128, 0xEA),
              _mm512_or_si512(_mm512_srli_epi16(c.codes, 12), bf16_128)}};
   }
-  // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x), in one chain: the tile's
-  // other rows and chunks overlap its latency, and two chains cost an add and a register copy a row and chunk.
+  // acc + this chunk's products with x's chunk (4 bf16 vectors, then the lane sums of x), in two chains.
   __m512 dot(__m512 acc, const Chunk& c, const Unpacked& u, const uint8_t* x) const {
     const __m512 sums = _mm512_loadu_ps(x + 256);
     __m512 a = _mm512_dpbf16_ps(kSym ? sums : _mm512_setzero_ps(), (__m512bh)u.w[0], (__m512bh)_mm512_loadu_ps(x));
-    UNROLL
-    for (int v = 1; v < 4; ++v) a = _mm512_dpbf16_ps(a, (__m512bh)u.w[v], (__m512bh)_mm512_loadu_ps(x + 64 * v));
-    return Base::finish_chunk(acc, c, a, sums);
+    __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u.w[1], (__m512bh)_mm512_loadu_ps(x + 64));
+    a = _mm512_dpbf16_ps(a, (__m512bh)u.w[2], (__m512bh)_mm512_loadu_ps(x + 128));
+    b = _mm512_dpbf16_ps(b, (__m512bh)u.w[3], (__m512bh)_mm512_loadu_ps(x + 192));
+    return Base::finish_chunk(acc, c, _mm512_add_ps(a, b), sums);
   }
 };
 #endif
