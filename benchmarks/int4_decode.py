@@ -9,8 +9,8 @@ loads it as it is stored (symmetric int4 and int8 in groups of 32, bf16 activati
 -p 0 -n tokens -r 2` (its default build flags and its repacked Q4_0 layout: its strongest CPU form) from
 LLAMA_BIN (default /tmp/llama-bin, built by ../shared/tools/build-llama.sh). Each round runs every engine once,
 back to back; the figure to read is the median of the per-round ratios. --small-pages adds the same model loaded
-into 4 KiB pages (MIXTRAL_HUGEPAGES=0) as one more engine, for the huge pages' share. Also printed: the kernels' share of a
-step (torch.profiler over one eager generate) and the bytes a token reads, against the measured bandwidth.
+into 4 KiB pages (MIXTRAL_HUGEPAGES=0) as one more engine, for the huge pages' share. Also printed: the kernels'
+share of a step (torch.profiler over one eager generate) and the bytes a token reads, against the measured bandwidth.
 Writes benchmarks/out/int4_decode.json.
 """
 

@@ -20,7 +20,10 @@ PARTS = {"int8": ("qweight", "scale"), "int4": ("packed", "scales", "zeros")}  #
 
 def _quantize(w: torch.Tensor, scheme: str, group_size: int | None, symmetric: bool = False) -> dict[str, torch.Tensor]:
     """int8: per output row where group_size is None, else per group (fp16 scales); int4: per group."""
-    parts = kernels.quantize_int8(w, group_size) if scheme == "int8" else kernels.quantize_int4(w, group_size, symmetric)
+    if scheme == "int8":
+        parts = kernels.quantize_int8(w, group_size)
+    else:
+        parts = kernels.quantize_int4(w, group_size, symmetric)
     return {name: hugepages.moved(t) for name, t in zip(PARTS[scheme], parts)}  # per part: 2x its bytes for a moment
 
 
