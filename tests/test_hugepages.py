@@ -89,7 +89,7 @@ def folder(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
-def test_from_pretrained_puts_large_weights_in_huge_pages(folder, quantization, monkeypatch):
+def test_from_pretrained_puts_large_weights_in_huge_pages(folder, quantization, monkeypatch, tmp_path):
     ids = torch.tensor([[5, 900, 16000, 17, 3]])
     model = MixtralForCausalLM.from_pretrained(folder, quantization=quantization, progress=False).eval()
     large = {n: t for n, t in model.state_dict().items() if t.numel() * t.element_size() >= hugepages.MIN_BYTES}
@@ -99,6 +99,10 @@ def test_from_pretrained_puts_large_weights_in_huge_pages(folder, quantization, 
     assert not any(advised(t) for t in plain.state_dict().values() if t.numel())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
+    model.save_pretrained(tmp_path)  # the huge-page tensors save as any other
+    again = MixtralForCausalLM.from_pretrained(tmp_path, progress=False).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, plain(ids).logits)
 
 
 def test_quantize_after_loading_moves_the_quantized_weights(folder):

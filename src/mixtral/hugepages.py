@@ -1,6 +1,7 @@
-"""CPU weights in transparent huge pages (2 MiB): decoding reads every weight once a token, and with 4 KiB pages the
-TLB misses and the hardware prefetchers, which stop at each 4 KiB page, cost 5-7% of a decode step (measured on the
-bench model, int4, in one process: benchmarks/BENCHMARKS.md). torch's allocator advises huge pages only when
+"""CPU weights in transparent huge pages (2 MiB): decoding reads every weight once a token, and with 4 KiB pages each
+4 KiB costs a TLB miss and restarts the hardware prefetchers (Mixtral-8x7B's 25 GB are 6 million pages). On the
+bench model in int4 it measured +7% in an in-process A/B and -8% to +2% in three benchmark runs: not settled
+(BENCHMARKS.md). torch's allocator advises huge pages only when
 THP_MEM_ALLOC_ENABLE=1 is set before torch starts, for every allocation; Linux's default THP mode ("madvise") gives
 them only where asked. So the loaders take their large weights from here: each tensor its own private anonymous
 mapping, 2 MiB-aligned, with MADV_HUGEPAGE on its whole 2 MiB pages (the tail stays in 4 KiB pages, so no huge page
