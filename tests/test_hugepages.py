@@ -32,6 +32,13 @@ def advised(t: torch.Tensor) -> bool:
     return m is not None and "hg" in m[2]
 
 
+def ours(t: torch.Tensor) -> bool:
+    """t's storage is a mapping of hugepages.empty (not resizable: torch.frombuffer's), not torch's allocator's. Where
+    torch's allocator takes memory from is the C library's business (a glibc heap can end up in a huge-page mapping,
+    as seen once in a full test run), so what is not ours is tested this way rather than by its mapping's flags."""
+    return not t.untyped_storage().resizable()
+
+
 def test_large_cpu_tensors_get_huge_pages_small_ones_do_not(monkeypatch):
     t = hugepages.empty((1024, 1024), torch.float32)  # 4 MiB
     assert t.shape == (1024, 1024) and t.dtype == torch.float32 and t.is_contiguous()
@@ -43,10 +50,11 @@ def test_large_cpu_tensors_get_huge_pages_small_ones_do_not(monkeypatch):
     assert buffer.tell() < (4 << 20) + 4096
     assert torch.equal(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), torch.full((1024, 1024), 3.0))
 
+    assert ours(t)
     small = hugepages.empty((1023, 512), torch.float32)  # just under 2 MiB: no whole huge page in it
-    assert not advised(small)
+    assert not ours(small)
     monkeypatch.setenv("MIXTRAL_HUGEPAGES", "0")
-    assert not hugepages.enabled() and not advised(hugepages.empty((1024, 1024), torch.float32))
+    assert not hugepages.enabled() and not ours(hugepages.empty((1024, 1024), torch.float32))
 
 
 def test_tail_past_the_last_whole_huge_page_is_not_advised():
@@ -74,7 +82,7 @@ def test_moved_copies_only_what_huge_pages_take():
     big, small = torch.randn(1024, 1024), torch.randn(16, 16)
     moved = hugepages.moved(big)
     assert moved is not big and torch.equal(moved, big) and advised(moved)
-    assert hugepages.moved(small) is small
+    assert hugepages.moved(small) is small and not ours(small)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +104,7 @@ def test_from_pretrained_puts_large_weights_in_huge_pages(folder, quantization, 
     assert large and all(advised(t) for t in large.values()), [n for n, t in large.items() if not advised(t)]
     monkeypatch.setenv("MIXTRAL_HUGEPAGES", "0")
     plain = MixtralForCausalLM.from_pretrained(folder, quantization=quantization, progress=False).eval()
-    assert not any(advised(t) for t in plain.state_dict().values() if t.numel())
+    assert not [n for n, t in plain.state_dict().items() if ours(t)]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
     model.save_pretrained(tmp_path)  # the huge-page tensors save as any other
