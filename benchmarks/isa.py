@@ -10,8 +10,9 @@ The files: the bench checkpoint (benchmarks/out/bench-model) written by our GGUF
 keeps Q8_0 / Q4_0 as stored (int8 / symmetric int4 in groups of 32), with bf16 activations (fp32 for F32).
 llama.cpp: `llama-bench -t 2 -p 512 -n TOKENS -r 2` (decode tg and prefill pp), the binary of the level: the host's best
 level from LLAMA_BIN (GGML_NATIVE=ON), any other from LLAMA_BIN/LEVEL (avx2/: GGML_NATIVE=OFF, AVX2+FMA+F16C, no
-AVX-512; both built by ../shared/tools/build-llama.sh; a level without one is refused); LLAMA_BIN defaults to
-/tmp/llama-bin. Ours: greedy generate() of TOKENS
+AVX-512, built with the native one by ../shared/tools/build-llama.sh; avx512/ and avx512_vnni/: AVX-512 without
+VNNI and BF16, and with VNNI, by benchmarks/build_llama_levels.sh; a level without one is refused); LLAMA_BIN
+defaults to /tmp/llama-bin. Ours: greedy generate() of TOKENS
 tokens after a 16-token prompt (eager, and compile=True), decode tok/s = TOKENS / (time for 1 + TOKENS - time for 1);
 prefill: a 512-token prompt, 1 new token, the fastest of 3. Transformers: the same prefill on the safetensors
 checkpoint (fp32, bf16; its oneDNN/MKL kernels pick their own ISA at run time). Each round runs every engine once per
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         if level not in cpu.supported_levels():
             ap.error(f"this CPU cannot run {level} (it runs {', '.join(cpu.supported_levels())})")
         if not os.path.exists(llama_binary(level)):
-            ap.error(f"no {llama_binary(level)}: build it with ../shared/tools/build-llama.sh (LLAMA_BIN={LLAMA_BIN})")
+            ap.error(f"no {llama_binary(level)}: build it with ../shared/tools/build-llama.sh (native, avx2) or "
+                     f"benchmarks/build_llama_levels.sh (avx512, avx512_vnni); LLAMA_BIN={LLAMA_BIN}")
     machine = cpu_description()
     print(f"CPU: {machine['model']}; {machine['simd_flags']}", flush=True)
     bandwidth = C.measure_bandwidth()
