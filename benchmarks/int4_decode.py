@@ -60,9 +60,10 @@ def main() -> None:
 
     model = load()
     if a.small_pages:
+        before = os.environ.get("MIXTRAL_HUGEPAGES")
         os.environ["MIXTRAL_HUGEPAGES"] = "0"
         small_pages = load()
-        del os.environ["MIXTRAL_HUGEPAGES"]
+        os.environ.pop("MIXTRAL_HUGEPAGES") if before is None else os.environ.update(MIXTRAL_HUGEPAGES=before)
     x = torch.arange(100, 100 + PROMPT)[None]
 
     def ours(compile: bool, model: torch.nn.Module = model) -> float:
