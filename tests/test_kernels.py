@@ -382,7 +382,7 @@ def _attention_reference(q, k, v, allowed, scale):
                                                  (1, 6, 1, 1, 300, 128), (2, 4, 2, 16, 20, 70),
                                                  (1, 16, 4, 100, 100, 64), (2, 4, 2, 70, 133, 96),
                                                  (1, 4, 1, 65, 65, 70)])
-@pytest.mark.parametrize("masking", ["mask", "broadcast mask", "causal"])
+@pytest.mark.parametrize("masking", ["mask", "broadcast mask", "causal", "static cache"])
 def test_attention(dtype, b, nh, nkv, s, t, d, masking):
     q = randn(b, s, nh, d, dtype=dtype, seed=1).transpose(1, 2)  # (B, nh, S, D) with the layout attention makes
     k, v = randn(b, nkv, t, d, dtype=dtype, seed=2), randn(b, nkv, t, d, dtype=dtype, seed=3)
@@ -390,6 +390,9 @@ def test_attention(dtype, b, nh, nkv, s, t, d, masking):
     mask[0, 0, 0] = False  # a query that sees nothing (a padding position): zeros
     if masking == "broadcast mask":
         mask = mask[:1]
+    if masking == "static cache":  # each query sees a run of slots, the rest unwritten (the kernel skips past it)
+        ends = torch.randint(0, t + 1, (b, 1, s, 1), generator=torch.Generator().manual_seed(5))
+        mask = (torch.arange(t) < ends) & (torch.rand(b, 1, s, t, generator=torch.Generator().manual_seed(6)) > 0.1)
     causal = torch.ones(s, t, dtype=torch.bool).tril(t - s)  # query i at slot i + t - s
     out = kernels.attention(q, k, v, None if masking == "causal" else mask, d**-0.5)
     assert out.shape == q.shape and out.dtype == dtype
