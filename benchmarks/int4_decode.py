@@ -63,7 +63,10 @@ def main() -> None:
         before = os.environ.get("MIXTRAL_HUGEPAGES")
         os.environ["MIXTRAL_HUGEPAGES"] = "0"
         small_pages = load()
-        os.environ.pop("MIXTRAL_HUGEPAGES") if before is None else os.environ.update(MIXTRAL_HUGEPAGES=before)
+        if before is None:
+            del os.environ["MIXTRAL_HUGEPAGES"]
+        else:
+            os.environ["MIXTRAL_HUGEPAGES"] = before
     x = torch.arange(100, 100 + PROMPT)[None]
 
     def ours(compile: bool, model: torch.nn.Module = model) -> float:

@@ -11,6 +11,7 @@ CPU, small tensors, THP off, or MIXTRAL_HUGEPAGES=0) a plain torch.empty.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -23,7 +24,13 @@ MIN_BYTES = HUGE_PAGE  # smaller tensors would hold no whole huge page
 
 def enabled() -> bool:
     """Whether empty() hands out huge-page memory: Linux with THP not "never", not turned off by MIXTRAL_HUGEPAGES=0."""
-    if os.environ.get("MIXTRAL_HUGEPAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+    return os.environ.get("MIXTRAL_HUGEPAGES", "1") != "0" and _thp_available()
+
+
+@functools.cache
+def _thp_available() -> bool:
+    """The kernel takes MADV_HUGEPAGE (read once: the loaders ask for every large tensor)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:

@@ -2,8 +2,8 @@
 //
 // At one query a token, sdpa's CPU kernels spend 100-350 us per call on setup for a few microseconds of work; this
 // loop reads each cached key and value row once per query head, skips slots the mask hides (a static cache's slots
-// past a query's last visible one are not even looked at) and keeps scores in a small buffer. Built with the other kernels by
-// cpu.py, at every ISA level (vec.h).
+// past a query's last visible one are not even looked at) and keeps scores in a small buffer. Built with the other
+// kernels by cpu.py, at every ISA level (vec.h).
 // Shapes: B batch, nh query heads, nkv key/value heads, S queries, T cached slots, D head size.
 #include "vec.h"
 
